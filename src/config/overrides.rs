@@ -1,0 +1,118 @@
+//! `--set path.to.field=value` overrides on any config.
+//!
+//! The config is edited as JSON and parsed back, so every override goes through the same
+//! deserialisation and validation as a config file: typos are unknown-field errors, impossible
+//! shapes are validation errors, and no override can produce a config that a file could not.
+
+use serde_json::{Map, Value};
+
+use super::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Split `path=value`; the value is JSON when it parses as JSON (numbers, `true`, `null`,
+/// `[1,2]`, `{"kind":"rms_norm"}`), otherwise a plain string (`positions=alibi`).
+pub fn parse_override(text: &str) -> Result<(String, Value)> {
+    let (path, raw) = text.split_once('=').ok_or_else(|| Error::Override {
+        setting: text.to_string(),
+        reason: "expected PATH=VALUE, e.g. attention.window=4096".into(),
+    })?;
+    let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    Ok((path.trim().to_string(), value))
+}
+
+/// Apply `path=value` settings in order and validate the result.
+///
+/// Setting an enum field (one whose JSON has a `kind`) to a bare name switches the variant,
+/// keeping the fields the new variant shares with the old one: `ffn=gated` keeps `hidden` and
+/// `act`; `positions=alibi` drops RoPE's `theta` and takes ALiBi's defaults.
+pub fn apply_overrides(config: &ModelConfig, settings: &[String]) -> Result<ModelConfig> {
+    let mut value = serde_json::to_value(config).expect("a config always serialises");
+    for setting in settings {
+        let (path, new) = parse_override(setting)?;
+        let fail = |reason: String| Error::Override { setting: setting.clone(), reason };
+        let keys: Vec<&str> = path.split('.').collect();
+        let slot = locate(&mut value, &keys).map_err(fail)?;
+        match (&*slot, new) {
+            (Value::Object(old), Value::String(kind)) if old.contains_key("kind") => {
+                let keep_fields = switch_variant(old, &kind);
+                let only_kind = switch_variant(&Map::new(), &kind);
+                *slot = keep_fields;
+                if serde_json::from_value::<ModelConfig>(value.clone()).is_err() {
+                    *locate(&mut value, &keys).map_err(fail)? = only_kind;
+                }
+            }
+            (_, new) => *slot = new,
+        }
+        serde_json::from_value::<ModelConfig>(value.clone()).map_err(|e| fail(e.to_string()))?;
+    }
+    let mut result: ModelConfig = serde_json::from_value(value).expect("checked after each setting");
+    if !settings.is_empty() && !result.name.is_empty() && !result.name.ends_with('*') {
+        result.name.push('*'); // mark a modified preset in reports
+    }
+    result.validate()?;
+    Ok(result)
+}
+
+fn switch_variant(old: &Map<String, Value>, kind: &str) -> Value {
+    let mut new = old.clone();
+    new.insert("kind".into(), Value::String(kind.to_string()));
+    Value::Object(new)
+}
+
+/// The slot at `keys`, creating a missing last key (so optional fields can be set).
+fn locate<'v>(mut value: &'v mut Value, keys: &[&str]) -> std::result::Result<&'v mut Value, String> {
+    for (depth, key) in keys.iter().enumerate() {
+        let here = keys[..depth].join(".");
+        let last = depth + 1 == keys.len();
+        value = match value {
+            Value::Object(map) => {
+                if last {
+                    map.entry(key.to_string()).or_insert(Value::Null)
+                } else {
+                    let parent = if here.is_empty() { "config" } else { &here };
+                    map.get_mut(*key).filter(|v| !v.is_null()).ok_or_else(|| format!("`{parent}` has no field `{key}`"))?
+                }
+            }
+            Value::Array(items) => {
+                let index: usize = key.parse().map_err(|_| format!("`{here}` is a list; `{key}` is not an index"))?;
+                let len = items.len();
+                items.get_mut(index).ok_or_else(|| format!("`{here}` has {len} entries; index {index} is out of range"))?
+            }
+            _ => return Err(format!("`{here}` is a value, not a table; it has no field `{key}`")),
+        };
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{presets, Ffn, Positions};
+
+    fn set(preset: &str, settings: &[&str]) -> Result<ModelConfig> {
+        let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
+        apply_overrides(&presets::get(preset).unwrap(), &settings)
+    }
+
+    #[test]
+    fn numbers_options_and_variant_switches() {
+        let c = set("llama2-7b", &["layers=12", "attention.window=4096", "positions=alibi", "ffn=mlp"]).unwrap();
+        assert_eq!(c.layers, 12);
+        assert_eq!(c.attention.window, Some(4096));
+        assert_eq!(c.positions, Positions::Alibi { max_bias: 8.0 });
+        assert!(matches!(c.ffn, Ffn::Mlp { hidden: 11008, .. }));
+        assert_eq!(c.name, "llama2-7b*");
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_the_problem() {
+        let err = set("gpt2", &["attention.windw=3"]).unwrap_err().to_string();
+        assert!(err.contains("attention.windw") && err.contains("unknown field"), "{err}");
+        let err = set("gpt2", &["attention.kv_heads=5"]).unwrap_err().to_string();
+        assert!(err.contains("attention.kv_heads = 5 does not divide attention.heads = 12"), "{err}");
+        let err = set("gpt2", &["layers"]).unwrap_err().to_string();
+        assert!(err.contains("PATH=VALUE"), "{err}");
+        let err = set("gpt2", &["norm.x.y=1"]).unwrap_err().to_string();
+        assert!(err.contains("norm.x"), "{err}");
+    }
+}

@@ -1,0 +1,48 @@
+//! Typed errors for the library. Each names the file, field or tensor involved and what was
+//! expected, so the CLI can print it as-is; `HINT:` lines say what to do about it.
+
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("invalid model config ({origin}):\n  - {}", problems.join("\n  - "))]
+    Config { origin: String, problems: Vec<String> },
+
+    #[error("--set {setting}: {reason}")]
+    Override { setting: String, reason: String },
+
+    #[error("unknown preset `{name}`; known presets: {known}")]
+    UnknownPreset { name: String, known: String },
+
+    /// A weights file (safetensors, GGUF, checkpoint) that does not fit the model or is damaged.
+    #[error("{}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+
+    #[error("tokenizer ({origin}): {reason}")]
+    Tokenizer { origin: String, reason: String },
+
+    /// Bad user input that is not a file (token ids, sampling settings, ...).
+    #[error("{0}")]
+    Input(String),
+
+    #[error("not supported: {0}")]
+    Unsupported(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    pub fn checkpoint(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+        Error::Checkpoint { path: path.as_ref().to_path_buf(), reason: reason.into() }
+    }
+}

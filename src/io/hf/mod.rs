@@ -1,0 +1,117 @@
+//! Hugging Face checkpoints: `config.json` + `model.safetensors` (or shards with an index).
+//!
+//! Each family (`gpt2`, `llama`/`mistral`/`mixtral`, `phi`, `mpt`) supplies two conversions
+//! of `config.json` and one tensor table; the same table drives import and export, so the two
+//! directions cannot drift apart. `model_type` selects the file format's family, exactly as
+//! `transformers` does; the model itself never sees it.
+
+mod families;
+mod json;
+mod safetensors_io;
+
+pub use families::{family_for_config, family_for_model_type, Family, HfTensor};
+pub use json::HfJson;
+pub use safetensors_io::{read_safetensors_dir, write_safetensors};
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::{LoadedModel, TextTokenizer};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Load a Hugging Face model directory.
+pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let config_path = dir.join("config.json");
+    let json = HfJson::read(&config_path)?;
+    let model_type = json.str("model_type")?;
+    let family = family_for_model_type(&model_type).ok_or_else(|| {
+        Error::checkpoint(
+            &config_path,
+            format!(
+                "model_type `{model_type}` is not supported; supported: {}",
+                families::ALL.iter().map(|f| f.model_types.join("/")).collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })?;
+    let config = (family.read_config)(&json)?;
+    config.validate()?;
+    let mut file_tensors = read_safetensors_dir(dir, device)?;
+    let weights = import_tensors(family, &config, &mut file_tensors, dir)?;
+    let tokenizer = TextTokenizer::from_dir(dir)?;
+    Ok(LoadedModel { config, weights, tokenizer, source: dir.to_path_buf() })
+}
+
+/// Map a checkpoint's tensors to canonical names with the family's table.
+fn import_tensors(
+    family: &Family,
+    config: &ModelConfig,
+    file: &mut HashMap<String, Tensor>,
+    origin: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let specs: HashMap<String, Vec<usize>> = config.param_specs().into_iter().map(|s| (s.name, s.shape)).collect();
+    let mut weights = HashMap::new();
+    let mut problems = Vec::new();
+    for entry in (family.tensors)(config) {
+        let Some(tensor) = take_tensor(file, &entry.hf, family.optional_prefix) else {
+            problems.push(format!("missing tensor `{}`", entry.hf));
+            continue;
+        };
+        match entry.to_canonical(&tensor, &specs) {
+            Ok(parts) => weights.extend(parts),
+            Err(reason) => problems.push(reason),
+        }
+    }
+    let mut extra: Vec<String> =
+        file.keys().filter(|name| !(family.ignorable)(name)).cloned().collect();
+    extra.sort();
+    problems.extend(extra.into_iter().map(|name| format!("unexpected tensor `{name}` (not part of this architecture)")));
+    if !problems.is_empty() {
+        let shown = problems.len().min(12);
+        let more = if problems.len() > shown { format!("\n  - ... and {} more", problems.len() - shown) } else { String::new() };
+        return Err(Error::checkpoint(
+            origin,
+            format!("tensors do not match config.json:\n  - {}{more}", problems[..shown].join("\n  - ")),
+        ));
+    }
+    Ok(weights)
+}
+
+/// Take `name`, also under the family's optional prefix (GPT-2 checkpoints exist with and
+/// without `transformer.`).
+fn take_tensor(file: &mut HashMap<String, Tensor>, name: &str, optional_prefix: Option<&str>) -> Option<Tensor> {
+    file.remove(name).or_else(|| optional_prefix.and_then(|p| file.remove(name.strip_prefix(p)?)))
+}
+
+/// Write `weights` (canonical names) as a Hugging Face directory that `transformers` loads:
+/// `config.json`, `model.safetensors` and, when given, `tokenizer.json`.
+pub fn export_hf_dir(
+    config: &ModelConfig,
+    weights: &HashMap<String, Tensor>,
+    tokenizer: Option<&TextTokenizer>,
+    dir: &Path,
+) -> Result<&'static str> {
+    let family = family_for_config(config).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "no Hugging Face family can represent this architecture ({}); the exportable families are {}",
+            config.name,
+            families::ALL.iter().map(|f| f.model_types[0]).collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    let hf_config = (family.write_config)(config).expect("family_for_config checked it");
+    let mut out = HashMap::new();
+    for entry in (family.tensors)(config) {
+        out.insert(entry.hf.clone(), entry.from_canonical(weights)?);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&hf_config).expect("json value serialises");
+    std::fs::write(&config_path, text).map_err(|e| Error::io(&config_path, e))?;
+    write_safetensors(&out, &dir.join("model.safetensors"))?;
+    if let Some(tokenizer) = tokenizer {
+        tokenizer.save(&dir.join("tokenizer.json"))?;
+    }
+    Ok(family.model_types[0])
+}

@@ -1,0 +1,16 @@
+//! lmforge: define an LLM architecture as data, load real checkpoints into one model
+//! implementation, train it, and run it.
+//!
+//! Layers, from the bottom: [`config`] (pure data) → [`nn`] (layers and fused ops) →
+//! [`model`] (blocks composed from a config) → [`generate`] / training loops; [`io`] is the one
+//! place that knows file formats and checkpoint tensor names.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod nn;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};

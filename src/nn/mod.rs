@@ -1,0 +1,16 @@
+//! Layers the model is composed of. Each is built from plain tensors (so the same code serves
+//! inference on loaded weights and training on `Var`s) and uses only ops with a backward pass.
+
+pub mod activation;
+pub mod attention;
+pub mod ffn;
+pub mod kv_cache;
+pub mod norm;
+pub mod params;
+pub mod positions;
+
+pub use attention::Attention;
+pub use ffn::FeedForward;
+pub use kv_cache::{FullCache, KvCache, LayerKv};
+pub use norm::Norm;
+pub use params::ParamSource;

@@ -1,0 +1,75 @@
+//! Hands a model's tensors to the layers that use them, by canonical name.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Named tensors with a name prefix, like `VarBuilder::pp`, so a layer asks for `"q.weight"` and
+/// gets `layers.3.attn.q.weight`. Built only from a map already checked against the config.
+#[derive(Clone)]
+pub struct ParamSource<'a> {
+    tensors: &'a HashMap<String, Tensor>,
+    prefix: String,
+}
+
+impl<'a> ParamSource<'a> {
+    /// Check `tensors` against `config.param_specs()` (every name present, no extras, shapes
+    /// equal) and wrap them. `origin` names the file in errors.
+    pub fn checked(config: &ModelConfig, tensors: &'a HashMap<String, Tensor>, origin: &Path) -> Result<Self> {
+        check_weights(config, tensors, origin)?;
+        Ok(ParamSource { tensors, prefix: String::new() })
+    }
+
+    /// The same source, one level down: `pp("attn")` turns `q.weight` into `attn.q.weight`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        ParamSource { tensors: self.tensors, prefix: format!("{}{name}.", self.prefix) }
+    }
+
+    pub fn get(&self, name: &str) -> Tensor {
+        let full = format!("{}{name}", self.prefix);
+        // Presence was checked against param_specs in `checked`; a miss here is a bug in the
+        // layer code asking for a name the spec list does not have.
+        self.tensors.get(&full).unwrap_or_else(|| panic!("layer asked for `{full}`, which param_specs does not list")).clone()
+    }
+
+    pub fn get_opt(&self, name: &str) -> Option<Tensor> {
+        self.tensors.get(&format!("{}{name}", self.prefix)).cloned()
+    }
+}
+
+/// Every problem between a weight map and the config's parameter list, reported at once.
+pub fn check_weights(config: &ModelConfig, tensors: &HashMap<String, Tensor>, origin: &Path) -> Result<()> {
+    let specs = config.param_specs();
+    let mut problems = Vec::new();
+    for spec in &specs {
+        match tensors.get(&spec.name) {
+            None => problems.push(format!("missing tensor `{}` (expected shape {:?})", spec.name, spec.shape)),
+            Some(t) if t.dims() != spec.shape.as_slice() => problems.push(format!(
+                "tensor `{}` has shape {:?}, expected {:?}",
+                spec.name,
+                t.dims(),
+                spec.shape
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !specs.iter().any(|s| &s.name == *k)).collect();
+    extra.sort();
+    for name in extra {
+        problems.push(format!("unexpected tensor `{name}` (not part of this architecture)"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        let shown = problems.len().min(12);
+        let mut reason = format!("weights do not match the model config:\n  - {}", problems[..shown].join("\n  - "));
+        if problems.len() > shown {
+            reason.push_str(&format!("\n  - ... and {} more", problems.len() - shown));
+        }
+        Err(Error::checkpoint(origin, reason))
+    }
+}
