@@ -12,14 +12,21 @@ pub enum Sampling {
     Greedy,
     /// Softmax of `logits / temperature`, restricted to the `top_k` most likely tokens (if set)
     /// and then to the smallest set whose probability reaches `top_p`.
-    Random { temperature: f64, top_k: Option<usize>, top_p: Option<f64>, seed: u64 },
+    Random {
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: u64,
+    },
 }
 
 impl Sampling {
     pub fn validate(&self) -> Result<()> {
         if let Sampling::Random { temperature, top_k, top_p, .. } = self {
             if !(*temperature > 0.0 && temperature.is_finite()) {
-                return Err(Error::Input(format!("--temperature {temperature}: expected a positive number (use --greedy for 0)")));
+                return Err(Error::Input(format!(
+                    "--temperature {temperature}: expected a positive number (use --greedy for 0)"
+                )));
             }
             if *top_k == Some(0) {
                 return Err(Error::Input("--top-k 0: expected at least 1".into()));
@@ -60,7 +67,8 @@ impl Sampler {
                 order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
                 order.truncate(top_k.unwrap_or(order.len()));
                 let max = logits[order[0]] as f64;
-                let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
+                let mut probs: Vec<f64> =
+                    order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
                 let total: f64 = probs.iter().sum();
                 probs.iter_mut().for_each(|p| *p /= total);
                 if let Some(top_p) = top_p {
@@ -99,33 +107,61 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Generate up to `max_new` tokens after `prompt`, calling `on_token` with each new id as soon
-/// as it is chosen; stops early at any id in `stop`. Returns the new ids.
+/// How much to generate, and how to feed the prompt.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// Prompt tokens per prefill forward; bounds prefill memory by the chunk (and the window)
+    /// instead of the prompt length. `None`: the model's default.
+    pub prefill_chunk: Option<usize>,
+    /// Ids that end the generation (included in the output).
+    pub stop: Vec<u32>,
+}
+
+/// Generate after `prompt`, calling `on_token` with each new id as soon as it is chosen.
+/// Returns the new ids. For a model whose attention is not windowed in every layer, the total
+/// length is capped at `context_length`; a prompt longer than that is an error.
 pub fn generate(
     model: &Model,
     prompt: &[u32],
-    max_new: usize,
+    options: &GenerateOptions,
     sampler: &mut Sampler,
-    stop: &[u32],
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty: give at least one token".into()));
     }
+    let chunk = options.prefill_chunk.unwrap_or_else(|| model.default_prefill_chunk());
+    if chunk == 0 {
+        return Err(Error::Input("--prefill-chunk 0: expected at least 1 token per chunk".into()));
+    }
+    let context = model.config().context_length;
+    let limit = if model.unbounded_context() { usize::MAX } else { context };
+    if prompt.len() > limit {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens, more than this model's context_length = {context} (and it has no sliding window in every layer)",
+            prompt.len()
+        )));
+    }
     let device = model.device();
     let mut cache = model.new_cache();
-    let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
-    let mut new_ids = Vec::with_capacity(max_new);
-    for _ in 0..max_new {
-        let logits = model.forward(&input, Some(&mut cache))?; // (1, T, V)
-        let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
+    let mut logits = None;
+    for piece in prompt.chunks(chunk) {
+        let ids = Tensor::new(piece, device)?.unsqueeze(0)?;
+        let hidden = model.forward_hidden(&ids, Some(&mut cache))?; // (1, T, D)
+        logits = Some(model.head(&hidden.narrow(1, piece.len() - 1, 1)?)?); // (1, 1, V)
+    }
+    let mut new_ids = Vec::with_capacity(options.max_new_tokens);
+    let max_new = options.max_new_tokens.min(limit.saturating_sub(prompt.len()));
+    while new_ids.len() < max_new {
+        let last = logits.take().expect("set by prefill or the previous step").flatten_all()?;
         let id = sampler.pick(&last)?;
         new_ids.push(id);
         on_token(id)?;
-        if stop.contains(&id) {
+        if options.stop.contains(&id) || new_ids.len() == max_new {
             break;
         }
-        input = Tensor::new(&[id], device)?.unsqueeze(0)?;
+        logits = Some(model.forward(&Tensor::new(&[id], device)?.unsqueeze(0)?, Some(&mut cache))?);
     }
     Ok(new_ids)
 }

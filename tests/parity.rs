@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use lmforge::generate::{generate, Sampler, Sampling};
+use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::hf::export_hf_dir;
 use lmforge::io::load_model;
 
@@ -22,7 +22,14 @@ struct Expected {
 fn expected(dir: &Path) -> Expected {
     let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let ids = |name: &str| -> Vec<u32> {
-        tensors[name].to_dtype(candle_core::DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+        tensors[name]
+            .to_dtype(candle_core::DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect()
     };
     Expected { input_ids: ids("input_ids"), logits: tensors["logits"].clone(), greedy: ids("greedy") }
 }
@@ -39,7 +46,8 @@ fn check_family(name: &str) {
     assert!(diff <= 1e-4, "{name}: max |logit difference| = {diff:e} > 1e-4");
 
     let mut sampler = Sampler::new(Sampling::Greedy).unwrap();
-    let got = generate(&model, &want.input_ids, want.greedy.len(), &mut sampler, &[], |_| Ok(())).unwrap();
+    let options = GenerateOptions { max_new_tokens: want.greedy.len(), prefill_chunk: None, stop: vec![] };
+    let got = generate(&model, &want.input_ids, &options, &mut sampler, |_| Ok(())).unwrap();
     assert_eq!(got, want.greedy, "{name}: greedy continuation differs from transformers");
     eprintln!("{name}: max |logit diff| {diff:.2e}, {} greedy ids identical", got.len());
 
@@ -50,7 +58,14 @@ fn check_family(name: &str) {
     assert!(source_type.contains(&format!("\"model_type\": \"{family}\"")), "{name}: exported as `{family}`");
     let reloaded = load_model(out.path(), &Device::Cpu).unwrap().build().unwrap();
     let again = reloaded.forward(&ids, None).unwrap().squeeze(0).unwrap();
-    let diff: f32 = (again - model.forward(&ids, None).unwrap().squeeze(0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (again - model.forward(&ids, None).unwrap().squeeze(0).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert_eq!(diff, 0.0, "{name}: exported model gives different logits");
 }
 

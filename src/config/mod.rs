@@ -225,10 +225,7 @@ impl ModelConfig {
         } else {
             toml::from_str(text).map_err(|e| e.to_string())
         };
-        let config = parsed.map_err(|reason| Error::Config {
-            origin: origin.to_string(),
-            problems: vec![reason],
-        })?;
+        let config = parsed.map_err(|reason| Error::Config { origin: origin.to_string(), problems: vec![reason] })?;
         config.validate_as(origin)?;
         Ok(config)
     }
@@ -259,10 +256,8 @@ impl ModelConfig {
 
         let att = &self.attention;
         if att.heads > 0 && att.kv_heads > 0 && att.heads % att.kv_heads != 0 {
-            problems.push(format!(
-                "attention.kv_heads = {} does not divide attention.heads = {}",
-                att.kv_heads, att.heads
-            ));
+            problems
+                .push(format!("attention.kv_heads = {} does not divide attention.heads = {}", att.kv_heads, att.heads));
         }
         match att.head_dim {
             Some(0) => problems.push("attention.head_dim = 0, expected a positive number".into()),

@@ -70,13 +70,17 @@ fn locate<'v>(mut value: &'v mut Value, keys: &[&str]) -> std::result::Result<&'
                     map.entry(key.to_string()).or_insert(Value::Null)
                 } else {
                     let parent = if here.is_empty() { "config" } else { &here };
-                    map.get_mut(*key).filter(|v| !v.is_null()).ok_or_else(|| format!("`{parent}` has no field `{key}`"))?
+                    map.get_mut(*key)
+                        .filter(|v| !v.is_null())
+                        .ok_or_else(|| format!("`{parent}` has no field `{key}`"))?
                 }
             }
             Value::Array(items) => {
                 let index: usize = key.parse().map_err(|_| format!("`{here}` is a list; `{key}` is not an index"))?;
                 let len = items.len();
-                items.get_mut(index).ok_or_else(|| format!("`{here}` has {len} entries; index {index} is out of range"))?
+                items
+                    .get_mut(index)
+                    .ok_or_else(|| format!("`{here}` has {len} entries; index {index} is out of range"))?
             }
             _ => return Err(format!("`{here}` is a value, not a table; it has no field `{key}`")),
         };

@@ -37,20 +37,60 @@ pub fn get(name: &str) -> Result<ModelConfig> {
 }
 
 static PRESETS: [Preset; 17] = [
-    Preset { name: "gpt2", source: "openai-community/gpt2 config.json (GPT-2 small, 124M)", build: || gpt2(768, 12, 12) },
+    Preset {
+        name: "gpt2",
+        source: "openai-community/gpt2 config.json (GPT-2 small, 124M)",
+        build: || gpt2(768, 12, 12),
+    },
     Preset { name: "gpt2-medium", source: "openai-community/gpt2-medium config.json", build: || gpt2(1024, 24, 16) },
     Preset { name: "gpt2-large", source: "openai-community/gpt2-large config.json", build: || gpt2(1280, 36, 20) },
     Preset { name: "gpt2-xl", source: "openai-community/gpt2-xl config.json", build: || gpt2(1600, 48, 25) },
-    Preset { name: "llama2-7b", source: "meta-llama/Llama-2-7b-hf config.json", build: || llama2(4096, 32, 32, 32, 11008) },
-    Preset { name: "llama2-13b", source: "meta-llama/Llama-2-13b-hf config.json", build: || llama2(5120, 40, 40, 40, 13824) },
-    Preset { name: "llama2-70b", source: "meta-llama/Llama-2-70b-hf config.json (GQA, 8 KV heads)", build: || llama2(8192, 80, 64, 8, 28672) },
-    Preset { name: "mistral-7b", source: "mistralai/Mistral-7B-v0.1 config.json (sliding window 4096)", build: mistral_7b },
-    Preset { name: "phi-2", source: "microsoft/phi-2 config.json (partial rotary 0.4, parallel residual)", build: phi_2 },
+    Preset {
+        name: "llama2-7b",
+        source: "meta-llama/Llama-2-7b-hf config.json",
+        build: || llama2(4096, 32, 32, 32, 11008),
+    },
+    Preset {
+        name: "llama2-13b",
+        source: "meta-llama/Llama-2-13b-hf config.json",
+        build: || llama2(5120, 40, 40, 40, 13824),
+    },
+    Preset {
+        name: "llama2-70b",
+        source: "meta-llama/Llama-2-70b-hf config.json (GQA, 8 KV heads)",
+        build: || llama2(8192, 80, 64, 8, 28672),
+    },
+    Preset {
+        name: "mistral-7b",
+        source: "mistralai/Mistral-7B-v0.1 config.json (sliding window 4096)",
+        build: mistral_7b,
+    },
+    Preset {
+        name: "phi-2",
+        source: "microsoft/phi-2 config.json (partial rotary 0.4, parallel residual)",
+        build: phi_2,
+    },
     Preset { name: "mpt-7b", source: "mosaicml/mpt-7b config.json (ALiBi, no biases)", build: mpt_7b },
-    Preset { name: "mixtral-8x7b", source: "mistralai/Mixtral-8x7B-v0.1 config.json (8 experts, top-2)", build: mixtral_8x7b },
-    Preset { name: "transformer-base", source: "Vaswani et al. 2017, Table 3 'base' (shared source/target BPE vocab of 37000)", build: transformer_base },
-    Preset { name: "tiny-llama", source: "Llama 2 structure (RMSNorm, RoPE, SwiGLU, GQA) at CPU scale; the default training model", build: tiny_llama },
-    Preset { name: "tiny-gpt2", source: "GPT-2 structure at CPU scale", build: || ModelConfig { context_length: 256, vocab_size: 2048, ..gpt2(192, 4, 6) } },
+    Preset {
+        name: "mixtral-8x7b",
+        source: "mistralai/Mixtral-8x7B-v0.1 config.json (8 experts, top-2)",
+        build: mixtral_8x7b,
+    },
+    Preset {
+        name: "transformer-base",
+        source: "Vaswani et al. 2017, Table 3 'base' (shared source/target BPE vocab of 37000)",
+        build: transformer_base,
+    },
+    Preset {
+        name: "tiny-llama",
+        source: "Llama 2 structure (RMSNorm, RoPE, SwiGLU, GQA) at CPU scale; the default training model",
+        build: tiny_llama,
+    },
+    Preset {
+        name: "tiny-gpt2",
+        source: "GPT-2 structure at CPU scale",
+        build: || ModelConfig { context_length: 256, vocab_size: 2048, ..gpt2(192, 4, 6) },
+    },
     Preset { name: "tiny-mistral", source: "Mistral structure (sliding window 64) at CPU scale", build: tiny_mistral },
     Preset { name: "tiny-mpt", source: "MPT structure (ALiBi, no biases) at CPU scale", build: tiny_mpt },
     Preset { name: "tiny-mixtral", source: "Mixtral structure (4 experts, top-2) at CPU scale", build: tiny_mixtral },
@@ -109,7 +149,8 @@ fn mixtral_8x7b() -> ModelConfig {
     let mut config = llama2(4096, 32, 32, 8, 14336);
     config.context_length = 32768;
     config.positions = Positions::Rope { theta: 1_000_000.0, fraction: 1.0 };
-    config.ffn = Ffn::Moe { experts: 8, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 14336, act: Activation::Silu }) };
+    config.ffn =
+        Ffn::Moe { experts: 8, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 14336, act: Activation::Silu }) };
     config
 }
 
@@ -166,11 +207,21 @@ fn tiny_mistral() -> ModelConfig {
 }
 
 fn tiny_mpt() -> ModelConfig {
-    ModelConfig { vocab_size: 2048, context_length: 256, ffn: Ffn::Mlp { hidden: 768, act: Activation::Gelu }, ..mpt_7b_shape(192, 4, 6) }
+    ModelConfig {
+        vocab_size: 2048,
+        context_length: 256,
+        ffn: Ffn::Mlp { hidden: 768, act: Activation::Gelu },
+        ..mpt_7b_shape(192, 4, 6)
+    }
 }
 
 fn mpt_7b_shape(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
-    ModelConfig { d_model, layers, attention: Attention { heads, kv_heads: heads, head_dim: None, window: None, layer_windows: None }, ..mpt_7b() }
+    ModelConfig {
+        d_model,
+        layers,
+        attention: Attention { heads, kv_heads: heads, head_dim: None, window: None, layer_windows: None },
+        ..mpt_7b()
+    }
 }
 
 fn tiny_mixtral() -> ModelConfig {

@@ -59,7 +59,8 @@ impl ModelConfig {
         }
         let params_total = self.params_total();
         let params_active = self.params_active();
-        let params_embedding: usize = specs.iter().filter(|p| p.name.contains("embeddings")).map(ParamSpec::numel).sum();
+        let params_embedding: usize =
+            specs.iter().filter(|p| p.name.contains("embeddings")).map(ParamSpec::numel).sum();
         // The head is a matmul even when tied; the embedding lookups are not.
         let head_matmul = self.vocab_size * self.d_model;
         let matmul_params = params_active - params_embedding + head_matmul;

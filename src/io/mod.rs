@@ -76,6 +76,15 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     }
 }
 
+/// The architecture of a model source without reading its weights where the format allows.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    match source_kind(path)? {
+        SourceKind::Gguf => Ok(load_model(path, &Device::Cpu)?.config),
+        SourceKind::HuggingFace => hf::read_hf_config(path),
+        SourceKind::Native => ModelConfig::from_file(&path.join("config.json")),
+    }
+}
+
 /// Placeholder until the tokenizer module lands.
 pub struct TextTokenizer;
 
@@ -85,5 +94,23 @@ impl TextTokenizer {
     }
     pub fn save(&self, _path: &std::path::Path) -> crate::Result<()> {
         Ok(())
+    }
+    pub fn encode(&self, _t: &str, _s: bool) -> crate::Result<Vec<u32>> {
+        Ok(vec![])
+    }
+    pub fn apply_chat_template(&self, _t: &str) -> crate::Result<String> {
+        Ok(String::new())
+    }
+    pub fn eos_ids(&self) -> &[u32] {
+        &[]
+    }
+    pub fn stream_decoder(&self) -> StreamDecoder {
+        StreamDecoder
+    }
+}
+pub struct StreamDecoder;
+impl StreamDecoder {
+    pub fn push(&mut self, _id: u32) -> crate::Result<String> {
+        Ok(String::new())
     }
 }

@@ -18,7 +18,7 @@ use crate::config::{Layout, ModelConfig, NormPlacement, Positions, Residual};
 use crate::error::{Error, Result};
 use crate::nn::attention::RopeTables;
 use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope};
-use crate::nn::{Attention, FeedForward, FullCache, KvCache, Norm, ParamSource};
+use crate::nn::{Attention, FeedForward, FullCache, KvCache, Norm, ParamSource, RollingCache};
 
 /// One transformer block.
 struct Block {
@@ -92,6 +92,11 @@ impl Cache {
     pub fn position(&self) -> usize {
         self.next_position
     }
+
+    /// Positions held by layer `layer`'s cache (the window size for a full rolling buffer).
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.layers[layer].len()
+    }
 }
 
 /// The decoder-only language model.
@@ -148,12 +153,28 @@ impl Model {
         &self.device
     }
 
-    /// A fresh cache for one sequence.
+    /// A fresh cache for one sequence: a rolling buffer of the window size for layers with a
+    /// sliding window (constant memory), a growing full cache for the others.
     pub fn new_cache(&self) -> Cache {
-        Cache {
-            layers: (0..self.config.layers).map(|_| Box::new(FullCache::default()) as Box<dyn KvCache>).collect(),
-            next_position: 0,
-        }
+        let layer_cache = |layer| -> Box<dyn KvCache> {
+            match self.config.window(layer) {
+                Some(window) => Box::new(RollingCache::new(window)),
+                None => Box::new(FullCache::default()),
+            }
+        };
+        Cache { layers: (0..self.config.layers).map(layer_cache).collect(), next_position: 0 }
+    }
+
+    /// Prefill chunk used when none is given: the smallest window (so a chunk never costs more
+    /// than twice the window in scores), or 512 tokens for models without one.
+    pub fn default_prefill_chunk(&self) -> usize {
+        (0..self.config.layers).filter_map(|l| self.config.window(l)).min().unwrap_or(512)
+    }
+
+    /// Whether positions past `context_length` are meaningful: with a sliding window in every
+    /// layer, attention never spans more than the window, so generation may run on.
+    pub fn unbounded_context(&self) -> bool {
+        self.config.positions != Positions::Learned && (0..self.config.layers).all(|l| self.config.window(l).is_some())
     }
 
     /// Logits `(B, T, V)` for token ids `(B, T)`. With a cache, the ids continue the cached
@@ -213,7 +234,9 @@ impl Model {
     /// Reject ids outside the vocabulary and sequences a learned position table cannot hold.
     fn check_ids(&self, ids: &Tensor, end_position: usize) -> Result<()> {
         let vocab = self.config.vocab_size;
-        if let Some(bad) = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().find(|&id| id as usize >= vocab) {
+        if let Some(bad) =
+            ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().find(|&id| id as usize >= vocab)
+        {
             return Err(Error::Input(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
         }
         if self.config.positions == Positions::Learned && end_position > self.config.context_length {

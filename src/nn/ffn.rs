@@ -38,7 +38,11 @@ pub enum FeedForward {
     Dense(DenseFfn),
     /// Mixtral-style: softmax over the router logits, keep the `top_k` largest, renormalise
     /// them to sum to one, and mix those experts' outputs.
-    Moe { router: Linear, experts: Vec<DenseFfn>, top_k: usize },
+    Moe {
+        router: Linear,
+        experts: Vec<DenseFfn>,
+        top_k: usize,
+    },
 }
 
 impl FeedForward {
@@ -54,7 +58,9 @@ impl FeedForward {
                 };
                 FeedForward::Moe {
                     router: linear(params, "router"),
-                    experts: (0..*experts).map(|e| DenseFfn::new(&params.pp(format!("experts.{e}")), gated, act)).collect(),
+                    experts: (0..*experts)
+                        .map(|e| DenseFfn::new(&params.pp(format!("experts.{e}")), gated, act))
+                        .collect(),
                     top_k: *top_k,
                 }
             }
@@ -88,8 +94,8 @@ fn moe_forward(x: &Tensor, router: &Linear, experts: &[DenseFfn], top_k: usize) 
             order
         })
         .collect();
-    let chosen_ids = Tensor::new(chosen.iter().flatten().copied().collect::<Vec<u32>>(), x.device())?
-        .reshape((b * t, top_k))?;
+    let chosen_ids =
+        Tensor::new(chosen.iter().flatten().copied().collect::<Vec<u32>>(), x.device())?.reshape((b * t, top_k))?;
     let weights = probs.gather(&chosen_ids, 1)?; // (N, k)
     let weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?.flatten_all()?; // (N·k)
 
@@ -99,7 +105,9 @@ fn moe_forward(x: &Tensor, router: &Linear, experts: &[DenseFfn], top_k: usize) 
         let slots: Vec<u32> = chosen
             .iter()
             .enumerate()
-            .flat_map(|(n, ids)| ids.iter().enumerate().filter(|(_, id)| **id as usize == e).map(move |(r, _)| (n * top_k + r) as u32))
+            .flat_map(|(n, ids)| {
+                ids.iter().enumerate().filter(|(_, id)| **id as usize == e).map(move |(r, _)| (n * top_k + r) as u32)
+            })
             .collect();
         if slots.is_empty() {
             continue;

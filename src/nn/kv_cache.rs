@@ -32,26 +32,132 @@ pub trait KvCache: Send {
     }
 }
 
-/// Keeps every position: memory grows with the sequence.
+/// Preallocated `(B, KV, capacity, hd)` key and value buffers written in place.
+struct Buffers {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl Buffers {
+    fn new(like: &Tensor, capacity: usize) -> Result<Self> {
+        let (b, kv, _, hd) = like.dims4()?;
+        let zeros = || Tensor::zeros((b, kv, capacity, hd), like.dtype(), like.device());
+        Ok(Buffers { k: zeros()?, v: zeros()? })
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.dim(2).expect("buffers are 4-d")
+    }
+
+    /// Write `len` positions of `k`/`v` starting at `from` into slots starting at `slot`.
+    fn write(&self, k: &Tensor, v: &Tensor, from: usize, len: usize, slot: usize) -> Result<()> {
+        self.k.slice_set(&k.narrow(2, from, len)?.contiguous()?, 2, slot)?;
+        self.v.slice_set(&v.narrow(2, from, len)?.contiguous()?, 2, slot)
+    }
+}
+
+/// Keeps every position: memory grows with the sequence. Buffers double when full, so appending
+/// one token costs O(1) amortised instead of re-copying the whole cache.
 #[derive(Default)]
 pub struct FullCache {
-    kv: Option<(Tensor, Tensor)>,
-    positions: Vec<usize>,
+    buffers: Option<Buffers>,
+    len: usize,
 }
 
 impl KvCache for FullCache {
     fn append(&mut self, k: &Tensor, v: &Tensor, start: usize) -> Result<LayerKv> {
         let new_tokens = k.dim(2)?;
-        let (k, v) = match self.kv.take() {
-            None => (k.contiguous()?, v.contiguous()?),
-            Some((k_old, v_old)) => (Tensor::cat(&[&k_old, k], 2)?, Tensor::cat(&[&v_old, v], 2)?),
-        };
-        self.positions.extend(start..start + new_tokens);
-        self.kv = Some((k.clone(), v.clone()));
-        Ok(LayerKv { k, v, positions: self.positions.clone() })
+        let needed = self.len + new_tokens;
+        if self.buffers.as_ref().is_none_or(|b| b.capacity() < needed) {
+            let grown = Buffers::new(k, needed.next_power_of_two().max(64))?;
+            if let Some(old) = &self.buffers {
+                grown.write(&old.k, &old.v, 0, self.len, 0)?;
+            }
+            self.buffers = Some(grown);
+        }
+        let buffers = self.buffers.as_ref().expect("allocated above");
+        buffers.write(k, v, 0, new_tokens, self.len)?;
+        self.len = needed;
+        Ok(LayerKv {
+            k: buffers.k.narrow(2, 0, needed)?,
+            v: buffers.v.narrow(2, 0, needed)?,
+            positions: (start + new_tokens - needed..start + new_tokens).collect(),
+        })
     }
 
     fn len(&self) -> usize {
-        self.positions.len()
+        self.len
+    }
+}
+
+/// Mistral's rolling buffer: exactly `window` slots per layer, position `p` stored in slot
+/// `p mod window`, so memory stays constant however long the generation runs. Positions stay
+/// absolute: RoPE was applied to the keys before they were cached, and the returned positions
+/// let attention mask by true distance.
+///
+/// Worked example, `window = 4`, after a 6-token prompt (positions 0..=5):
+///
+/// ```text
+/// slot:      0  1  2  3
+/// position:  4  5  2  3      (4 overwrote 0, 5 overwrote 1)
+/// ```
+///
+/// Decoding position 6: the cache returns keys for positions `[4, 5, 2, 3]` (slot order) plus
+/// the new key 6; the window mask (`6 − p < 4`) keeps 3, 4, 5, 6 and drops 2. Then 6 is written
+/// to slot `6 mod 4 = 2`, replacing 2, which no later token can see. A chunk of `T` tokens sees
+/// the `window` cached slots plus its own `T` keys, so a prefill chunk costs `(T, window + T)`
+/// scores, whatever the prompt length.
+pub struct RollingCache {
+    window: usize,
+    buffers: Option<Buffers>,
+    /// Absolute position held by each slot (`None` until first written).
+    slot_positions: Vec<Option<usize>>,
+}
+
+impl RollingCache {
+    pub fn new(window: usize) -> Self {
+        RollingCache { window, buffers: None, slot_positions: vec![None; window] }
+    }
+}
+
+impl KvCache for RollingCache {
+    fn append(&mut self, k: &Tensor, v: &Tensor, start: usize) -> Result<LayerKv> {
+        let new_tokens = k.dim(2)?;
+        let buffers = match &self.buffers {
+            Some(b) => b,
+            None => self.buffers.insert(Buffers::new(k, self.window)?),
+        };
+        // What the new queries see: every filled slot (slots fill in order 0, 1, ... until the
+        // buffer wraps, so the filled ones are a prefix), then the new keys.
+        let filled = self.slot_positions.iter().take_while(|p| p.is_some()).count();
+        let mut positions: Vec<usize> = self.slot_positions[..filled].iter().map(|p| p.expect("filled")).collect();
+        positions.extend(start..start + new_tokens);
+        let (visible_k, visible_v) = if filled == 0 {
+            (k.clone(), v.clone())
+        } else {
+            (
+                Tensor::cat(&[&buffers.k.narrow(2, 0, filled)?, k], 2)?,
+                Tensor::cat(&[&buffers.v.narrow(2, 0, filled)?, v], 2)?,
+            )
+        };
+        // Then keep only the last `window` new positions, each at slot `position mod window`;
+        // a run of consecutive positions wraps around the buffer at most once.
+        let keep = new_tokens.min(self.window);
+        let first = start + new_tokens - keep;
+        let mut written = 0;
+        while written < keep {
+            let slot = (first + written) % self.window;
+            let run = (keep - written).min(self.window - slot);
+            buffers.write(k, v, new_tokens - keep + written, run, slot)?;
+            for i in 0..run {
+                self.slot_positions[slot + i] = Some(first + written + i);
+            }
+            written += run;
+        }
+        Ok(LayerKv { k: visible_k, v: visible_v, positions })
+    }
+
+    fn len(&self) -> usize {
+        self.slot_positions.iter().filter(|p| p.is_some()).count()
     }
 }

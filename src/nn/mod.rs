@@ -11,6 +11,6 @@ pub mod positions;
 
 pub use attention::Attention;
 pub use ffn::FeedForward;
-pub use kv_cache::{FullCache, KvCache, LayerKv};
+pub use kv_cache::{FullCache, KvCache, LayerKv, RollingCache};
 pub use norm::Norm;
 pub use params::ParamSource;

@@ -33,7 +33,10 @@ impl<'a> ParamSource<'a> {
         let full = format!("{}{name}", self.prefix);
         // Presence was checked against param_specs in `checked`; a miss here is a bug in the
         // layer code asking for a name the spec list does not have.
-        self.tensors.get(&full).unwrap_or_else(|| panic!("layer asked for `{full}`, which param_specs does not list")).clone()
+        self.tensors
+            .get(&full)
+            .unwrap_or_else(|| panic!("layer asked for `{full}`, which param_specs does not list"))
+            .clone()
     }
 
     pub fn get_opt(&self, name: &str) -> Option<Tensor> {
@@ -48,12 +51,9 @@ pub fn check_weights(config: &ModelConfig, tensors: &HashMap<String, Tensor>, or
     for spec in &specs {
         match tensors.get(&spec.name) {
             None => problems.push(format!("missing tensor `{}` (expected shape {:?})", spec.name, spec.shape)),
-            Some(t) if t.dims() != spec.shape.as_slice() => problems.push(format!(
-                "tensor `{}` has shape {:?}, expected {:?}",
-                spec.name,
-                t.dims(),
-                spec.shape
-            )),
+            Some(t) if t.dims() != spec.shape.as_slice() => {
+                problems.push(format!("tensor `{}` has shape {:?}, expected {:?}", spec.name, t.dims(), spec.shape))
+            }
             Some(_) => {}
         }
     }

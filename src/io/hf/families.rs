@@ -215,7 +215,10 @@ fn gpt2_read(json: &HfJson) -> Result<ModelConfig> {
         norm_eps: json.f64_or("layer_norm_epsilon", 1e-5)?,
         positions: Positions::Learned,
         attention: Attention { heads, kv_heads: heads, head_dim: None, window: None, layer_windows: None },
-        ffn: Ffn::Mlp { hidden: json.usize_or("n_inner", 4 * d)?, act: activation_from_hf(json, "activation_function", "gelu_new")? },
+        ffn: Ffn::Mlp {
+            hidden: json.usize_or("n_inner", 4 * d)?,
+            act: activation_from_hf(json, "activation_function", "gelu_new")?,
+        },
         tie_embeddings: json.bool_or("tie_word_embeddings", true)?,
         ..decoder(json)
     })
@@ -223,7 +226,9 @@ fn gpt2_read(json: &HfJson) -> Result<ModelConfig> {
 
 fn gpt2_write(c: &ModelConfig) -> Option<Value> {
     let k = common(c);
-    let Ffn::Mlp { hidden, act } = c.ffn else { return None };
+    let Ffn::Mlp { hidden, act } = c.ffn else {
+        return None;
+    };
     let ok = c.layout == Layout::DecoderOnly
         && c.norm == Norm::LayerNorm
         && c.norm_placement == NormPlacement::Pre
@@ -240,7 +245,7 @@ fn gpt2_write(c: &ModelConfig) -> Option<Value> {
             "vocab_size": c.vocab_size, "n_embd": c.d_model, "n_layer": c.layers, "n_head": c.attention.heads,
             "n_positions": c.context_length, "n_inner": hidden, "activation_function": activation_to_hf(act),
             "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32",
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         })
     })
 }
@@ -332,8 +337,12 @@ fn llama_write(c: &ModelConfig) -> Option<Value> {
         Ffn::Moe { expert, .. } => ("mixtral", "MixtralForCausalLM", &**expert),
         Ffn::Mlp { .. } => return None,
     };
-    let Ffn::Gated { hidden, act } = *expert else { return None };
-    let Positions::Rope { theta, fraction } = c.positions else { return None };
+    let Ffn::Gated { hidden, act } = *expert else {
+        return None;
+    };
+    let Positions::Rope { theta, fraction } = c.positions else {
+        return None;
+    };
     let ok = c.layout == Layout::DecoderOnly
         && c.norm == Norm::RmsNorm
         && c.norm_placement == NormPlacement::Pre
@@ -352,7 +361,7 @@ fn llama_write(c: &ModelConfig) -> Option<Value> {
         "num_key_value_heads": c.attention.kv_heads, "head_dim": c.head_dim(),
         "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "rope_theta": theta,
         "hidden_act": activation_to_hf(act), "tie_word_embeddings": c.tie_embeddings,
-        "attention_bias": c.bias, "mlp_bias": c.bias, "torch_dtype": "float32",
+        "attention_bias": c.bias, "mlp_bias": c.bias,
     });
     if model_type != "llama" {
         v["sliding_window"] = json!(c.attention.window);
@@ -409,7 +418,10 @@ fn phi_read(json: &HfJson) -> Result<ModelConfig> {
         layers: json.usize("num_hidden_layers")?,
         context_length: json.usize("max_position_embeddings")?,
         norm_eps: json.f64_or("layer_norm_eps", 1e-5)?,
-        positions: Positions::Rope { theta: rope_theta(json, 10_000.0)?, fraction: json.f64_or("partial_rotary_factor", 0.5)? },
+        positions: Positions::Rope {
+            theta: rope_theta(json, 10_000.0)?,
+            fraction: json.f64_or("partial_rotary_factor", 0.5)?,
+        },
         attention: Attention {
             heads,
             kv_heads: json.usize_or("num_key_value_heads", heads)?,
@@ -417,7 +429,10 @@ fn phi_read(json: &HfJson) -> Result<ModelConfig> {
             window: None,
             layer_windows: None,
         },
-        ffn: Ffn::Mlp { hidden: json.usize("intermediate_size")?, act: activation_from_hf(json, "hidden_act", "gelu_new")? },
+        ffn: Ffn::Mlp {
+            hidden: json.usize("intermediate_size")?,
+            act: activation_from_hf(json, "hidden_act", "gelu_new")?,
+        },
         residual: Residual::Parallel,
         head_bias: true,
         tie_embeddings: json.bool_or("tie_word_embeddings", false)?,
@@ -427,8 +442,12 @@ fn phi_read(json: &HfJson) -> Result<ModelConfig> {
 
 fn phi_write(c: &ModelConfig) -> Option<Value> {
     let k = common(c);
-    let Ffn::Mlp { hidden, act } = c.ffn else { return None };
-    let Positions::Rope { theta, fraction } = c.positions else { return None };
+    let Ffn::Mlp { hidden, act } = c.ffn else {
+        return None;
+    };
+    let Positions::Rope { theta, fraction } = c.positions else {
+        return None;
+    };
     let ok = c.layout == Layout::DecoderOnly
         && c.norm == Norm::LayerNorm
         && c.residual == Residual::Parallel
@@ -445,7 +464,6 @@ fn phi_write(c: &ModelConfig) -> Option<Value> {
             "layer_norm_eps": c.norm_eps, "rope_theta": theta, "partial_rotary_factor": fraction,
             "hidden_act": activation_to_hf(act), "tie_word_embeddings": c.tie_embeddings,
             "qk_layernorm": false, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
-            "torch_dtype": "float32",
         })
     })
 }
@@ -502,8 +520,12 @@ fn mpt_read(json: &HfJson) -> Result<ModelConfig> {
 
 fn mpt_write(c: &ModelConfig) -> Option<Value> {
     let k = common(c);
-    let Ffn::Mlp { hidden, act: Activation::Gelu } = c.ffn else { return None };
-    let Positions::Alibi { max_bias } = c.positions else { return None };
+    let Ffn::Mlp { hidden, act: Activation::Gelu } = c.ffn else {
+        return None;
+    };
+    let Positions::Alibi { max_bias } = c.positions else {
+        return None;
+    };
     let ok = c.layout == Layout::DecoderOnly
         && c.norm == Norm::LayerNorm
         && c.norm_placement == NormPlacement::Pre
@@ -521,10 +543,20 @@ fn mpt_write(c: &ModelConfig) -> Option<Value> {
             "vocab_size": c.vocab_size, "d_model": c.d_model, "n_layers": c.layers, "n_heads": c.attention.heads,
             "max_seq_len": c.context_length, "expansion_ratio": hidden / c.d_model, "no_bias": true,
             "layer_norm_epsilon": c.norm_eps,
-            "attn_config": { "alibi": true, "alibi_bias_max": max_bias, "attn_pdrop": 0.0 },
-            "resid_pdrop": 0.0, "emb_pdrop": 0.0, "torch_dtype": "float32",
+            // transformers' MptConfig wants an integer here (and, unlike MosaicML's own code, uses 8
+            // whatever it says).
+            "attn_config": { "alibi": true, "alibi_bias_max": integral_if_whole(max_bias) },
+            "resid_pdrop": 0.0, "emb_pdrop": 0.0,
         })
     })
+}
+
+fn integral_if_whole(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
 }
 
 fn mpt_tensors(c: &ModelConfig) -> Vec<HfTensor> {

@@ -31,15 +31,26 @@ impl HfJson {
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.field(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| self.bad(key, "a non-negative integer"))
+        self.field(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| self.bad(key, "a non-negative integer"))
     }
 
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        if self.field(key).is_none() { Ok(default) } else { self.usize(key) }
+        if self.field(key).is_none() {
+            Ok(default)
+        } else {
+            self.usize(key)
+        }
     }
 
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        if self.field(key).is_none() { Ok(None) } else { self.usize(key).map(Some) }
+        if self.field(key).is_none() {
+            Ok(None)
+        } else {
+            self.usize(key).map(Some)
+        }
     }
 
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -61,7 +72,11 @@ impl HfJson {
     }
 
     pub fn str_or(&self, key: &str, default: &str) -> Result<String> {
-        if self.field(key).is_none() { Ok(default.to_string()) } else { self.str(key) }
+        if self.field(key).is_none() {
+            Ok(default.to_string())
+        } else {
+            self.str(key)
+        }
     }
 
     /// A nested object (e.g. MPT's `attn_config`) as its own `HfJson`, empty when absent.

@@ -22,8 +22,8 @@ use super::{LoadedModel, TextTokenizer};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
-/// Load a Hugging Face model directory.
-pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+/// The family of a directory's `config.json`, and the config itself.
+fn read_family_config(dir: &Path) -> Result<(&'static Family, ModelConfig)> {
     let config_path = dir.join("config.json");
     let json = HfJson::read(&config_path)?;
     let model_type = json.str("model_type")?;
@@ -38,6 +38,17 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     })?;
     let config = (family.read_config)(&json)?;
     config.validate()?;
+    Ok((family, config))
+}
+
+/// The [`ModelConfig`] of a Hugging Face directory, from `config.json` alone.
+pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
+    Ok(read_family_config(dir)?.1)
+}
+
+/// Load a Hugging Face model directory.
+pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let (family, config) = read_family_config(dir)?;
     let mut file_tensors = read_safetensors_dir(dir, device)?;
     let weights = import_tensors(family, &config, &mut file_tensors, dir)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
@@ -64,13 +75,17 @@ fn import_tensors(
             Err(reason) => problems.push(reason),
         }
     }
-    let mut extra: Vec<String> =
-        file.keys().filter(|name| !(family.ignorable)(name)).cloned().collect();
+    let mut extra: Vec<String> = file.keys().filter(|name| !(family.ignorable)(name)).cloned().collect();
     extra.sort();
-    problems.extend(extra.into_iter().map(|name| format!("unexpected tensor `{name}` (not part of this architecture)")));
+    problems
+        .extend(extra.into_iter().map(|name| format!("unexpected tensor `{name}` (not part of this architecture)")));
     if !problems.is_empty() {
         let shown = problems.len().min(12);
-        let more = if problems.len() > shown { format!("\n  - ... and {} more", problems.len() - shown) } else { String::new() };
+        let more = if problems.len() > shown {
+            format!("\n  - ... and {} more", problems.len() - shown)
+        } else {
+            String::new()
+        };
         return Err(Error::checkpoint(
             origin,
             format!("tensors do not match config.json:\n  - {}{more}", problems[..shown].join("\n  - ")),
@@ -86,13 +101,14 @@ fn take_tensor(file: &mut HashMap<String, Tensor>, name: &str, optional_prefix: 
 }
 
 /// Write `weights` (canonical names) as a Hugging Face directory that `transformers` loads:
-/// `config.json`, `model.safetensors` and, when given, `tokenizer.json`.
+/// `config.json`, `model.safetensors` and, when given, `tokenizer.json`. Returns the
+/// `model_type` written.
 pub fn export_hf_dir(
     config: &ModelConfig,
     weights: &HashMap<String, Tensor>,
     tokenizer: Option<&TextTokenizer>,
     dir: &Path,
-) -> Result<&'static str> {
+) -> Result<String> {
     let family = family_for_config(config).ok_or_else(|| {
         Error::Unsupported(format!(
             "no Hugging Face family can represent this architecture ({}); the exportable families are {}",
@@ -113,5 +129,5 @@ pub fn export_hf_dir(
     if let Some(tokenizer) = tokenizer {
         tokenizer.save(&dir.join("tokenizer.json"))?;
     }
-    Ok(family.model_types[0])
+    Ok(hf_config["model_type"].as_str().unwrap_or_default().to_string())
 }

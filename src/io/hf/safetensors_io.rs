@@ -34,10 +34,9 @@ fn shard_files(index_path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
     let index: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::checkpoint(index_path, format!("not valid JSON: {e}")))?;
-    let map = index
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::checkpoint(index_path, "field `weight_map`: expected an object of tensor name → shard file"))?;
+    let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        Error::checkpoint(index_path, "field `weight_map`: expected an object of tensor name → shard file")
+    })?;
     let mut files: Vec<String> = Vec::new();
     for (tensor, file) in map {
         let file = file
@@ -65,7 +64,10 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             other => {
-                return Err(Error::checkpoint(path, format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16")))
+                return Err(Error::checkpoint(
+                    path,
+                    format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16"),
+                ))
             }
         };
         let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?.to_dtype(DType::F32)?;

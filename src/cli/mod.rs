@@ -1,0 +1,39 @@
+//! Subcommand definitions and dispatch.
+
+mod arch;
+mod export;
+mod run;
+mod show;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lmforge", version, about = "Define, adopt, adapt and train LLM architectures")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the built-in architectures with their parameter counts.
+    Presets,
+    /// Describe an architecture: layers, parameters, FLOPs and memory.
+    Show(show::ShowArgs),
+    /// Write the logits of a token sequence to a safetensors file.
+    Score(run::ScoreArgs),
+    /// Generate text (streamed) or token ids from a model.
+    Generate(run::GenerateArgs),
+    /// Convert a model to another format (Hugging Face directory).
+    Export(export::ExportArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Presets => show::presets(),
+        Command::Show(args) => show::show(args),
+        Command::Score(args) => run::score(args),
+        Command::Generate(args) => run::generate(args),
+        Command::Export(args) => export::export(args),
+    }
+}
