@@ -255,13 +255,13 @@ impl ModelConfig {
         }
 
         let att = &self.attention;
-        if att.heads > 0 && att.kv_heads > 0 && att.heads % att.kv_heads != 0 {
+        if att.heads > 0 && att.kv_heads > 0 && !att.heads.is_multiple_of(att.kv_heads) {
             problems
                 .push(format!("attention.kv_heads = {} does not divide attention.heads = {}", att.kv_heads, att.heads));
         }
         match att.head_dim {
             Some(0) => problems.push("attention.head_dim = 0, expected a positive number".into()),
-            None if att.heads > 0 && self.d_model % att.heads != 0 => problems.push(format!(
+            None if att.heads > 0 && !self.d_model.is_multiple_of(att.heads) => problems.push(format!(
                 "attention.heads = {} does not divide d_model = {} (set attention.head_dim explicitly)",
                 att.heads, self.d_model
             )),
@@ -304,7 +304,7 @@ impl ModelConfig {
             Positions::Alibi { max_bias } if !(max_bias > 0.0 && max_bias.is_finite()) => {
                 problems.push(format!("positions.max_bias = {max_bias}, expected a positive number"));
             }
-            Positions::Sinusoidal if self.d_model % 2 != 0 => {
+            Positions::Sinusoidal if !self.d_model.is_multiple_of(2) => {
                 problems.push(format!("positions = sinusoidal needs an even d_model, found {}", self.d_model));
             }
             _ => {}
