@@ -30,6 +30,10 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
+    /// Training stopped because it kept diverging.
+    #[error("training diverged: {0}")]
+    Diverged(String),
+
     #[error("not supported: {0}")]
     Unsupported(String),
 

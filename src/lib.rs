@@ -11,6 +11,7 @@ pub mod generate;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod train;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};

@@ -3,7 +3,6 @@
 use clap::Args;
 use lmforge::config::{presets, ArchReport, ModelConfig};
 
-use super::arch::resolve_config;
 
 #[derive(Args)]
 pub struct ShowArgs {
@@ -33,7 +32,7 @@ pub fn presets() -> anyhow::Result<()> {
 }
 
 pub fn show(args: ShowArgs) -> anyhow::Result<()> {
-    let config = resolve_config(&args.arch, &args.settings)?;
+    let config = lmforge::io::resolve_arch(&args.arch, &args.settings)?;
     let report = config.report();
     if args.json {
         let mut value = serde_json::to_value(&report)?;

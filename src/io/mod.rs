@@ -85,6 +85,25 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
     }
 }
 
+/// An architecture named by the user: a preset name, a config file (.toml/.json), a model
+/// directory or a .gguf file, with `--set` overrides applied.
+pub fn resolve_arch(arch: &str, settings: &[String]) -> Result<ModelConfig> {
+    let path = Path::new(arch);
+    let base = if path.is_dir() || path.extension().is_some_and(|e| e == "gguf") {
+        read_config(path)?
+    } else if path.is_file() {
+        ModelConfig::from_file(path)?
+    } else {
+        crate::config::presets::get(arch).map_err(|e| match e {
+            Error::UnknownPreset { name, known } => Error::Input(format!(
+                "`{name}` is neither a file, a directory nor a preset name; known presets: {known}"
+            )),
+            other => other,
+        })?
+    };
+    crate::config::apply_overrides(&base, settings)
+}
+
 /// Placeholder until the tokenizer module lands.
 pub struct TextTokenizer;
 

@@ -184,6 +184,13 @@ impl Model {
         self.head(&hidden)
     }
 
+    /// Mean next-token cross-entropy of `inputs` `(B, T)` against `targets` `(B, T)`.
+    pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(inputs, None)?; // (B, T, V)
+        let (b, t, v) = logits.dims3()?;
+        Ok(candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?)
+    }
+
     /// Output projection of final hidden states `(B, T, D)` → logits `(B, T, V)`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = hidden.broadcast_matmul(&self.head_weight.t()?)?;
