@@ -23,6 +23,10 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
 
+    /// A corpus file or prepared token dataset that is missing, damaged or unusable.
+    #[error("{}: {reason}", path.display())]
+    Data { path: PathBuf, reason: String },
+
     #[error("tokenizer ({origin}): {reason}")]
     Tokenizer { origin: String, reason: String },
 
@@ -44,6 +48,10 @@ pub enum Error {
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    pub fn data(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+        Error::Data { path: path.as_ref().to_path_buf(), reason: reason.into() }
     }
 
     pub fn checkpoint(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {

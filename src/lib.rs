@@ -6,6 +6,7 @@
 //! place that knows file formats and checkpoint tensor names.
 
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod io;

@@ -4,6 +4,7 @@ mod arch;
 mod export;
 mod run;
 mod show;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     Generate(run::GenerateArgs),
     /// Convert a model to another format (Hugging Face directory).
     Export(export::ExportArgs),
+    /// Train a model from scratch or continue pretraining; restarts itself after a crash.
+    Train(Box<train::TrainArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(args) => run::score(args),
         Command::Generate(args) => run::generate(args),
         Command::Export(args) => export::export(args),
+        Command::Train(args) => train::train(*args),
     }
 }

@@ -3,7 +3,6 @@
 use clap::Args;
 use lmforge::config::{presets, ArchReport, ModelConfig};
 
-
 #[derive(Args)]
 pub struct ShowArgs {
     /// Preset name, config file (.toml/.json), model directory or .gguf file.

@@ -4,8 +4,12 @@
 //! lmforge's canonical parameter names (see [`ModelConfig::param_specs`]), and the tokenizer
 //! when the source carries one.
 
+pub mod gguf;
 pub mod hf;
 pub mod native;
+pub mod tokenizer;
+
+pub use tokenizer::{StreamDecoder, TextTokenizer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,8 +42,11 @@ pub enum SourceKind {
     Gguf,
     /// `config.json` with a `model_type` + safetensors.
     HuggingFace,
-    /// lmforge's own directory: `config.json` holding a [`ModelConfig`] + `model.safetensors`.
+    /// lmforge's own directory: `config.json` holding a [`ModelConfig`] + `model.safetensors`
+    /// (a training checkpoint is one).
     Native,
+    /// A training run directory: its newest valid checkpoint.
+    Run,
 }
 
 /// Decide what `path` holds, without reading the weights.
@@ -54,6 +61,9 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
     let config_path = path.join("config.json");
     if !path.is_dir() {
         return Err(Error::checkpoint(path, "no such file or directory"));
+    }
+    if !config_path.exists() && path.join(crate::train::checkpoint::CHECKPOINTS_DIR).is_dir() {
+        return Ok(SourceKind::Run);
     }
     if !config_path.exists() {
         return Err(Error::checkpoint(
@@ -70,19 +80,36 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
 /// Load any supported model source: `.gguf`, Hugging Face directory, or lmforge directory.
 pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     match source_kind(path)? {
-        SourceKind::Gguf => Err(Error::Unsupported("GGUF loading is not wired in yet".into())),
+        SourceKind::Gguf => gguf::load_gguf(path, device),
         SourceKind::HuggingFace => hf::load_hf_dir(path, device),
         SourceKind::Native => native::load_native_dir(path, device),
+        SourceKind::Run => native::load_native_dir(&newest_checkpoint(path)?, device),
     }
 }
 
 /// The architecture of a model source without reading its weights where the format allows.
 pub fn read_config(path: &Path) -> Result<ModelConfig> {
     match source_kind(path)? {
-        SourceKind::Gguf => Ok(load_model(path, &Device::Cpu)?.config),
+        SourceKind::Gguf => gguf::GgufFile::open(path)?.config(),
         SourceKind::HuggingFace => hf::read_hf_config(path),
         SourceKind::Native => ModelConfig::from_file(&path.join("config.json")),
+        SourceKind::Run => ModelConfig::from_file(&newest_checkpoint(path)?.join("config.json")),
     }
+}
+
+/// The newest checkpoint of a run that passes verification.
+fn newest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
+    let latest = crate::train::checkpoint::latest_valid(run_dir)?;
+    latest.latest.ok_or_else(|| {
+        let why: Vec<String> = latest.skipped.iter().map(|s| format!("{}: {}", s.path.display(), s.reason)).collect();
+        Error::checkpoint(
+            run_dir,
+            format!(
+                "this run has no valid checkpoint{}",
+                if why.is_empty() { String::new() } else { format!(":\n  - {}", why.join("\n  - ")) }
+            ),
+        )
+    })
 }
 
 /// An architecture named by the user: a preset name, a config file (.toml/.json), a model
@@ -102,34 +129,4 @@ pub fn resolve_arch(arch: &str, settings: &[String]) -> Result<ModelConfig> {
         })?
     };
     crate::config::apply_overrides(&base, settings)
-}
-
-/// Placeholder until the tokenizer module lands.
-pub struct TextTokenizer;
-
-impl TextTokenizer {
-    pub fn from_dir(_dir: &std::path::Path) -> crate::Result<Option<Self>> {
-        Ok(None)
-    }
-    pub fn save(&self, _path: &std::path::Path) -> crate::Result<()> {
-        Ok(())
-    }
-    pub fn encode(&self, _t: &str, _s: bool) -> crate::Result<Vec<u32>> {
-        Ok(vec![])
-    }
-    pub fn apply_chat_template(&self, _t: &str) -> crate::Result<String> {
-        Ok(String::new())
-    }
-    pub fn eos_ids(&self) -> &[u32] {
-        &[]
-    }
-    pub fn stream_decoder(&self) -> StreamDecoder {
-        StreamDecoder
-    }
-}
-pub struct StreamDecoder;
-impl StreamDecoder {
-    pub fn push(&mut self, _id: u32) -> crate::Result<String> {
-        Ok(String::new())
-    }
 }

@@ -7,12 +7,20 @@
 //! "N steps + kill + resume N steps == 2N steps uninterrupted" holds bit for bit.
 
 pub mod checkpoint;
+pub mod corpus;
+pub mod guard;
+pub mod inject;
 mod manifest;
+pub mod metrics;
 pub mod optim;
 pub mod rng;
+pub mod run_config;
 pub mod schedule;
+pub mod setup;
+pub mod trainer;
 
 pub use checkpoint::{BestCheckpoint, Checkpoint, CheckpointData, CheckpointState, LatestValid, SkippedCheckpoint};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, AdamWMeta, AdamWState, Param, UpdateKernel};
 pub use rng::{RngState, TrainRng};
 pub use schedule::{Decay, DecayShape, LrSchedule};
+pub use trainer::{train, TrainSummary};

@@ -1,0 +1,202 @@
+//! `lmforge train`: run a training job under a supervisor that restarts it after a crash.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use lmforge::train::checkpoint;
+use lmforge::train::inject::Fault;
+use lmforge::train::metrics::append_event;
+use lmforge::train::run_config::RunConfig;
+use lmforge::train::setup::read_run_config;
+use serde_json::json;
+
+/// Restarts after crashes before the supervisor gives up.
+const MAX_RESTARTS: usize = 5;
+
+#[derive(Args, Clone)]
+pub struct TrainArgs {
+    /// Run config (TOML); flags below override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory (default: runs/quickstart).
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// Continue a run exactly from its newest valid checkpoint: `--resume RUN`, or `--resume`
+    /// (= `auto`) for the run named by --run/--config.
+    #[arg(long, num_args = 0..=1, default_missing_value = "auto", value_name = "RUN|auto")]
+    resume: Option<String>,
+    /// Architecture: preset name or config file (default: tiny-llama).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Override an architecture field, e.g. `--set layers=6`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    settings: Vec<String>,
+    /// Continued pretraining: start from these weights (HF dir, .gguf, lmforge checkpoint) with a
+    /// fresh optimizer and schedule.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// A dataset made by `lmforge data prepare`.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Training text files (default: the bundled Austen corpus).
+    #[arg(long = "train-file")]
+    train_files: Vec<PathBuf>,
+    /// Validation text files (default: the tail of each training file).
+    #[arg(long = "val-file")]
+    val_files: Vec<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    sample_every: Option<u64>,
+    /// Inject a fault to test recovery: `nan@step=N`, `spike@step=N`, `crash@step=N`.
+    #[arg(long = "inject", value_name = "KIND@step=N")]
+    inject: Vec<String>,
+    /// Run in this process, without restarts after a crash.
+    #[arg(long)]
+    no_supervisor: bool,
+    /// Internal: this process is the supervised worker.
+    #[arg(long, hide = true)]
+    worker: bool,
+}
+
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let faults: Vec<Fault> = args.inject.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
+    let (config, resume) = resolve(&args)?;
+    if args.worker || args.no_supervisor {
+        let summary = lmforge::train::train(&config, resume, faults)?;
+        eprintln!(
+            "done: {} steps, final loss {:.4}{}; checkpoints in {}",
+            summary.steps,
+            summary.final_loss,
+            summary.val_loss.map(|v| format!(", val loss {v:.4} (ppl {:.2})", v.exp())).unwrap_or_default(),
+            summary.run_dir.join("checkpoints").display()
+        );
+        return Ok(());
+    }
+    supervise(&config, resume)
+}
+
+/// The run config from --config / --resume and the flags, and whether to resume.
+fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
+    let requested = requested_config(args)?;
+    let Some(resume) = &args.resume else { return Ok((requested, false)) };
+    let run_dir = if resume == "auto" { requested.run_dir.clone() } else { PathBuf::from(resume) };
+    let mut stored = read_run_config(&run_dir)?;
+    let model_flags =
+        args.config.is_some() || args.arch.is_some() || !args.settings.is_empty() || args.init_from.is_some();
+    if model_flags && requested.model != stored.model {
+        bail!(
+            "the model settings given differ from the run being resumed ({}):\n  run:   {:?}\n  given: {:?}\nHINT: resume without model flags, or start a new run (--init-from {} for continued pretraining)",
+            run_dir.display(),
+            stored.model,
+            requested.model,
+            run_dir.display()
+        );
+    }
+    // What may change on resume: how long to train and how often to report.
+    let t = &mut stored.train;
+    if let Some(v) = args.steps {
+        t.steps = v;
+    }
+    if let Some(v) = args.eval_every {
+        t.eval_every = v;
+    }
+    if let Some(v) = args.checkpoint_every {
+        t.checkpoint_every = v;
+    }
+    if let Some(v) = args.sample_every {
+        t.sample_every = v;
+    }
+    Ok((stored, true))
+}
+
+fn requested_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
+    let mut c = match &args.config {
+        Some(path) => RunConfig::from_file(path)?,
+        None => RunConfig::default(),
+    };
+    if let Some(v) = &args.run {
+        c.run_dir = v.clone();
+    }
+    if let Some(v) = &args.arch {
+        c.model.arch = v.clone();
+    }
+    c.model.set.extend(args.settings.iter().cloned());
+    if let Some(v) = &args.init_from {
+        c.model.init_from = Some(v.clone());
+    }
+    if let Some(v) = &args.dataset {
+        c.data.dataset = Some(v.clone());
+    }
+    if !args.train_files.is_empty() {
+        c.data.train_files = args.train_files.clone();
+    }
+    if !args.val_files.is_empty() {
+        c.data.val_files = args.val_files.clone();
+    }
+    if let Some(v) = &args.tokenizer {
+        c.data.tokenizer = Some(v.clone());
+    }
+    let t = &mut c.train;
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = args.$field { t.$field = v; } )* };
+    }
+    set!(steps, batch_size, seq_len, grad_accum, lr, warmup_steps, seed, eval_every, checkpoint_every, sample_every);
+    Ok(c)
+}
+
+/// Run the worker as a child process; after a crash (panic, abort, kill), restart it from the
+/// newest valid checkpoint. A clean error (bad input, divergence stop) is not retried.
+fn supervise(config: &RunConfig, mut resume: bool) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the lmforge executable")?;
+    let mut worker_args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--worker").collect();
+    worker_args.push("--worker".into());
+    let mut restarts = 0;
+    loop {
+        let mut command = Command::new(&exe);
+        command.args(&worker_args);
+        if resume && !worker_args.iter().any(|a| a == "--resume") {
+            command.args(["--resume", &config.run_dir.display().to_string()]);
+        }
+        let status = command.status().context("starting the training worker")?;
+        if status.success() {
+            return Ok(());
+        }
+        // Exit code 1: the worker reported an error itself (bad input, divergence); 2: usage.
+        if matches!(status.code(), Some(1) | Some(2)) {
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        let latest = checkpoint::latest_valid(&config.run_dir)?.latest;
+        let Some(latest) = latest else { bail!("the training worker crashed ({status}) before its first checkpoint") };
+        restarts += 1;
+        append_event(
+            &config.run_dir,
+            json!({"event": "restart", "reason": status.to_string(), "from": latest.display().to_string(), "restart": restarts}),
+        )?;
+        if restarts > MAX_RESTARTS {
+            bail!("the training worker crashed {restarts} times; giving up (last: {status})");
+        }
+        eprintln!("training worker crashed ({status}); restarting from {}", latest.display());
+        resume = true;
+    }
+}

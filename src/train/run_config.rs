@@ -1,0 +1,251 @@
+//! A training run as data: `RUN.toml`, or the same fields as `lmforge train` flags.
+//!
+//! Everything has a default, so `lmforge train` with no arguments is the quickstart: a small
+//! Llama-style model on the bundled Austen corpus, a few minutes on 2 CPU cores.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::guard::GuardConfig;
+use super::optim::AdamWConfig;
+use super::schedule::{Decay, LrSchedule};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The run directory: checkpoints, metrics, tokenizer and prepared data live here.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    #[serde(default)]
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub data: DataSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub optimizer: AdamWConfig,
+    #[serde(default)]
+    pub guard: GuardConfig,
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("runs/quickstart")
+}
+
+/// Which architecture, and where its first weights come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Preset name or config file (.toml/.json). Ignored with `init_from`, which brings its own.
+    #[serde(default = "default_arch")]
+    pub arch: String,
+    /// `--set` overrides on `arch`.
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Continued pretraining: start from these weights (HF directory, .gguf, lmforge checkpoint)
+    /// with a fresh optimizer and schedule. Distinct from resuming a run.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Seed of the initial weights when training from scratch.
+    #[serde(default = "default_seed")]
+    pub init_seed: u64,
+}
+
+fn default_arch() -> String {
+    "tiny-llama".into()
+}
+fn default_seed() -> u64 {
+    1337
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec { arch: default_arch(), set: vec![], init_from: None, init_seed: default_seed() }
+    }
+}
+
+/// Where the tokens come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// A directory made by `lmforge data prepare`. When unset, `train_files` are prepared into
+    /// `RUN/data` on first start.
+    #[serde(default)]
+    pub dataset: Option<PathBuf>,
+    /// Text files; empty means the bundled corpus.
+    #[serde(default)]
+    pub train_files: Vec<PathBuf>,
+    /// Validation text; when empty, the last `val_fraction` of each training file.
+    #[serde(default)]
+    pub val_files: Vec<PathBuf>,
+    #[serde(default)]
+    pub val_fraction: Option<f64>,
+    /// tokenizer.json to use; when unset, the model's own (with `init_from`) or a byte-level
+    /// BPE of `vocab_size` trained on the training files into `RUN/tokenizer.json`.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    #[serde(default = "d_steps")]
+    pub steps: u64,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_seq")]
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step (effective batch = batch_size · grad_accum).
+    #[serde(default = "d_accum")]
+    pub grad_accum: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// Defaults to lr / 10.
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    #[serde(default = "d_warmup")]
+    pub warmup_steps: u64,
+    #[serde(default = "d_decay")]
+    pub decay: Decay,
+    /// Clip the global gradient norm to this (0 disables).
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    /// Seed of the data order and every other random choice of the run.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "d_eval_every")]
+    pub eval_every: u64,
+    /// Validation batches per evaluation (0 = the whole split).
+    #[serde(default = "d_eval_batches")]
+    pub eval_batches: u64,
+    #[serde(default = "d_sample_every")]
+    pub sample_every: u64,
+    #[serde(default = "d_prompt")]
+    pub sample_prompt: String,
+    #[serde(default = "d_sample_tokens")]
+    pub sample_tokens: usize,
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept besides the best by validation loss.
+    #[serde(default = "d_keep")]
+    pub keep_last: usize,
+    /// Print a progress line every this many steps.
+    #[serde(default = "d_log")]
+    pub log_every: u64,
+}
+
+fn d_steps() -> u64 {
+    600
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_seq() -> usize {
+    128
+}
+fn d_accum() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    3e-3
+}
+fn d_warmup() -> u64 {
+    30
+}
+fn d_decay() -> Decay {
+    Decay::Cosine
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_eval_every() -> u64 {
+    100
+}
+fn d_eval_batches() -> u64 {
+    20
+}
+fn d_sample_every() -> u64 {
+    200
+}
+fn d_prompt() -> String {
+    "It is a truth universally acknowledged".into()
+}
+fn d_sample_tokens() -> usize {
+    48
+}
+fn d_ckpt() -> u64 {
+    100
+}
+fn d_keep() -> usize {
+    2
+}
+fn d_log() -> u64 {
+    10
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+impl RunConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text)
+            .map_err(|e| Error::Config { origin: path.display().to_string(), problems: vec![e.to_string()] })
+    }
+
+    pub fn schedule(&self) -> LrSchedule {
+        let t = &self.train;
+        LrSchedule {
+            lr: t.lr,
+            min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
+            warmup_steps: t.warmup_steps,
+            total_steps: t.steps,
+            decay: t.decay.clone(),
+        }
+    }
+
+    /// Every problem at once, each with its field path.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let mut problems = Vec::new();
+        for (name, value) in
+            [("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len), ("train.grad_accum", t.grad_accum)]
+        {
+            if value == 0 {
+                problems.push(format!("{name} = 0, expected a positive number"));
+            }
+        }
+        if t.steps == 0 {
+            problems.push("train.steps = 0, expected a positive number".into());
+        }
+        if t.checkpoint_every == 0 {
+            problems.push("train.checkpoint_every = 0, expected a positive number".into());
+        }
+        if !(t.grad_clip >= 0.0) {
+            problems.push(format!("train.grad_clip = {}, expected >= 0", t.grad_clip));
+        }
+        if let Some(f) = self.data.val_fraction {
+            if !(0.0..1.0).contains(&f) {
+                problems.push(format!("data.val_fraction = {f}, expected 0 <= f < 1"));
+            }
+        }
+        problems.extend(self.schedule().problems());
+        problems.extend(self.optimizer.problems().into_iter().map(|p| format!("optimizer: {p}")));
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config { origin: "run config".into(), problems })
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The training loop. It owns no math: the model computes the loss, AdamW updates, the schedule
+//! gives the rate, the sampler gives the batches, and the checkpoint stores all of their state,
+//! so a resumed run continues bit for bit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::checkpoint::{self, CheckpointData, CheckpointState};
+use super::guard::{Divergence, LossStats};
+use super::inject::{Fault, FaultKind, Injector};
+use super::metrics::MetricsLog;
+use super::optim::{grad_norm, AdamW};
+use super::rng::TrainRng;
+use super::run_config::RunConfig;
+use super::setup::{prepare_run, Prepared};
+use crate::data::{Sampler, SamplerState, SequentialBatches, TokenSplit};
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerateOptions, Sampler as TokenSampler, Sampling};
+use crate::io::TextTokenizer;
+use crate::model::Model;
+
+/// State the loop keeps across rollbacks and restarts besides the tensors; stored in the
+/// checkpoint's `extra`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct LoopState {
+    guard: LossStats,
+    /// Sampler positions of batches that made the run diverge; skipped when met again.
+    skip: Vec<SamplerState>,
+    /// Steps at which a rollback happened (for the "K rollbacks in a window" stop).
+    rollbacks: Vec<u64>,
+    /// The learning rate is lowered until this step after a rollback.
+    cooldown_until: u64,
+    best_val_loss: Option<f64>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub final_loss: f64,
+    pub val_loss: Option<f64>,
+    pub sample: Option<String>,
+}
+
+/// Everything that changes as the run goes.
+struct Trainer {
+    config: RunConfig,
+    prepared: Prepared,
+    vars: HashMap<String, Var>,
+    model: Model,
+    optimizer: AdamW,
+    sampler: Sampler,
+    rng: TrainRng,
+    step: u64,
+    tokens_seen: u64,
+    state: LoopState,
+    metrics: MetricsLog,
+    injector: Injector,
+}
+
+/// Train (or resume) the run described by `config`. `resume`: continue from the newest valid
+/// checkpoint of `config.run_dir`.
+pub fn train(config: &RunConfig, resume: bool, faults: Vec<Fault>) -> Result<TrainSummary> {
+    config.validate()?;
+    let prepared = prepare_run(config, resume)?;
+    let mut trainer = Trainer::start(config.clone(), prepared, faults)?;
+    trainer.run()
+}
+
+impl Trainer {
+    fn start(config: RunConfig, prepared: Prepared, faults: Vec<Fault>) -> Result<Self> {
+        let device = Device::Cpu;
+        let run_dir = config.run_dir.clone();
+        let latest = checkpoint::latest_valid(&run_dir)?;
+        for skipped in &latest.skipped {
+            eprintln!("skipping checkpoint {}: {}", skipped.path.display(), skipped.reason);
+        }
+        let resumed = if prepared.resume { latest.latest.clone() } else { None };
+        let (weights, checkpoint) = match &resumed {
+            Some(dir) => {
+                let ckpt = checkpoint::load(dir, &device)?;
+                if ckpt.state.model.param_specs() != prepared.model_config.param_specs() {
+                    return Err(Error::checkpoint(
+                        dir,
+                        "the checkpoint's architecture differs from the run's model config\nHINT: resume with the run's own settings, or start a new run with --init-from",
+                    ));
+                }
+                (ckpt.model.clone(), Some(ckpt))
+            }
+            None => (prepared.initial_weights.clone(), None),
+        };
+        let vars: HashMap<String, Var> =
+            weights.iter().map(|(name, t)| Ok((name.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
+        let model = build_model(&prepared, &vars)?;
+        let mut optimizer = AdamW::for_model(config.optimizer, &prepared.model_config, &vars)?;
+        let (step, tokens_seen, sampler_state, rng, state) = match &checkpoint {
+            Some(ckpt) => {
+                optimizer.load_state(&ckpt.optimizer)?;
+                let sampler: SamplerState = serde_json::from_value(ckpt.state.sampler.clone())
+                    .map_err(|e| Error::checkpoint(&ckpt.dir, format!("state.json: bad sampler state: {e}")))?;
+                let rng = TrainRng::from_state(
+                    ckpt.state
+                        .rng
+                        .get("run")
+                        .cloned()
+                        .ok_or_else(|| Error::checkpoint(&ckpt.dir, "state.json: no `run` RNG"))?,
+                )?;
+                let state: LoopState = serde_json::from_value(ckpt.state.extra.clone()).unwrap_or_default();
+                (ckpt.state.step, ckpt.state.tokens_seen, sampler, rng, state)
+            }
+            None => (
+                0,
+                0,
+                SamplerState::start(config.train.seed),
+                TrainRng::seed_from(config.train.seed),
+                LoopState::default(),
+            ),
+        };
+        let sampler = Sampler::new(prepared.dataset.train().clone(), config.train.seq_len, true, sampler_state)?;
+        let metrics = MetricsLog::open(&run_dir, checkpoint.as_ref().map(|c| c.state.step))?;
+        let injector = Injector::new(faults, &run_dir)?;
+        if let Some(dir) = &resumed {
+            eprintln!("resumed from {} (step {step})", dir.display());
+        }
+        let mut trainer = Trainer {
+            config,
+            prepared,
+            vars,
+            model,
+            optimizer,
+            sampler,
+            rng,
+            step,
+            tokens_seen,
+            state,
+            metrics,
+            injector,
+        };
+        if resumed.is_none() {
+            // A checkpoint before the first update, so even an early divergence can roll back.
+            trainer.save_checkpoint(None)?;
+        }
+        Ok(trainer)
+    }
+
+    fn run(&mut self) -> Result<TrainSummary> {
+        let total = self.config.train.steps;
+        let tokens_per_step =
+            (self.config.train.batch_size * self.config.train.seq_len * self.config.train.grad_accum) as u64;
+        eprintln!(
+            "training {} ({} parameters) on {} tokens, {} steps of {} tokens, run dir {}",
+            self.prepared.model_config.name,
+            self.prepared.model_config.params_total(),
+            self.prepared.dataset.train().len(),
+            total,
+            tokens_per_step,
+            self.config.run_dir.display()
+        );
+        let started = Instant::now();
+        let first_step = self.step;
+        let mut last_loss = f64::NAN;
+        let mut val_loss = None;
+        while self.step < total {
+            let step_started = Instant::now();
+            let batch_start = self.sampler.state();
+            let (mut loss, grads) = self.forward_backward()?;
+            if self.injector.take(FaultKind::Nan, self.step + 1)? {
+                loss = f64::NAN;
+            }
+            if self.injector.take(FaultKind::Spike, self.step + 1)? {
+                loss *= 10.0;
+            }
+            if self.injector.take(FaultKind::Crash, self.step + 1)? {
+                eprintln!("injected crash at step {}", self.step + 1);
+                std::process::abort();
+            }
+            let mut grads = grads;
+            let norm = if self.config.train.grad_clip > 0.0 {
+                self.optimizer.clip_grad_norm(&mut grads, self.config.train.grad_clip)?
+            } else {
+                grad_norm(&grads, self.vars.values())?
+            };
+            if let Err(divergence) = self.state.guard.check(&self.config.guard, loss, norm.is_finite()) {
+                self.roll_back(divergence, batch_start)?;
+                continue;
+            }
+            self.state.guard.accept(&self.config.guard, loss);
+            let lr = self.lr();
+            self.optimizer.step(&grads, lr)?;
+            self.step += 1;
+            self.tokens_seen += tokens_per_step;
+            last_loss = loss;
+            let step_time = step_started.elapsed().as_secs_f64();
+            self.metrics.write(json!({
+                "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                "tokens": self.tokens_seen, "tok_per_s": tokens_per_step as f64 / step_time,
+            }))?;
+            if self.step % self.config.train.log_every == 0 || self.step == total {
+                let done = (self.step - first_step) as f64;
+                let per_step = started.elapsed().as_secs_f64() / done.max(1.0);
+                let eta = per_step * (total - self.step) as f64;
+                eprintln!(
+                    "step {:>6}/{total} | loss {loss:.4} | lr {lr:.2e} | {:>8.0} tok/s | ETA {}",
+                    self.step,
+                    tokens_per_step as f64 / per_step,
+                    format_duration(eta)
+                );
+            }
+            let at_end = self.step == total;
+            let eval_now =
+                self.config.train.eval_every > 0 && (self.step % self.config.train.eval_every == 0 || at_end);
+            if eval_now {
+                let v = self.evaluate()?;
+                val_loss = Some(v);
+                eprintln!("step {:>6} | val loss {v:.4} | val ppl {:.2}", self.step, v.exp());
+                self.metrics.write(json!({"step": self.step, "val_loss": v, "val_ppl": v.exp()}))?;
+            }
+            if self.config.train.sample_every > 0 && self.step % self.config.train.sample_every == 0 && !at_end {
+                self.sample()?;
+            }
+            if self.step % self.config.train.checkpoint_every == 0 || at_end {
+                self.save_checkpoint(if eval_now { val_loss } else { None })?;
+            }
+        }
+        let sample = self.sample()?;
+        Ok(TrainSummary {
+            run_dir: self.config.run_dir.clone(),
+            steps: self.step,
+            final_loss: last_loss,
+            val_loss,
+            sample,
+        })
+    }
+
+    /// Mean loss over `grad_accum` micro-batches and the summed gradients of that mean.
+    fn forward_backward(&mut self) -> Result<(f64, GradStore)> {
+        let accum = self.config.train.grad_accum;
+        let mut total_loss = 0.0;
+        let mut summed: Option<GradStore> = None;
+        for _ in 0..accum {
+            let (inputs, targets) = self.next_batch()?;
+            let loss = (self.model.loss(&inputs, &targets)? / accum as f64)?;
+            total_loss += loss.to_scalar::<f32>()? as f64;
+            let grads = loss.backward()?;
+            summed = Some(match summed {
+                None => grads,
+                Some(mut acc) => {
+                    for var in self.vars.values() {
+                        if let (Some(a), Some(g)) = (acc.get(var.as_tensor()), grads.get(var.as_tensor())) {
+                            let sum = (a + g)?;
+                            acc.insert(var.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        Ok((total_loss, summed.expect("grad_accum >= 1")))
+    }
+
+    /// The next training batch, passing over batches that once made the run diverge.
+    fn next_batch(&mut self) -> Result<(Tensor, Tensor)> {
+        while self.state.skip.contains(&self.sampler.state()) {
+            self.sampler.skip(1, self.config.train.batch_size);
+        }
+        self.sampler.next_batch(self.config.train.batch_size)?.to_tensors(&Device::Cpu)
+    }
+
+    fn lr(&self) -> f64 {
+        let lr = self.config.schedule().lr_at(self.step);
+        if self.step < self.state.cooldown_until {
+            lr * self.config.guard.cooldown_factor
+        } else {
+            lr
+        }
+    }
+
+    /// Go back to the newest valid checkpoint, remember the offending batch so it is skipped,
+    /// and lower the learning rate for a while.
+    fn roll_back(&mut self, divergence: Divergence, bad_batch: SamplerState) -> Result<()> {
+        let failed_step = self.step + 1;
+        let guard = &self.config.guard;
+        self.state.rollbacks.retain(|&s| s + guard.rollback_window > failed_step);
+        self.state.rollbacks.push(failed_step);
+        if self.state.rollbacks.len() > guard.max_rollbacks {
+            self.metrics.write(json!({"event": "stopped", "step": failed_step, "reason": divergence.to_string()}))?;
+            return Err(Error::Diverged(format!(
+                "{} rollbacks within {} steps (last at step {failed_step}: {divergence})\nHINT: lower the learning rate, raise guard.spike_zscore, or check the data",
+                self.state.rollbacks.len(),
+                guard.rollback_window
+            )));
+        }
+        let latest = checkpoint::latest_valid(&self.config.run_dir)?.latest.ok_or_else(|| {
+            Error::Diverged(format!("{divergence} at step {failed_step} and no checkpoint to roll back to"))
+        })?;
+        let ckpt = checkpoint::load(&latest, &Device::Cpu)?;
+        for (name, var) in &self.vars {
+            var.set(&ckpt.model[name])?;
+        }
+        self.optimizer.load_state(&ckpt.optimizer)?;
+        let sampler_state: SamplerState = serde_json::from_value(ckpt.state.sampler.clone())
+            .map_err(|e| Error::checkpoint(&latest, format!("state.json: bad sampler state: {e}")))?;
+        self.sampler =
+            Sampler::new(self.prepared.dataset.train().clone(), self.config.train.seq_len, true, sampler_state)?;
+        self.rng = TrainRng::from_state(ckpt.state.rng["run"])?;
+        let restored: LoopState = serde_json::from_value(ckpt.state.extra.clone()).unwrap_or_default();
+        self.state.guard = restored.guard;
+        self.state.skip.push(bad_batch);
+        self.state.cooldown_until = failed_step + guard.cooldown_steps;
+        self.step = ckpt.state.step;
+        self.tokens_seen = ckpt.state.tokens_seen;
+        eprintln!("step {failed_step}: {divergence}; rolled back to step {} and will skip that batch", self.step);
+        self.metrics.write(json!({
+            "event": "rollback", "step": failed_step, "reason": divergence.to_string(),
+            "to_step": self.step, "lr_factor": guard.cooldown_factor, "until_step": self.state.cooldown_until,
+        }))
+    }
+
+    /// Mean loss over the validation split (the first `eval_batches` batches, in order).
+    fn evaluate(&self) -> Result<f64> {
+        let val: &TokenSplit = self.prepared.dataset.val();
+        let batches = SequentialBatches::new(val.clone(), self.config.train.seq_len, self.config.train.batch_size)?;
+        let limit = if self.config.train.eval_batches == 0 { u64::MAX } else { self.config.train.eval_batches };
+        let (mut sum, mut count) = (0.0, 0u64);
+        for batch in batches.take(limit as usize) {
+            let (inputs, targets) = batch?.to_tensors(&Device::Cpu)?;
+            sum += self.model.loss(&inputs.detach(), &targets)?.to_scalar::<f32>()? as f64;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(Error::Input(format!(
+                "the validation split has fewer than seq_len + 1 = {} tokens\nHINT: give more validation text or a shorter seq_len",
+                self.config.train.seq_len + 1
+            )));
+        }
+        Ok(sum / count as f64)
+    }
+
+    /// Generate a sample from the configured prompt, print it and log it.
+    fn sample(&mut self) -> Result<Option<String>> {
+        let Some(tokenizer) = &self.prepared.tokenizer else { return Ok(None) };
+        let prompt = tokenizer.encode(&self.config.train.sample_prompt, false)?;
+        if prompt.is_empty() {
+            return Ok(None);
+        }
+        // Its own seeded stream, so sampling never perturbs the training randomness.
+        let sampling = Sampling::Random { temperature: 0.8, top_k: Some(40), top_p: None, seed: self.step };
+        let options = GenerateOptions {
+            max_new_tokens: self.config.train.sample_tokens,
+            prefill_chunk: None,
+            stop: tokenizer.eos_ids().to_vec(),
+        };
+        let ids = generate(&self.model, &prompt, &options, &mut TokenSampler::new(sampling)?, |_| Ok(()))?;
+        let text = format!("{}{}", self.config.train.sample_prompt, tokenizer.decode(&ids)?);
+        eprintln!("sample at step {}: {text}", self.step);
+        self.metrics.write(json!({"step": self.step, "sample": text}))?;
+        Ok(Some(text))
+    }
+
+    fn save_checkpoint(&mut self, val_loss: Option<f64>) -> Result<()> {
+        if let Some(v) = val_loss {
+            if self.state.best_val_loss.is_none_or(|best| v < best) {
+                self.state.best_val_loss = Some(v);
+            }
+        }
+        let weights: HashMap<String, Tensor> =
+            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let optimizer = self.optimizer.state()?;
+        let state = CheckpointState {
+            step: self.step,
+            tokens_seen: self.tokens_seen,
+            schedule: self.config.schedule(),
+            optimizer: optimizer.meta.clone(),
+            sampler: serde_json::to_value(self.sampler.state()).expect("sampler state serialises"),
+            rng: [("run".to_string(), self.rng.state())].into_iter().collect(),
+            model: self.prepared.model_config.clone(),
+            tokenizer: self.prepared.tokenizer_file.as_ref().map(|p| p.display().to_string()),
+            val_loss,
+            extra: serde_json::to_value(&self.state).expect("loop state serialises"),
+        };
+        let data = CheckpointData {
+            state: &state,
+            model: &weights,
+            optimizer: &optimizer.tensors,
+            tokenizer_file: self.prepared.tokenizer_file.as_deref(),
+        };
+        checkpoint::save(&self.config.run_dir, &data)?;
+        checkpoint::prune(&self.config.run_dir, self.config.train.keep_last)?;
+        Ok(())
+    }
+}
+
+fn build_model(prepared: &Prepared, vars: &HashMap<String, Var>) -> Result<Model> {
+    let tensors: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    Model::new(&prepared.model_config, &tensors, Path::new("training weights"))
+}
+
+fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// The tokenizer of a prepared run, for callers that only have the run directory.
+pub fn run_tokenizer(run_dir: &Path) -> Result<Option<TextTokenizer>> {
+    let path = run_dir.join("tokenizer.json");
+    if path.exists() {
+        Ok(Some(TextTokenizer::from_file(&path)?))
+    } else {
+        Ok(None)
+    }
+}
