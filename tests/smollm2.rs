@@ -28,7 +28,9 @@ fn smollm2() -> Option<PathBuf> {
 }
 
 fn reference() -> serde_json::Value {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json")).unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json"))
+            .unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -57,7 +59,8 @@ fn smollm2_matches_transformers_and_answers_paris() {
     }
 
     let options = GenerateOptions { max_new_tokens: 20, prefill_chunk: None, stop: tokenizer.eos_ids().to_vec() };
-    let new = generate(&model, &prompt_ids, &options, &mut Sampler::new(Sampling::Greedy).unwrap(), |_| Ok(())).unwrap();
+    let new =
+        generate(&model, &prompt_ids, &options, &mut Sampler::new(Sampling::Greedy).unwrap(), |_| Ok(())).unwrap();
     assert_eq!(new, ids(&want["greedy_ids"]));
     assert!(tokenizer.decode(&new).unwrap().starts_with("The capital of France is Paris."));
 }
@@ -66,7 +69,15 @@ fn smollm2_matches_transformers_and_answers_paris() {
 fn cli_answers_paris() {
     let Some(path) = smollm2() else { return };
     let out = Command::new(env!("CARGO_BIN_EXE_lmforge"))
-        .args(["generate", "--model", path.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?", "--greedy"])
+        .args([
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--greedy",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -1,0 +1,209 @@
+//! Training as a user runs it: exact resume after SIGKILL, automatic restart after a crash,
+//! automatic rollback after NaN and loss spikes, and clear errors on bad runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+fn lmforge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lmforge"))
+}
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen/persuasion.txt")
+}
+
+/// A small run config; `arch_settings` picks the family.
+fn write_config(dir: &Path, run: &Path, arch: &str, steps: u64) -> PathBuf {
+    let text = format!(
+        r#"
+run_dir = "{run}"
+[model]
+arch = "{arch}"
+set = ["layers=2", "d_model=64", "attention.heads=4", "attention.kv_heads=2", "context_length=64", "vocab_size=512"]
+[data]
+train_files = ["{corpus}"]
+val_fraction = 0.1
+[train]
+steps = {steps}
+batch_size = 4
+seq_len = 32
+warmup_steps = 4
+lr = 0.003
+eval_every = 8
+eval_batches = 4
+sample_every = 0
+checkpoint_every = 8
+keep_last = 10
+log_every = 100
+[guard]
+warmup_steps = 5
+"#,
+        run = run.display(),
+        corpus = corpus().display(),
+    );
+    let path = dir.join(format!("{}.toml", run.file_name().unwrap().to_str().unwrap()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = lmforge().args(args).output().unwrap();
+    assert!(out.status.success(), "lmforge {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// (step, loss) of every training step in metrics.jsonl.
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
+        .collect()
+}
+
+fn events(run: &Path, kind: &str) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("\"event\":\"{kind}\"")))
+        .count()
+}
+
+fn final_val_loss(run: &Path) -> f64 {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last = text.lines().filter(|l| l.contains("val_loss")).last().unwrap();
+    serde_json::from_str::<serde_json::Value>(last).unwrap()["val_loss"].as_f64().unwrap()
+}
+
+/// Every tensor of the two checkpoints equal bit for bit.
+fn assert_same_weights(a: &Path, b: &Path) {
+    let load = |p: &Path| candle_core::safetensors::load(p.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
+    }
+}
+
+fn checkpoint(run: &Path, step: u64) -> PathBuf {
+    run.join(format!("checkpoints/step-{step:06}"))
+}
+
+/// 2N steps uninterrupted == N steps, SIGKILL, resume: identical weights and loss lines.
+fn resume_is_bit_identical(arch: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    let killed = tmp.path().join("killed");
+    run(&["train", "--config", write_config(tmp.path(), &clean, arch, 48).to_str().unwrap(), "--no-supervisor"]);
+
+    let config = write_config(tmp.path(), &killed, arch, 48);
+    let mut child = lmforge()
+        .args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !checkpoint(&killed, 8).join("manifest.json").exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step 8");
+        assert!(child.try_wait().unwrap().is_none(), "worker exited before step 8");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!checkpoint(&killed, 48).exists(), "the run finished before it was killed");
+    run(&["train", "--resume", killed.to_str().unwrap(), "--no-supervisor"]);
+
+    assert_same_weights(&checkpoint(&clean, 48), &checkpoint(&killed, 48));
+    assert_eq!(losses(&clean), losses(&killed), "loss lines differ");
+    assert_eq!(losses(&clean).len(), 48);
+}
+
+#[test]
+fn llama_style_resume_after_sigkill_is_bit_identical() {
+    resume_is_bit_identical("tiny-llama");
+}
+
+#[test]
+fn gpt2_style_resume_after_sigkill_is_bit_identical() {
+    resume_is_bit_identical("tiny-gpt2");
+}
+
+#[test]
+fn supervisor_restarts_a_crashed_worker_and_finishes_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    let crashed = tmp.path().join("crashed");
+    run(&[
+        "train",
+        "--config",
+        write_config(tmp.path(), &clean, "tiny-llama", 24).to_str().unwrap(),
+        "--no-supervisor",
+    ]);
+    let config = write_config(tmp.path(), &crashed, "tiny-llama", 24);
+    run(&["train", "--config", config.to_str().unwrap(), "--inject", "crash@step=13"]);
+    assert_eq!(events(&crashed, "restart"), 1);
+    assert_same_weights(&checkpoint(&clean, 24), &checkpoint(&crashed, 24));
+}
+
+#[test]
+fn nan_and_spike_roll_back_and_the_run_converges_like_a_clean_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    let faulty = tmp.path().join("faulty");
+    run(&[
+        "train",
+        "--config",
+        write_config(tmp.path(), &clean, "tiny-llama", 40).to_str().unwrap(),
+        "--no-supervisor",
+    ]);
+    let config = write_config(tmp.path(), &faulty, "tiny-llama", 40);
+    run(&["train", "--config", config.to_str().unwrap(), "--inject", "nan@step=11", "--inject", "spike@step=30"]);
+    assert_eq!(events(&faulty, "rollback"), 2, "one rollback for the NaN, one for the spike");
+    let (a, b) = (final_val_loss(&clean), final_val_loss(&faulty));
+    assert!((a - b).abs() < 0.1, "final validation loss {b} vs clean {a}");
+    assert_eq!(losses(&faulty).last().unwrap().0, 40);
+}
+
+#[test]
+fn bad_runs_fail_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let not_a_run = tmp.path().join("nothing");
+    std::fs::create_dir_all(&not_a_run).unwrap();
+    let out = lmforge().args(["train", "--resume", not_a_run.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a run directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let run_dir = tmp.path().join("r");
+    let out = lmforge()
+        .args(["train", "--run", run_dir.to_str().unwrap(), "--train-file", empty.to_str().unwrap(), "--no-supervisor"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("empty.txt"), "{err}");
+
+    // A finished run cannot be restarted from scratch by accident, nor resumed with another model.
+    let done = tmp.path().join("done");
+    let config = write_config(tmp.path(), &done, "tiny-llama", 8);
+    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    let out = lmforge().args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already has checkpoints"));
+    let out = lmforge()
+        .args(["train", "--resume", done.to_str().unwrap(), "--set", "layers=3", "--no-supervisor"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("differ from the run being resumed"));
+}
