@@ -12,6 +12,7 @@ pub mod generate;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod plot;
 pub mod train;
 
 pub use config::ModelConfig;

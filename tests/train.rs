@@ -169,6 +169,11 @@ fn nan_and_spike_roll_back_and_the_run_converges_like_a_clean_one() {
     let (a, b) = (final_val_loss(&clean), final_val_loss(&faulty));
     assert!((a - b).abs() < 0.1, "final validation loss {b} vs clean {a}");
     assert_eq!(losses(&faulty).last().unwrap().0, 40);
+
+    let png = tmp.path().join("loss.png");
+    run(&["plot", faulty.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 900 * 500 * 3);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Subcommand definitions and dispatch.
 
 mod arch;
+mod data;
 mod export;
 mod run;
 mod show;
@@ -27,6 +28,20 @@ enum Command {
     Generate(run::GenerateArgs),
     /// Convert a model to another format (Hugging Face directory).
     Export(export::ExportArgs),
+    /// Draw a run's training/validation loss, learning rate and rollbacks to a PNG.
+    Plot {
+        /// The run directory.
+        run: std::path::PathBuf,
+        /// Output PNG (default: RUN/loss.png).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(data::TokenizerCommand),
+    /// Dataset tools.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Train a model from scratch or continue pretraining; restarts itself after a crash.
     Train(Box<train::TrainArgs>),
 }
@@ -39,5 +54,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => run::generate(args),
         Command::Export(args) => export::export(args),
         Command::Train(args) => train::train(*args),
+        Command::Plot { run, out } => {
+            let out = out.unwrap_or_else(|| run.join("loss.png"));
+            lmforge::plot::plot_run(&run, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Tokenizer(command) => data::tokenizer(command),
+        Command::Data(command) => data::data(command),
     }
 }

@@ -163,6 +163,13 @@ impl Trainer {
             tokens_per_step,
             self.config.run_dir.display()
         );
+        if self.step == 0 && self.config.train.eval_every > 0 {
+            // The starting point: for continued pretraining, the pretrained model's loss on the
+            // new domain.
+            let v = self.evaluate()?;
+            eprintln!("step      0 | val loss {v:.4} | val ppl {:.2}", v.exp());
+            self.metrics.write(json!({"step": 0, "val_loss": v, "val_ppl": v.exp()}))?;
+        }
         let started = Instant::now();
         let first_step = self.step;
         let mut last_loss = f64::NAN;
