@@ -1,6 +1,7 @@
 //! Subcommand definitions and dispatch.
 
 mod arch;
+mod bench;
 mod data;
 mod export;
 mod run;
@@ -36,6 +37,9 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(data::TokenizerCommand),
@@ -44,6 +48,12 @@ enum Command {
     Data(data::DataCommand),
     /// Train a model from scratch or continue pretraining; restarts itself after a crash.
     Train(Box<train::TrainArgs>),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time one training step (forward, backward, clipping, AdamW) of the reference GPT config.
+    Train(bench::BenchTrainArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -60,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
+        Command::Bench(BenchCommand::Train(args)) => bench::bench_train(args),
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
     }
