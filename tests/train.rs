@@ -76,7 +76,7 @@ fn events(run: &Path, kind: &str) -> usize {
 
 fn final_val_loss(run: &Path) -> f64 {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let last = text.lines().filter(|l| l.contains("val_loss")).last().unwrap();
+    let last = text.lines().rfind(|l| l.contains("val_loss")).unwrap();
     serde_json::from_str::<serde_json::Value>(last).unwrap()["val_loss"].as_f64().unwrap()
 }
 

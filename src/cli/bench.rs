@@ -44,7 +44,8 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     .into();
     let config = apply_overrides(&presets::get("gpt2")?, &settings)?;
     let weights = init_weights(&config, 0, &Device::Cpu)?;
-    let vars: HashMap<String, Var> = weights.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<anyhow::Result<_>>()?;
+    let vars: HashMap<String, Var> =
+        weights.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<anyhow::Result<_>>()?;
     let tensors: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let model = Model::new(&config, &tensors, Path::new("bench"))?;
     let mut optimizer = AdamW::for_model(AdamWConfig::default(), &config, &vars)?;

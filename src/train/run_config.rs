@@ -232,7 +232,7 @@ impl RunConfig {
         if t.checkpoint_every == 0 {
             problems.push("train.checkpoint_every = 0, expected a positive number".into());
         }
-        if !(t.grad_clip >= 0.0) {
+        if t.grad_clip.is_nan() || t.grad_clip < 0.0 {
             problems.push(format!("train.grad_clip = {}, expected >= 0", t.grad_clip));
         }
         if let Some(f) = self.data.val_fraction {

@@ -209,7 +209,7 @@ impl Trainer {
                 "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                 "tokens": self.tokens_seen, "tok_per_s": tokens_per_step as f64 / step_time,
             }))?;
-            if self.step % self.config.train.log_every == 0 || self.step == total {
+            if self.step.is_multiple_of(self.config.train.log_every) || self.step == total {
                 let done = (self.step - first_step) as f64;
                 let per_step = started.elapsed().as_secs_f64() / done.max(1.0);
                 let eta = per_step * (total - self.step) as f64;
@@ -222,17 +222,18 @@ impl Trainer {
             }
             let at_end = self.step == total;
             let eval_now =
-                self.config.train.eval_every > 0 && (self.step % self.config.train.eval_every == 0 || at_end);
+                self.config.train.eval_every > 0 && (self.step.is_multiple_of(self.config.train.eval_every) || at_end);
             if eval_now {
                 let v = self.evaluate()?;
                 val_loss = Some(v);
                 eprintln!("step {:>6} | val loss {v:.4} | val ppl {:.2}", self.step, v.exp());
                 self.metrics.write(json!({"step": self.step, "val_loss": v, "val_ppl": v.exp()}))?;
             }
-            if self.config.train.sample_every > 0 && self.step % self.config.train.sample_every == 0 && !at_end {
+            if self.config.train.sample_every > 0 && self.step.is_multiple_of(self.config.train.sample_every) && !at_end
+            {
                 self.sample()?;
             }
-            if self.step % self.config.train.checkpoint_every == 0 || at_end {
+            if self.step.is_multiple_of(self.config.train.checkpoint_every) || at_end {
                 self.save_checkpoint(if eval_now { val_loss } else { None })?;
             }
         }
