@@ -116,6 +116,8 @@ pub struct GenerateOptions {
     pub prefill_chunk: Option<usize>,
     /// Ids that end the generation (included in the output).
     pub stop: Vec<u32>,
+    /// Keep every position in the cache even for sliding-window layers (benchmarks).
+    pub full_cache: bool,
 }
 
 /// Generate after `prompt`, calling `on_token` with each new id as soon as it is chosen.
@@ -144,7 +146,7 @@ pub fn generate(
         )));
     }
     let device = model.device();
-    let mut cache = model.new_cache();
+    let mut cache = if options.full_cache { model.new_full_cache() } else { model.new_cache() };
     let mut logits = None;
     for piece in prompt.chunks(chunk) {
         let ids = Tensor::new(piece, device)?.unsqueeze(0)?;

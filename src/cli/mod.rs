@@ -23,6 +23,18 @@ enum Command {
     Presets,
     /// Describe an architecture: layers, parameters, FLOPs and memory.
     Show(show::ShowArgs),
+    /// Create a model directory with freshly initialised weights for any architecture.
+    Init {
+        /// Preset name or config file.
+        arch: String,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        settings: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory (lmforge format; `lmforge export` converts it).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Write the logits of a token sequence to a safetensors file.
     Score(run::ScoreArgs),
     /// Generate text (streamed) or token ids from a model.
@@ -60,6 +72,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Presets => show::presets(),
         Command::Show(args) => show::show(args),
+        Command::Init { arch, settings, seed, out } => {
+            let config = lmforge::io::resolve_arch(&arch, &settings)?;
+            let weights = lmforge::model::init_weights(&config, seed, &candle_core::Device::Cpu)?;
+            lmforge::io::native::save_native_dir(&config, &weights, None, &out)?;
+            eprintln!("wrote {} ({} parameters) to {}", config.name, config.params_total(), out.display());
+            Ok(())
+        }
         Command::Score(args) => run::score(args),
         Command::Generate(args) => run::generate(args),
         Command::Export(args) => export::export(args),

@@ -65,6 +65,9 @@ pub struct GenerateArgs {
     /// Prompt tokens per prefill step (default: the sliding window, or 512).
     #[arg(long)]
     prefill_chunk: Option<usize>,
+    /// Keep every position in the KV cache even for sliding-window layers (for comparison).
+    #[arg(long)]
+    full_cache: bool,
     /// Print only the new token ids, comma-separated, on one line.
     #[arg(long)]
     print_ids: bool,
@@ -96,9 +99,15 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut stream = tokenizer.filter(|_| !args.print_ids).map(|t| t.stream_decoder());
     let started = Instant::now();
-    let options =
-        GenerateOptions { max_new_tokens: args.max_new_tokens, prefill_chunk: args.prefill_chunk, stop: stop.clone() };
+    let mut token_times: Vec<f64> = Vec::with_capacity(args.max_new_tokens);
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        prefill_chunk: args.prefill_chunk,
+        stop: stop.clone(),
+        full_cache: args.full_cache,
+    };
     let new_ids = generate_ids(&model, &prompt_ids, &options, &mut sampler, |id| {
+        token_times.push(started.elapsed().as_secs_f64());
         if let Some(stream) = stream.as_mut() {
             if !stop.contains(&id) {
                 let text = stream.push(id)?;
@@ -111,6 +120,16 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     })
     .context("generation failed")?;
     let elapsed = started.elapsed().as_secs_f64();
+    if token_times.len() >= 1024 {
+        // Decode speed at the start and the end of a long generation (flat with a rolling cache).
+        let rate = |from: usize, to: usize| (to - from) as f64 / (token_times[to] - token_times[from]);
+        let n = token_times.len();
+        eprintln!(
+            "[decode: first 512 tokens {:.1} tokens/s, last 512 tokens {:.1} tokens/s]",
+            rate(1, 513),
+            rate(n - 513, n - 1)
+        );
+    }
     if args.print_ids || tokenizer.is_none() {
         let line: Vec<String> = new_ids.iter().map(u32::to_string).collect();
         writeln!(stdout, "{}", line.join(","))?;

@@ -18,7 +18,7 @@ use crate::config::{Layout, ModelConfig, NormPlacement, Positions, Residual};
 use crate::error::{Error, Result};
 use crate::nn::attention::RopeTables;
 use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope};
-use crate::nn::{Attention, FeedForward, FullCache, KvCache, Norm, ParamSource, RollingCache};
+use crate::nn::{Attention, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, RollingCache};
 
 /// One transformer block.
 struct Block {
@@ -107,9 +107,8 @@ pub struct Model {
     rope: Option<Rope>,
     blocks: Vec<Block>,
     final_norm: Norm,
-    /// `(V, D)`: the token-embedding matrix itself when tied.
-    head_weight: Tensor,
-    head_bias: Option<Tensor>,
+    /// Weight `(V, D)`: the token-embedding matrix itself when tied.
+    head: Linear,
     device: Device,
 }
 
@@ -132,14 +131,14 @@ impl Model {
             _ => None,
         };
         let head_weight = if config.tie_embeddings { tok.clone() } else { params.get("lm_head.weight") };
+        let head = Linear::new(head_weight, params.get_opt("lm_head.bias"));
         Ok(Model {
             tok_embeddings: Embedding::new(tok, config.d_model),
             pos_embeddings: params.get_opt("pos_embeddings.weight").map(|w| Embedding::new(w, config.d_model)),
             rope,
             blocks: (0..config.layers).map(|i| Block::new(config, i, &params.pp(format!("layers.{i}")))).collect(),
             final_norm: Norm::new(config.norm, config.norm_eps, &params.pp("final_norm")),
-            head_weight,
-            head_bias: params.get_opt("lm_head.bias"),
+            head,
             config: config.clone(),
             device,
         })
@@ -163,6 +162,15 @@ impl Model {
             }
         };
         Cache { layers: (0..self.config.layers).map(layer_cache).collect(), next_position: 0 }
+    }
+
+    /// A cache that keeps every position even in windowed layers (for comparison and
+    /// benchmarks; the window still masks attention, so results are the same).
+    pub fn new_full_cache(&self) -> Cache {
+        Cache {
+            layers: (0..self.config.layers).map(|_| Box::new(FullCache::default()) as Box<dyn KvCache>).collect(),
+            next_position: 0,
+        }
     }
 
     /// Prefill chunk used when none is given: the smallest window (so a chunk never costs more
@@ -193,11 +201,7 @@ impl Model {
 
     /// Output projection of final hidden states `(B, T, D)` → logits `(B, T, V)`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = hidden.broadcast_matmul(&self.head_weight.t()?)?;
-        Ok(match &self.head_bias {
-            Some(bias) => logits.broadcast_add(bias)?,
-            None => logits,
-        })
+        Ok(self.head.forward(hidden)?)
     }
 
     /// Final hidden states `(B, T, D)` (after the final norm).

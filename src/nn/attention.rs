@@ -2,10 +2,9 @@
 //! masks, and an optional KV cache.
 
 use candle_core::{Device, Result, Tensor, D};
-use candle_nn::{Linear, Module};
 
 use super::positions::Rope;
-use super::{KvCache, LayerKv, ParamSource};
+use super::{KvCache, LayerKv, Linear, ParamSource};
 
 /// Rotary tables for the tokens of the current step, shared by all layers.
 pub struct RopeTables<'a> {
@@ -30,11 +29,6 @@ pub struct Attention {
     alibi_slopes: Option<Vec<f32>>,
 }
 
-pub fn linear(params: &ParamSource, name: &str) -> Linear {
-    let params = params.pp(name);
-    Linear::new(params.get("weight"), params.get_opt("bias"))
-}
-
 impl Attention {
     pub fn new(
         params: &ParamSource,
@@ -45,10 +39,10 @@ impl Attention {
         alibi_slopes: Option<Vec<f32>>,
     ) -> Self {
         Attention {
-            q: linear(params, "q"),
-            k: linear(params, "k"),
-            v: linear(params, "v"),
-            o: linear(params, "o"),
+            q: Linear::load(params, "q"),
+            k: Linear::load(params, "k"),
+            v: Linear::load(params, "v"),
+            o: Linear::load(params, "o"),
             heads,
             kv_heads,
             head_dim,

@@ -1,10 +1,8 @@
 //! Feed-forward blocks: plain MLP, gated (SwiGLU), and a sparse mixture of experts.
 
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Linear, Module};
 
-use super::attention::linear;
-use super::{activation, ParamSource};
+use super::{activation, Linear, ParamSource};
 use crate::config::{Activation, Ffn};
 
 /// A dense feed-forward block: `down(act(up x))`, or `down(act(gate x) * up x)` when gated.
@@ -18,9 +16,9 @@ pub struct DenseFfn {
 impl DenseFfn {
     fn new(params: &ParamSource, gated: bool, act: Activation) -> Self {
         DenseFfn {
-            gate: gated.then(|| linear(params, "gate")),
-            up: linear(params, "up"),
-            down: linear(params, "down"),
+            gate: gated.then(|| Linear::load(params, "gate")),
+            up: Linear::load(params, "up"),
+            down: Linear::load(params, "down"),
             act,
         }
     }
@@ -57,7 +55,7 @@ impl FeedForward {
                     Ffn::Moe { .. } => unreachable!("validate() rejects nested mixtures"),
                 };
                 FeedForward::Moe {
-                    router: linear(params, "router"),
+                    router: Linear::load(params, "router"),
                     experts: (0..*experts)
                         .map(|e| DenseFfn::new(&params.pp(format!("experts.{e}")), gated, act))
                         .collect(),

@@ -364,6 +364,7 @@ impl Trainer {
             max_new_tokens: self.config.train.sample_tokens,
             prefill_chunk: None,
             stop: tokenizer.eos_ids().to_vec(),
+            full_cache: false,
         };
         let ids = generate(&self.model, &prompt, &options, &mut TokenSampler::new(sampling)?, |_| Ok(()))?;
         let text = format!("{}{}", self.config.train.sample_prompt, tokenizer.decode(&ids)?);

@@ -1,0 +1,179 @@
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::nn::attention::grouped_attention;
+use crate::nn::ops::testing::{check_against_composed, check_finite_differences, rand_tensor, value_and_grads};
+use crate::nn::positions::alibi_slopes;
+
+/// `(B, H, T, hd)` queries and `(B, KV, S, hd)` keys/values, scaled up a little so the softmax
+/// is not nearly uniform.
+#[allow(clippy::too_many_arguments)]
+fn qkv(b: usize, h: usize, kv: usize, t: usize, s: usize, hd: usize, dtype: DType, seed: u64) -> Vec<Tensor> {
+    vec![
+        (rand_tensor(&[b, h, t, hd], seed, dtype) * 2.0).unwrap(),
+        (rand_tensor(&[b, kv, s, hd], seed + 1, dtype) * 2.0).unwrap(),
+        rand_tensor(&[b, kv, s, hd], seed + 2, dtype),
+    ]
+}
+
+fn flash(scale: f64, mask: AttentionMask) -> impl Fn(&[Tensor]) -> candle_core::Result<Tensor> {
+    move |x: &[Tensor]| flash_attention(&x[0], &x[1], &x[2], scale, &mask)
+}
+
+/// The model's composed path: `grouped_attention` with a bias tensor (scale `1/√hd`).
+fn naive(mask: AttentionMask) -> impl Fn(&[Tensor]) -> candle_core::Result<Tensor> {
+    move |x: &[Tensor]| {
+        let (t, hd) = (x[0].dim(2)?, x[0].dim(3)?);
+        let bias = mask.bias(t, x[0].dtype(), &Device::Cpu)?;
+        grouped_attention(&x[0], &x[1], &x[2], &bias, hd)
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    // Keys from a "cache" (positions 0..7, queries at 4..9), GQA, window and ALiBi together.
+    let mask = AttentionMask::causal(4, (0..9).collect())
+        .with_window(Some(4))
+        .with_alibi(Some(vec![0.5, 0.25, 0.125, 0.0625]));
+    let inputs = qkv(2, 4, 2, 5, 9, 3, DType::F64, 1);
+    check_finite_differences(&flash(0.7, mask), &inputs, &[0, 1, 2], 1e-6);
+    // Several tiles each way (67 = 64 + 3), MQA, plain causal.
+    let inputs = qkv(1, 2, 1, 67, 67, 2, DType::F64, 2);
+    check_finite_differences(&flash(0.9, AttentionMask::causal_self(0, 67)), &inputs, &[0, 1, 2], 1e-6);
+}
+
+#[test]
+fn f64_matches_composed_exactly_enough() {
+    let mask = AttentionMask::causal_self(3, 70).with_alibi(Some(alibi_slopes(4, 8.0)));
+    let inputs = qkv(1, 4, 2, 70, 70, 5, DType::F64, 3);
+    check_against_composed("f64", &flash(1.0 / 5f64.sqrt(), mask.clone()), &naive(mask), &inputs, 1e-10);
+}
+
+/// Flash == the model's composed attention, values and dq, dk, dv, over sequence lengths around
+/// the tile size, MHA/GQA/MQA, and every mask feature.
+#[test]
+fn matches_naive_attention_grid() {
+    let hd = 16;
+    let scale = 1.0 / (hd as f64).sqrt();
+    for &seq in &[1usize, 7, 63, 64, 65, 130, 300] {
+        for &(h, kv) in &[(8usize, 8usize), (8, 2), (8, 1)] {
+            let b = if seq <= 65 { 2 } else { 1 };
+            let slopes = Some(alibi_slopes(h, 8.0));
+            let window = seq / 3 + 1;
+            // Keys from a cache: S = seq keys at 0..seq, the last T queries of them.
+            let t_cached = (seq / 4).max(1);
+            let cached_start = seq - t_cached;
+            // A rolling cache of `window` slots in ring order (slot = position mod window).
+            let ring: Vec<usize> = {
+                let end = seq;
+                let first = end.saturating_sub(window);
+                let n = end - first;
+                let mut slots = vec![0; n];
+                for p in first..end {
+                    slots[p % n] = p;
+                }
+                slots
+            };
+            let t_ring = t_cached.min(ring.len());
+            let cases: Vec<(&str, usize, AttentionMask)> = vec![
+                ("causal", seq, AttentionMask::causal_self(0, seq)),
+                ("window", seq, AttentionMask::causal_self(0, seq).with_window(Some(window))),
+                ("alibi", seq, AttentionMask::causal_self(5, seq).with_alibi(slopes.clone())),
+                ("cache", t_cached, AttentionMask::causal(cached_start, (0..seq).collect()).with_alibi(slopes.clone())),
+                (
+                    "rolling cache + window",
+                    t_ring,
+                    AttentionMask::causal(seq - t_ring, ring.clone()).with_window(Some(window)),
+                ),
+                ("bidirectional", seq, AttentionMask { causal: false, ..AttentionMask::causal_self(0, seq) }),
+            ];
+            for (name, t, mask) in cases {
+                let s = mask.key_positions.len();
+                let inputs = qkv(b, h, kv, t, s, hd, DType::F32, seq as u64 * 31 + h as u64 + kv as u64);
+                let what = format!("{name}: seq {seq}, T {t}, S {s}, heads {h}/{kv}");
+                check_against_composed(&what, &flash(scale, mask.clone()), &naive(mask), &inputs, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn head_dims_off_the_register_width() {
+    // hd = 3 and 72 exercise the scalar and mixed column blocks of the tile products.
+    for hd in [3, 72] {
+        let mask = AttentionMask::causal_self(0, 80).with_window(Some(50));
+        let inputs = qkv(1, 4, 2, 80, 80, hd, DType::F32, hd as u64);
+        check_against_composed(
+            &format!("hd {hd}"),
+            &flash(1.0 / (hd as f64).sqrt(), mask.clone()),
+            &naive(mask),
+            &inputs,
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn query_that_sees_nothing_gets_zero_and_no_nan() {
+    // Keys at 10..20 but queries at 0..3: every key is in the future.
+    let mask = AttentionMask::causal(0, (10..20).collect());
+    let inputs = qkv(1, 2, 2, 3, 10, 4, DType::F32, 9);
+    let (out, grads) = value_and_grads(&flash(0.5, mask), &inputs);
+    assert_eq!(out.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    for g in grads {
+        assert_eq!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+}
+
+#[test]
+fn half_precision_inputs_run_in_f32() {
+    let mask = AttentionMask::causal_self(0, 20);
+    let inputs = qkv(1, 2, 1, 20, 20, 8, DType::F32, 4);
+    let half: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::BF16).unwrap()).collect();
+    let out = flash_attention(&half[0], &half[1], &half[2], 0.35, &mask).unwrap();
+    assert_eq!(out.dtype(), DType::BF16);
+    let reference = flash_attention(&inputs[0], &inputs[1], &inputs[2], 0.35, &mask).unwrap();
+    crate::nn::ops::testing::assert_close("bf16", &out, &reference, 2e-2, 2e-2);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let x = qkv(1, 4, 2, 5, 6, 8, DType::F32, 5);
+    let ok = AttentionMask::causal(1, (0..6).collect());
+    assert!(flash_attention(&x[0], &x[1], &x[2], 0.3, &ok).is_ok());
+    let three_heads = rand_tensor(&[1, 3, 6, 8], 1, DType::F32);
+    assert!(flash_attention(&x[0], &three_heads, &three_heads, 0.3, &ok).is_err()); // 4 % 3 != 0
+    assert!(flash_attention(&x[0], &x[1], &x[1].narrow(3, 0, 4).unwrap(), 0.3, &ok).is_err());
+    assert!(flash_attention(&x[0], &x[1], &x[2], 0.3, &AttentionMask::causal(0, vec![0, 1])).is_err());
+    assert!(flash_attention(&x[0], &x[1], &x[2], 0.3, &ok.clone().with_alibi(Some(vec![1.0]))).is_err());
+    assert!(flash_attention(&x[0], &x[1], &x[2], 0.3, &ok.clone().with_window(Some(0))).is_err());
+    assert!(flash_attention(&x[0], &x[1], &x[2], f64::NAN, &ok).is_err());
+    let ids = Tensor::zeros((1, 4, 5, 8), DType::U32, &Device::Cpu).unwrap();
+    assert!(flash_attention(&ids, &x[1], &x[2], 0.3, &ok).is_err());
+    assert!(flash_attention(&x[0].flatten_all().unwrap(), &x[1], &x[2], 0.3, &ok).is_err());
+}
+
+#[test]
+fn non_contiguous_inputs() {
+    // q as a transposed view, the way the model produces it before `.contiguous()`.
+    let mask = AttentionMask::causal_self(0, 9);
+    let x = qkv(1, 2, 2, 9, 9, 4, DType::F32, 6);
+    let q_view = x[0].transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+    assert!(!q_view.is_contiguous());
+    let a = flash_attention(&q_view, &x[1], &x[2], 0.5, &mask).unwrap();
+    let b = flash_attention(&x[0], &x[1], &x[2], 0.5, &mask).unwrap();
+    crate::nn::ops::testing::assert_close("view", &a, &b, 0.0, 0.0);
+}
+
+#[test]
+fn empty_dims_do_not_panic() {
+    // No keys: every query sees nothing → zeros. No queries: an empty output.
+    let x = qkv(1, 2, 1, 3, 0, 4, DType::F32, 8);
+    let out = flash_attention(&x[0], &x[1], &x[2], 0.5, &AttentionMask::causal(0, vec![])).unwrap();
+    assert_eq!(out.dims(), &[1, 2, 3, 4]);
+    assert_eq!(out.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    let x = qkv(1, 2, 1, 0, 5, 4, DType::F32, 8);
+    let (out, grads) = value_and_grads(&flash(0.5, AttentionMask::causal(0, (0..5).collect())), &x);
+    assert_eq!(out.dims(), &[1, 2, 0, 4]);
+    assert_eq!(grads[1].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+}
