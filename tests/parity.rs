@@ -46,7 +46,8 @@ fn check_family(name: &str) {
     assert!(diff <= 1e-4, "{name}: max |logit difference| = {diff:e} > 1e-4");
 
     let mut sampler = Sampler::new(Sampling::Greedy).unwrap();
-    let options = GenerateOptions { max_new_tokens: want.greedy.len(), prefill_chunk: None, stop: vec![] };
+    let options =
+        GenerateOptions { max_new_tokens: want.greedy.len(), prefill_chunk: None, stop: vec![], full_cache: false };
     let got = generate(&model, &want.input_ids, &options, &mut sampler, |_| Ok(())).unwrap();
     assert_eq!(got, want.greedy, "{name}: greedy continuation differs from transformers");
     eprintln!("{name}: max |logit diff| {diff:.2e}, {} greedy ids identical", got.len());

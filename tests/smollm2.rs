@@ -58,7 +58,12 @@ fn smollm2_matches_transformers_and_answers_paris() {
         assert!((last[id] - value).abs() < 1e-3, "logit of {id}: {} vs transformers {value}", last[id]);
     }
 
-    let options = GenerateOptions { max_new_tokens: 20, prefill_chunk: None, stop: tokenizer.eos_ids().to_vec() };
+    let options = GenerateOptions {
+        max_new_tokens: 20,
+        prefill_chunk: None,
+        stop: tokenizer.eos_ids().to_vec(),
+        full_cache: false,
+    };
     let new =
         generate(&model, &prompt_ids, &options, &mut Sampler::new(Sampling::Greedy).unwrap(), |_| Ok(())).unwrap();
     assert_eq!(new, ids(&want["greedy_ids"]));

@@ -142,6 +142,28 @@ pub struct Attention {
     /// Per-layer windows overriding `window` (one entry per layer; `null` = full attention).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_windows: Option<Vec<Option<usize>>>,
+    /// How scores are computed; both give the same results.
+    #[serde(default, skip_serializing_if = "AttentionImpl::is_default")]
+    pub implementation: AttentionImpl,
+}
+
+/// Attention kernel.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionImpl {
+    /// Tiled, online-softmax kernel (FlashAttention's algorithm) with a recomputing backward:
+    /// memory linear in the sequence, masks and ALiBi computed from positions, never stored.
+    #[default]
+    Flash,
+    /// Scores, mask and softmax materialised as `(B, H, T, S)` tensors from composed ops; the
+    /// reference the flash kernel is tested against.
+    Naive,
+}
+
+impl AttentionImpl {
+    fn is_default(&self) -> bool {
+        *self == AttentionImpl::default()
+    }
 }
 
 /// The architecture. See the module doc for the principles.

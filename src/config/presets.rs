@@ -108,7 +108,14 @@ fn gpt2(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
         norm_placement: NormPlacement::Pre,
         norm_eps: 1e-5,
         positions: Positions::Learned,
-        attention: Attention { heads, kv_heads: heads, head_dim: None, window: None, layer_windows: None },
+        attention: Attention {
+            heads,
+            kv_heads: heads,
+            head_dim: None,
+            window: None,
+            layer_windows: None,
+            implementation: Default::default(),
+        },
         ffn: Ffn::Mlp { hidden: 4 * d_model, act: Activation::GeluTanh },
         residual: Residual::Sequential,
         bias: true,
@@ -129,7 +136,14 @@ fn llama2(d_model: usize, layers: usize, heads: usize, kv_heads: usize, hidden: 
         norm_placement: NormPlacement::Pre,
         norm_eps: 1e-5,
         positions: Positions::Rope { theta: 10_000.0, fraction: 1.0 },
-        attention: Attention { heads, kv_heads, head_dim: None, window: None, layer_windows: None },
+        attention: Attention {
+            heads,
+            kv_heads,
+            head_dim: None,
+            window: None,
+            layer_windows: None,
+            implementation: Default::default(),
+        },
         ffn: Ffn::Gated { hidden, act: Activation::Silu },
         residual: Residual::Sequential,
         bias: false,
@@ -219,7 +233,14 @@ fn mpt_7b_shape(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
     ModelConfig {
         d_model,
         layers,
-        attention: Attention { heads, kv_heads: heads, head_dim: None, window: None, layer_windows: None },
+        attention: Attention {
+            heads,
+            kv_heads: heads,
+            head_dim: None,
+            window: None,
+            layer_windows: None,
+            implementation: Default::default(),
+        },
         ..mpt_7b()
     }
 }

@@ -17,6 +17,7 @@ use candle_nn::{Embedding, Module};
 use crate::config::{Layout, ModelConfig, NormPlacement, Positions, Residual};
 use crate::error::{Error, Result};
 use crate::nn::attention::RopeTables;
+use crate::nn::ops;
 use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope};
 use crate::nn::{Attention, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, RollingCache};
 
@@ -47,6 +48,7 @@ impl Block {
                 config.head_dim(),
                 config.window(layer),
                 alibi,
+                config.attention.implementation,
             ),
             ffn_norm: (config.residual == Residual::Sequential).then(|| norm("ffn_norm")),
             ffn: FeedForward::new(&config.ffn, &params.pp("ffn")),
@@ -196,7 +198,7 @@ impl Model {
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let logits = self.forward(inputs, None)?; // (B, T, V)
         let (b, t, v) = logits.dims3()?;
-        Ok(candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?)
+        Ok(ops::softmax_cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?, None)?)
     }
 
     /// Output projection of final hidden states `(B, T, D)` → logits `(B, T, V)`.

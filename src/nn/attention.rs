@@ -3,8 +3,10 @@
 
 use candle_core::{Device, Result, Tensor, D};
 
+use super::ops::{self, AttentionMask};
 use super::positions::Rope;
 use super::{KvCache, LayerKv, Linear, ParamSource};
+use crate::config::AttentionImpl;
 
 /// Rotary tables for the tokens of the current step, shared by all layers.
 pub struct RopeTables<'a> {
@@ -27,6 +29,7 @@ pub struct Attention {
     window: Option<usize>,
     /// Per-head ALiBi slopes, when positions are ALiBi.
     alibi_slopes: Option<Vec<f32>>,
+    implementation: AttentionImpl,
 }
 
 impl Attention {
@@ -37,6 +40,7 @@ impl Attention {
         head_dim: usize,
         window: Option<usize>,
         alibi_slopes: Option<Vec<f32>>,
+        implementation: AttentionImpl,
     ) -> Self {
         Attention {
             q: Linear::load(params, "q"),
@@ -48,6 +52,7 @@ impl Attention {
             head_dim,
             window,
             alibi_slopes,
+            implementation,
         }
     }
 
@@ -65,16 +70,30 @@ impl Attention {
         let mut k = split_heads(self.k.forward(x)?, self.kv_heads)?; // (B, KV, T, hd)
         let v = split_heads(self.v.forward(x)?, self.kv_heads)?; // (B, KV, T, hd)
         if let Some(r) = rope {
-            q = r.rope.apply(&q, &r.cos, &r.sin)?;
-            k = r.rope.apply(&k, &r.cos, &r.sin)?;
+            q = ops::rope(&q, &r.cos, &r.sin)?;
+            k = ops::rope(&k, &r.cos, &r.sin)?;
         }
         let visible = match cache {
             Some(cache) => cache.append(&k, &v, start)?,
             None => LayerKv { k, v, positions: (start..start + t).collect() },
         };
-        let query_positions: Vec<usize> = (start..start + t).collect();
-        let bias = self.score_bias(&query_positions, &visible.positions, x.device())?;
-        let y = grouped_attention(&q, &visible.k, &visible.v, &bias, self.head_dim)?; // (B, H, T, hd)
+        let y = match self.implementation {
+            AttentionImpl::Flash => {
+                let mask = AttentionMask {
+                    query_start: start,
+                    key_positions: visible.positions,
+                    causal: true,
+                    window: self.window,
+                    alibi_slopes: self.alibi_slopes.clone(),
+                };
+                ops::flash_attention(&q, &visible.k, &visible.v, 1.0 / (self.head_dim as f64).sqrt(), &mask)?
+            }
+            AttentionImpl::Naive => {
+                let query_positions: Vec<usize> = (start..start + t).collect();
+                let bias = self.score_bias(&query_positions, &visible.positions, x.device())?;
+                grouped_attention(&q, &visible.k, &visible.v, &bias, self.head_dim)?
+            }
+        }; // (B, H, T, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&y)
     }

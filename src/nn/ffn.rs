@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{activation, Linear, ParamSource};
+use super::{activation, ops, Linear, ParamSource};
 use crate::config::{Activation, Ffn};
 
 /// A dense feed-forward block: `down(act(up x))`, or `down(act(gate x) * up x)` when gated.
@@ -25,6 +25,7 @@ impl DenseFfn {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let hidden = match &self.gate {
+            Some(gate) if self.act == Activation::Silu => ops::swiglu(&gate.forward(x)?, &self.up.forward(x)?)?,
             Some(gate) => (activation::apply(self.act, &gate.forward(x)?)? * self.up.forward(x)?)?,
             None => activation::apply(self.act, &self.up.forward(x)?)?,
         };

@@ -7,6 +7,7 @@ pub mod ffn;
 pub mod kv_cache;
 pub mod linear;
 pub mod norm;
+pub mod ops;
 pub mod params;
 pub mod positions;
 
