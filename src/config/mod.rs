@@ -147,6 +147,20 @@ pub struct Attention {
     pub implementation: AttentionImpl,
 }
 
+impl Attention {
+    /// `heads` query heads sharing `kv_heads` key/value heads; derived head dim, no window.
+    pub fn new(heads: usize, kv_heads: usize) -> Self {
+        Attention {
+            heads,
+            kv_heads,
+            head_dim: None,
+            window: None,
+            layer_windows: None,
+            implementation: AttentionImpl::Flash,
+        }
+    }
+}
+
 /// Attention kernel.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -275,6 +289,32 @@ impl ModelConfig {
         if let Layout::EncoderDecoder { encoder_layers } = self.layout {
             need_positive("layout.encoder_layers", encoder_layers);
         }
+        // Far above any published model, low enough that every parameter count fits in 64 bits
+        // and listing the parameters stays cheap.
+        let mut limit = |path: &str, value: usize, max: usize| {
+            if value > max {
+                problems.push(format!("{path} = {value} is beyond lmforge's limit of {max}"));
+            }
+        };
+        limit("vocab_size", self.vocab_size, 1 << 22);
+        limit("d_model", self.d_model, 1 << 18);
+        limit("layers", self.layers, 1 << 12);
+        limit("context_length", self.context_length, 1 << 24);
+        limit("attention.heads", self.attention.heads, 1 << 14);
+        limit("attention.kv_heads", self.attention.kv_heads, 1 << 14);
+        limit("attention.head_dim", self.attention.head_dim.unwrap_or(0), 1 << 14);
+        if let Layout::EncoderDecoder { encoder_layers } = self.layout {
+            limit("layout.encoder_layers", encoder_layers, 1 << 12);
+        }
+        let (hidden, experts) = match &self.ffn {
+            Ffn::Moe { experts, expert, .. } => (ffn_hidden(expert), *experts),
+            dense => (ffn_hidden(dense), 1),
+        };
+        limit("ffn.hidden", hidden, 1 << 22);
+        limit("ffn.experts", experts, 1 << 10);
+        if !problems.is_empty() {
+            return problems;
+        }
 
         let att = &self.attention;
         if att.heads > 0 && att.kv_heads > 0 && !att.heads.is_multiple_of(att.kv_heads) {
@@ -350,6 +390,14 @@ impl ModelConfig {
         } else {
             Err(Error::Config { origin: origin.to_string(), problems })
         }
+    }
+}
+
+/// The hidden width of a dense block (0 for a nested mixture, which validation rejects).
+fn ffn_hidden(ffn: &Ffn) -> usize {
+    match ffn {
+        Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
+        Ffn::Moe { .. } => 0,
     }
 }
 

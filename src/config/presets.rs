@@ -108,14 +108,7 @@ fn gpt2(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
         norm_placement: NormPlacement::Pre,
         norm_eps: 1e-5,
         positions: Positions::Learned,
-        attention: Attention {
-            heads,
-            kv_heads: heads,
-            head_dim: None,
-            window: None,
-            layer_windows: None,
-            implementation: Default::default(),
-        },
+        attention: Attention::new(heads, heads),
         ffn: Ffn::Mlp { hidden: 4 * d_model, act: Activation::GeluTanh },
         residual: Residual::Sequential,
         bias: true,
@@ -136,14 +129,7 @@ fn llama2(d_model: usize, layers: usize, heads: usize, kv_heads: usize, hidden: 
         norm_placement: NormPlacement::Pre,
         norm_eps: 1e-5,
         positions: Positions::Rope { theta: 10_000.0, fraction: 1.0 },
-        attention: Attention {
-            heads,
-            kv_heads,
-            head_dim: None,
-            window: None,
-            layer_windows: None,
-            implementation: Default::default(),
-        },
+        attention: Attention::new(heads, kv_heads),
         ffn: Ffn::Gated { hidden, act: Activation::Silu },
         residual: Residual::Sequential,
         bias: false,
@@ -230,19 +216,7 @@ fn tiny_mpt() -> ModelConfig {
 }
 
 fn mpt_7b_shape(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
-    ModelConfig {
-        d_model,
-        layers,
-        attention: Attention {
-            heads,
-            kv_heads: heads,
-            head_dim: None,
-            window: None,
-            layer_windows: None,
-            implementation: Default::default(),
-        },
-        ..mpt_7b()
-    }
+    ModelConfig { d_model, layers, attention: Attention::new(heads, heads), ..mpt_7b() }
 }
 
 fn tiny_mixtral() -> ModelConfig {

@@ -50,6 +50,14 @@ pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let (family, config) = read_family_config(dir)?;
     let mut file_tensors = read_safetensors_dir(dir, device)?;
+    // Every layer has tensors: a layer count beyond the tensor count is a damaged config, and
+    // listing its parameters could take unbounded time and memory.
+    if config.layers > file_tensors.len() {
+        return Err(Error::checkpoint(
+            dir.join("config.json"),
+            format!("{} layers, but the weights hold only {} tensors", config.layers, file_tensors.len()),
+        ));
+    }
     let weights = import_tensors(family, &config, &mut file_tensors, dir)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
     Ok(LoadedModel { config, weights, tokenizer, source: dir.to_path_buf() })
