@@ -212,3 +212,23 @@ fn bad_runs_fail_with_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("differ from the run being resumed"));
 }
+
+/// ALiBi has no position table: a model trained on 64-token windows scores 256 tokens.
+#[test]
+fn alibi_model_trained_at_64_evaluates_at_256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("alibi");
+    let config = write_config(tmp.path(), &run_dir, "tiny-mpt", 8);
+    let text = std::fs::read_to_string(&config).unwrap().replace("seq_len = 32", "seq_len = 64");
+    std::fs::write(&config, text).unwrap();
+    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+
+    let loaded = lmforge::io::load_model(&run_dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config.context_length, 64);
+    let model = loaded.build().unwrap();
+    let ids: Vec<u32> = (0..257u32).map(|i| (i * 31 + 7) % 512).collect();
+    let input = candle_core::Tensor::new(&ids[..256], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let target = candle_core::Tensor::new(&ids[1..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let loss: f32 = model.loss(&input, &target).unwrap().to_scalar().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "loss at 256 tokens: {loss}");
+}
