@@ -45,6 +45,15 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// The first `limit` problems as an indented list (`\n  - ...`), with a count of the rest.
+pub fn bullet_list(problems: &[String], limit: usize) -> String {
+    let mut list: String = problems.iter().take(limit).map(|p| format!("\n  - {p}")).collect();
+    if problems.len() > limit {
+        list.push_str(&format!("\n  - ... and {} more", problems.len() - limit));
+    }
+    list
+}
+
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().to_path_buf(), source }
@@ -52,6 +61,15 @@ impl Error {
 
     pub fn data(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
         Error::Data { path: path.as_ref().to_path_buf(), reason: reason.into() }
+    }
+
+    /// `Ok` when `problems` is empty, otherwise one [`Error::Config`] listing them all.
+    pub fn check_problems(origin: impl Into<String>, problems: Vec<String>) -> Result<()> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config { origin: origin.into(), problems })
+        }
     }
 
     pub fn checkpoint(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {

@@ -384,12 +384,7 @@ impl ModelConfig {
     }
 
     fn validate_as(&self, origin: &str) -> Result<()> {
-        let problems = self.problems();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Config { origin: origin.to_string(), problems })
-        }
+        Error::check_problems(origin, self.problems())
     }
 }
 

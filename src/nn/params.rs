@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{bullet_list, Error, Result};
 
 /// Named tensors with a name prefix, like `VarBuilder::pp`, so a layer asks for `"q.weight"` and
 /// gets `layers.3.attn.q.weight`. Built only from a map already checked against the config.
@@ -57,7 +57,8 @@ pub fn check_weights(config: &ModelConfig, tensors: &HashMap<String, Tensor>, or
             Some(_) => {}
         }
     }
-    let mut extra: Vec<&String> = tensors.keys().filter(|k| !specs.iter().any(|s| &s.name == *k)).collect();
+    let expected: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !expected.contains(k.as_str())).collect();
     extra.sort();
     for name in extra {
         problems.push(format!("unexpected tensor `{name}` (not part of this architecture)"));
@@ -65,11 +66,6 @@ pub fn check_weights(config: &ModelConfig, tensors: &HashMap<String, Tensor>, or
     if problems.is_empty() {
         Ok(())
     } else {
-        let shown = problems.len().min(12);
-        let mut reason = format!("weights do not match the model config:\n  - {}", problems[..shown].join("\n  - "));
-        if problems.len() > shown {
-            reason.push_str(&format!("\n  - ... and {} more", problems.len() - shown));
-        }
-        Err(Error::checkpoint(origin, reason))
+        Err(Error::checkpoint(origin, format!("weights do not match the model config:{}", bullet_list(&problems, 12))))
     }
 }

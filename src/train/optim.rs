@@ -99,12 +99,7 @@ impl AdamWConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let problems = self.problems();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Config { origin: "AdamW settings".into(), problems })
-        }
+        Error::check_problems("AdamW settings", self.problems())
     }
 }
 

@@ -242,10 +242,6 @@ impl RunConfig {
         }
         problems.extend(self.schedule().problems());
         problems.extend(self.optimizer.problems().into_iter().map(|p| format!("optimizer: {p}")));
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Config { origin: "run config".into(), problems })
-        }
+        Error::check_problems("run config", problems)
     }
 }

@@ -160,12 +160,7 @@ impl LrSchedule {
 
     /// `Ok` when [`problems`](Self::problems) is empty, otherwise one error listing them all.
     pub fn validate(&self) -> Result<()> {
-        let problems = self.problems();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Config { origin: "learning-rate schedule".into(), problems })
-        }
+        Error::check_problems("learning-rate schedule", self.problems())
     }
 }
 

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::checkpoint::{self, CheckpointData, CheckpointState};
+use super::checkpoint::{self, Checkpoint, CheckpointData, CheckpointState};
 use super::guard::{Divergence, LossStats};
 use super::inject::{Fault, FaultKind, Injector};
 use super::metrics::MetricsLog;
@@ -103,16 +103,7 @@ impl Trainer {
         let (step, tokens_seen, sampler_state, rng, state) = match &checkpoint {
             Some(ckpt) => {
                 optimizer.load_state(&ckpt.optimizer)?;
-                let sampler: SamplerState = serde_json::from_value(ckpt.state.sampler.clone())
-                    .map_err(|e| Error::checkpoint(&ckpt.dir, format!("state.json: bad sampler state: {e}")))?;
-                let rng = TrainRng::from_state(
-                    ckpt.state
-                        .rng
-                        .get("run")
-                        .cloned()
-                        .ok_or_else(|| Error::checkpoint(&ckpt.dir, "state.json: no `run` RNG"))?,
-                )?;
-                let state: LoopState = serde_json::from_value(ckpt.state.extra.clone()).unwrap_or_default();
+                let (sampler, rng, state) = restored_state(ckpt)?;
                 (ckpt.state.step, ckpt.state.tokens_seen, sampler, rng, state)
             }
             None => (
@@ -313,12 +304,10 @@ impl Trainer {
             var.set(&ckpt.model[name])?;
         }
         self.optimizer.load_state(&ckpt.optimizer)?;
-        let sampler_state: SamplerState = serde_json::from_value(ckpt.state.sampler.clone())
-            .map_err(|e| Error::checkpoint(&latest, format!("state.json: bad sampler state: {e}")))?;
+        let (sampler_state, rng, restored) = restored_state(&ckpt)?;
         self.sampler =
             Sampler::new(self.prepared.dataset.train().clone(), self.config.train.seq_len, true, sampler_state)?;
-        self.rng = TrainRng::from_state(ckpt.state.rng["run"])?;
-        let restored: LoopState = serde_json::from_value(ckpt.state.extra.clone()).unwrap_or_default();
+        self.rng = rng;
         self.state.guard = restored.guard;
         self.state.skip.push(bad_batch);
         self.state.cooldown_until = failed_step + guard.cooldown_steps;
@@ -404,6 +393,15 @@ impl Trainer {
         checkpoint::prune(&self.config.run_dir, self.config.train.keep_last)?;
         Ok(())
     }
+}
+
+/// The loop's non-tensor state from a checkpoint: data position, RNG, guard and skip list.
+fn restored_state(ckpt: &Checkpoint) -> Result<(SamplerState, TrainRng, LoopState)> {
+    let sampler = serde_json::from_value(ckpt.state.sampler.clone())
+        .map_err(|e| Error::checkpoint(&ckpt.dir, format!("state.json: bad sampler state: {e}")))?;
+    let rng = ckpt.state.rng.get("run").ok_or_else(|| Error::checkpoint(&ckpt.dir, "state.json: no `run` RNG"))?;
+    let state = serde_json::from_value(ckpt.state.extra.clone()).unwrap_or_default();
+    Ok((sampler, TrainRng::from_state(*rng)?, state))
 }
 
 fn build_model(prepared: &Prepared, vars: &HashMap<String, Var>) -> Result<Model> {

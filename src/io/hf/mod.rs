@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 
 use super::{LoadedModel, TextTokenizer};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{bullet_list, Error, Result};
 
 /// The family of a directory's `config.json`, and the config itself.
 fn read_family_config(dir: &Path) -> Result<(&'static Family, ModelConfig)> {
@@ -88,16 +88,8 @@ fn import_tensors(
     problems
         .extend(extra.into_iter().map(|name| format!("unexpected tensor `{name}` (not part of this architecture)")));
     if !problems.is_empty() {
-        let shown = problems.len().min(12);
-        let more = if problems.len() > shown {
-            format!("\n  - ... and {} more", problems.len() - shown)
-        } else {
-            String::new()
-        };
-        return Err(Error::checkpoint(
-            origin,
-            format!("tensors do not match config.json:\n  - {}{more}", problems[..shown].join("\n  - ")),
-        ));
+        let reason = format!("tensors do not match config.json:{}", bullet_list(&problems, 12));
+        return Err(Error::checkpoint(origin, reason));
     }
     Ok(weights)
 }
