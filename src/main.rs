@@ -6,9 +6,30 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    keep_freed_memory();
     let args = cli::Cli::parse();
     if let Err(error) = cli::run(args) {
         eprintln!("error: {error:#}");
         std::process::exit(1);
+    }
+}
+
+/// Keep freed memory in the process instead of returning it to the kernel.
+///
+/// Why: a training step allocates and frees hundreds of tensors of 1–12 MB. glibc serves such
+/// sizes with fresh `mmap`s and unmaps them on free, so every step takes a page fault (and a
+/// zeroed page) for every 4 KiB it writes, and the unmaps flush the TLBs of both cores.
+/// Raising the mmap and trim thresholds makes freed blocks reusable: measured 10% off
+/// `bench train` (951 → 851 ms per step). The cost is that resident memory stays at its peak.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: libc::c_int = 1 << 30;
+        const TRIM_THRESHOLD: libc::c_int = libc::c_int::MAX;
+        // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
     }
 }

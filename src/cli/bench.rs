@@ -1,16 +1,22 @@
-//! `lmforge bench train`: time the training step of ../shared/bench's reference config
-//! (nanoGPT-style GPT: 4 layers, 6 heads, d_model 384, seq 256, batch 8, vocab 256), to compare
-//! with `torch_gpt_step.py 4 6 384 256 8 256` run on the same machine.
+//! Benchmarks that compare with the reference implementations on the same machine, in the
+//! same run: `bench train` against PyTorch eager on ../shared/bench's config (nanoGPT-style
+//! GPT: 4 layers, 6 heads, d_model 384, seq 256, batch 8, vocab 256), `bench matmul` against
+//! candle's matmul.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
+use anyhow::Context;
 use candle_core::{Device, Tensor, Var};
 use clap::Args;
 use lmforge::config::{apply_overrides, presets};
 use lmforge::model::{init_weights, Model};
 use lmforge::train::optim::{AdamW, AdamWConfig};
+
+/// The PyTorch side of `bench train`, embedded so the benchmark runs from any directory.
+const TORCH_SCRIPT: &str = include_str!("../../scripts/torch_gpt_step.py");
 
 #[derive(Args)]
 pub struct BenchTrainArgs {
@@ -26,9 +32,24 @@ pub struct BenchTrainArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 256)]
     vocab: usize,
-    /// Timed steps (after 5 warm-up steps).
+    /// Timed steps per round (after 5 warm-up steps).
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Rounds; with --torch, each round times PyTorch and then lmforge, so both see the same
+    /// machine state, and the medians over rounds are compared.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// A Python with torch installed: also run scripts/torch_gpt_step.py (the same model and
+    /// step in PyTorch eager fp32) and report the ratio.
+    #[arg(long)]
+    torch: Option<PathBuf>,
+}
+
+/// One timed round of lmforge: ms per step, and the forward / backward / clip+AdamW split.
+struct Round {
+    step_ms: f64,
+    phases_ms: [f64; 3],
+    loss: f32,
 }
 
 pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
@@ -53,29 +74,186 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     let targets: Vec<u32> = (0..a.batch_size * a.seq_len).map(|i| (i * 104_729 % a.vocab) as u32).collect();
     let inputs = Tensor::from_vec(ids, (a.batch_size, a.seq_len), &Device::Cpu)?;
     let targets = Tensor::from_vec(targets, (a.batch_size, a.seq_len), &Device::Cpu)?;
-    let mut step = || -> anyhow::Result<f32> {
+    let mut step = |phases: &mut [f64; 3]| -> anyhow::Result<f32> {
+        let t0 = Instant::now();
         let loss = model.loss(&inputs, &targets)?;
+        let t1 = Instant::now();
         let mut grads = loss.backward()?;
+        let t2 = Instant::now();
         optimizer.clip_grad_norm(&mut grads, 1.0)?;
         optimizer.step(&grads, 1e-3)?;
+        let t3 = Instant::now();
+        for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+            *phase += (b - a).as_secs_f64() * 1e3;
+        }
         Ok(loss.to_scalar::<f32>()?)
     };
     for _ in 0..5 {
-        step()?;
+        step(&mut [0.0; 3])?;
     }
-    let started = Instant::now();
-    let mut loss = 0.0;
-    for _ in 0..a.steps {
-        loss = step()?;
+    let script = match &a.torch {
+        Some(_) => {
+            let path = std::env::temp_dir().join(format!("lmforge-torch-gpt-step-{}.py", std::process::id()));
+            std::fs::write(&path, TORCH_SCRIPT).with_context(|| format!("writing {}", path.display()))?;
+            Some(path)
+        }
+        None => None,
+    };
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for round in 0..a.rounds.max(1) {
+        if let (Some(python), Some(script)) = (&a.torch, &script) {
+            let (line, step_ms) = run_torch(python, script, &a)?;
+            println!("round {round}: {line}");
+            theirs.push(step_ms);
+        }
+        let mut phases = [0f64; 3];
+        let started = Instant::now();
+        let mut loss = 0.0;
+        for _ in 0..a.steps {
+            loss = step(&mut phases)?;
+        }
+        let step_ms = started.elapsed().as_secs_f64() * 1e3 / a.steps as f64;
+        let r = Round { step_ms, phases_ms: phases.map(|p| p / a.steps as f64), loss };
+        println!(
+            "round {round}: lmforge threads={} params={} step_ms={:.2} tok_per_s={:.0} loss={:.4} (forward {:.0} ms, backward {:.0} ms, clip+AdamW {:.0} ms)",
+            rayon::current_num_threads(),
+            config.params_total(),
+            r.step_ms,
+            (a.batch_size * a.seq_len) as f64 / r.step_ms * 1e3,
+            r.loss,
+            r.phases_ms[0],
+            r.phases_ms[1],
+            r.phases_ms[2],
+        );
+        ours.push(r.step_ms);
     }
-    let per_step = started.elapsed().as_secs_f64() / a.steps as f64;
-    let tokens = (a.batch_size * a.seq_len) as f64;
-    println!(
-        "lmforge params={} threads={} step_ms={:.2} tok_per_s={:.0} loss={loss:.4}",
-        config.params_total(),
-        candle_core::utils::get_num_threads(),
-        per_step * 1e3,
-        tokens / per_step
-    );
+    if let Some(script) = script {
+        let _ = std::fs::remove_file(script);
+    }
+    if !theirs.is_empty() {
+        let (ours, theirs) = (median(&mut ours), median(&mut theirs));
+        println!(
+            "median over {} rounds: lmforge {ours:.1} ms/step, PyTorch {theirs:.1} ms/step: lmforge takes {:.2}x PyTorch's time",
+            a.rounds.max(1),
+            ours / theirs
+        );
+    }
     Ok(())
+}
+
+/// Run the PyTorch reference once; its output line and ms per step.
+fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result<(String, f64)> {
+    let args = [a.layers, a.heads, a.d_model, a.seq_len, a.batch_size, a.vocab, a.steps].map(|x| x.to_string());
+    let out = Command::new(python)
+        .arg(script)
+        .args(&args)
+        .env("OMP_NUM_THREADS", rayon::current_num_threads().to_string())
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        anyhow::bail!(
+            "the PyTorch reference failed ({}):\n{}{}\nHINT: --torch needs a Python with torch installed",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+    let line = stdout.lines().last().unwrap_or("").to_string();
+    let step_ms = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("step_ms="))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no step_ms= in the PyTorch output: {line}"))?;
+    Ok((line, step_ms))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[derive(Args)]
+pub struct BenchMatmulArgs {
+    /// Rows of the activations (tokens per step).
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    #[arg(long, default_value_t = 384)]
+    d_model: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+}
+
+/// The three products of a linear layer `(in → out)` over `tokens` rows — forward `X·Wᵀ`,
+/// input gradient `dY·W`, weight gradient `dYᵀ·X` — for the widths of the benchmark model,
+/// through lmforge's kernel and through candle's `matmul` on the same operands.
+pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
+    use lmforge::nn::ops::gemm::{gemm, MatRef};
+    let (t, d) = (a.tokens, a.d_model);
+    println!("threads={} (GFLOP/s, best of repeated runs over {:.1} s each)", rayon::current_num_threads(), a.seconds);
+    println!("{:<28} {:>10} {:>10} {:>7}", "product (m×k · k×n)", "lmforge", "candle", "ratio");
+    for (fan_in, fan_out) in [(d, d), (d, 4 * d), (4 * d, d)] {
+        let x = random(t * fan_in, 1);
+        let w = random(fan_out * fan_in, 2);
+        let dy = random(t * fan_out, 3);
+        let cases: [(&str, MatRef<f32>, MatRef<f32>); 3] = [
+            ("X·Wᵀ", MatRef::row_major(&x, t, fan_in), MatRef::row_major(&w, fan_out, fan_in).t()),
+            ("dY·W", MatRef::row_major(&dy, t, fan_out), MatRef::row_major(&w, fan_out, fan_in)),
+            ("dYᵀ·X", MatRef::row_major(&dy, t, fan_out).t(), MatRef::row_major(&x, t, fan_in)),
+        ];
+        for (name, lhs, rhs) in cases {
+            let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+            let flops = 2.0 * (m * k * n) as f64;
+            let mut c = vec![0f32; m * n];
+            let ours = best_seconds(a.seconds, || gemm(lhs, rhs, &mut c, n, false));
+
+            let as_tensor = |v: MatRef<f32>| -> anyhow::Result<Tensor> {
+                let stored = Tensor::from_slice(
+                    v.data,
+                    if v.col_stride == 1 { (v.rows, v.cols) } else { (v.cols, v.rows) },
+                    &Device::Cpu,
+                )?;
+                Ok(if v.col_stride == 1 { stored } else { stored.t()? })
+            };
+            let (lt, rt) = (as_tensor(lhs)?, as_tensor(rhs)?);
+            let candle = best_seconds(a.seconds, || {
+                lt.matmul(&rt).expect("candle matmul");
+            });
+            println!(
+                "{:<28} {:>10.1} {:>10.1} {:>6.2}x",
+                format!("{name} {m}×{k}·{k}×{n}"),
+                flops / ours / 1e9,
+                flops / candle / 1e9,
+                candle / ours
+            );
+        }
+    }
+    Ok(())
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Fastest of repeated runs of `f` within about `seconds` (after one warm-up run).
+fn best_seconds(seconds: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let started = Instant::now();
+    let mut best = f64::INFINITY;
+    while started.elapsed().as_secs_f64() < seconds || best.is_infinite() {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
 }

@@ -66,6 +66,8 @@ enum Command {
 enum BenchCommand {
     /// Time one training step (forward, backward, clipping, AdamW) of the reference GPT config.
     Train(bench::BenchTrainArgs),
+    /// GFLOP/s of the matrix products of a training step: lmforge's kernel against candle's.
+    Matmul(bench::BenchMatmulArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -90,6 +92,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Train(args)) => bench::bench_train(args),
+        Command::Bench(BenchCommand::Matmul(args)) => bench::bench_matmul(args),
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
     }

@@ -65,10 +65,33 @@ impl Attention {
         cache: Option<&mut dyn KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?); // (B, T, heads·hd)
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mask = |key_positions: Vec<usize>| AttentionMask {
+            query_start: start,
+            key_positions,
+            causal: true,
+            window: self.window,
+            alibi_slopes: self.alibi_slopes.clone(),
+        };
+        if cache.is_none() && self.implementation == AttentionImpl::Flash {
+            // Training and cache-free prefill: stay token-major end to end, so autograd sees
+            // one node per op rather than reshapes, transposes and copies around each.
+            let (q, k) = match rope {
+                Some(r) => (
+                    ops::rope_tokens(&q, &r.cos, &r.sin, self.head_dim)?,
+                    ops::rope_tokens(&k, &r.cos, &r.sin, self.head_dim)?,
+                ),
+                None => (q, k),
+            };
+            let positions = (start..start + t).collect();
+            let y = ops::flash_attention_tokens(&q, &k, &v, self.heads, self.kv_heads, scale, &mask(positions))?;
+            return self.o.forward(&y);
+        }
         let split_heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let mut q = split_heads(self.q.forward(x)?, self.heads)?; // (B, H, T, hd)
-        let mut k = split_heads(self.k.forward(x)?, self.kv_heads)?; // (B, KV, T, hd)
-        let v = split_heads(self.v.forward(x)?, self.kv_heads)?; // (B, KV, T, hd)
+        let mut q = split_heads(q, self.heads)?; // (B, H, T, hd)
+        let mut k = split_heads(k, self.kv_heads)?; // (B, KV, T, hd)
+        let v = split_heads(v, self.kv_heads)?; // (B, KV, T, hd)
         if let Some(r) = rope {
             q = ops::rope(&q, &r.cos, &r.sin)?;
             k = ops::rope(&k, &r.cos, &r.sin)?;
@@ -78,16 +101,7 @@ impl Attention {
             None => LayerKv { k, v, positions: (start..start + t).collect() },
         };
         let y = match self.implementation {
-            AttentionImpl::Flash => {
-                let mask = AttentionMask {
-                    query_start: start,
-                    key_positions: visible.positions,
-                    causal: true,
-                    window: self.window,
-                    alibi_slopes: self.alibi_slopes.clone(),
-                };
-                ops::flash_attention(&q, &visible.k, &visible.v, 1.0 / (self.head_dim as f64).sqrt(), &mask)?
-            }
+            AttentionImpl::Flash => ops::flash_attention(&q, &visible.k, &visible.v, scale, &mask(visible.positions))?,
             AttentionImpl::Naive => {
                 let query_positions: Vec<usize> = (start..start + t).collect();
                 let bias = self.score_bias(&query_positions, &visible.positions, x.device())?;

@@ -145,10 +145,88 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &At
     let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
     let op = FlashAttention {
         plan: Arc::new(plan),
+        token_major: false,
         save_lse: q.track_op() || k.track_op() || v.track_op(),
         lse: OnceLock::new(),
     };
     q.apply_op3(&k, &v, op)?.to_dtype(dtype)
+}
+
+/// [`flash_attention`] on token-major inputs, as the q/k/v projections produce them:
+/// `q`: `(B, T, H·hd)`, `k`/`v`: `(B, S, KV·hd)` → `(B, T, H·hd)`, ready for the output
+/// projection.
+///
+/// Why: splitting heads with reshape + transpose + copy puts three nodes per input (and two on
+/// the output) into the autograd graph, and candle's backward pass zero-fills and adds a
+/// gradient for every node. Here the op reorders the data itself (one copy each way, inside
+/// the op) and autograd sees a single node.
+pub fn flash_attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+    mask: &AttentionMask,
+) -> Result<Tensor> {
+    let split = |x: &Tensor, n: usize, name: &str| -> Result<Tensor> {
+        let (b, t, width) = x.dims3().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "flash_attention: {name} must be (B, T, heads·head_dim), got {:?}",
+                x.dims()
+            ))
+        })?;
+        if n == 0 || width % n != 0 {
+            bail!("flash_attention: {name} has width {width}, not a multiple of its {n} heads")
+        }
+        x.reshape((b, t, n, width / n))?.transpose(1, 2)
+    };
+    // The head-major views only serve to check shapes and build the plan.
+    let (qh, kh, vh) = (split(q, heads, "q")?, split(k, kv_heads, "k")?, split(v, kv_heads, "v")?);
+    let plan = Plan::new(&qh, &kh, &vh, scale, mask)?;
+    let (b, t, width) = q.dims3()?;
+    if !q.device().is_cpu() {
+        return composed_attention(&qh, &kh, &vh, scale, mask)?.transpose(1, 2)?.reshape((b, t, width));
+    }
+    let dtype = q.dtype();
+    let compute = compute_dtype("flash_attention", dtype)?;
+    let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
+    let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
+    let op = FlashAttention {
+        plan: Arc::new(plan),
+        token_major: true,
+        save_lse: q.track_op() || k.track_op() || v.track_op(),
+        lse: OnceLock::new(),
+    };
+    q.apply_op3(&k, &v, op)?.to_dtype(dtype)
+}
+
+/// `(B, T, N, hd)` → `(B, N, T, hd)` when `to_heads`, the reverse otherwise, for contiguous
+/// data: the reordering the token-major entry point does inside the op. Each task writes one
+/// contiguous chunk of the output (a head's `T` rows, or a token's `N` heads).
+fn reorder_heads<T: Real>(x: &[T], b: usize, t: usize, n: usize, hd: usize, to_heads: bool) -> Vec<T> {
+    let mut out = vec![T::ZERO; b * t * n * hd];
+    if out.is_empty() {
+        return out;
+    }
+    if to_heads {
+        out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, dst)| {
+            let (bi, h) = (bh / n, bh % n);
+            for (ti, row) in dst.chunks_exact_mut(hd).enumerate() {
+                let src = ((bi * t + ti) * n + h) * hd;
+                row.copy_from_slice(&x[src..src + hd]);
+            }
+        });
+    } else {
+        out.par_chunks_mut(n * hd).enumerate().for_each(|(bt, dst)| {
+            let (bi, ti) = (bt / t, bt % t);
+            for (h, row) in dst.chunks_exact_mut(hd).enumerate() {
+                let src = ((bi * n + h) * t + ti) * hd;
+                row.copy_from_slice(&x[src..src + hd]);
+            }
+        });
+    }
+    out
 }
 
 /// The same attention from composed candle ops (materialises `(B, H, T, S)`): the reference
@@ -309,6 +387,9 @@ fn shape_error(msg: &str, expected: &[usize], got: &[usize]) -> candle_core::Err
 /// The op: forward saves the per-row log-sum-exp `L` for the backward.
 struct FlashAttention {
     plan: Arc<Plan>,
+    /// Inputs and output are `(B, T, heads·hd)` ([`flash_attention_tokens`]), not
+    /// `(B, heads, T, hd)`.
+    token_major: bool,
     /// Only keep `L` when some input wants a gradient.
     save_lse: bool,
     /// `(B, H, T)`, set by the forward.
@@ -337,13 +418,23 @@ impl CustomOp3 for FlashAttention {
         ) -> Result<(CpuStorage, Shape)> {
             let p = &op.plan;
             let (q, k, v) = (contiguous::<T>(q, lq)?, contiguous::<T>(k, lk)?, contiguous::<T>(v, lv)?);
-            let (out, lse) = forward(p, q, k, v);
+            let (out, lse) = if op.token_major {
+                let q = reorder_heads(q, p.b, p.t, p.h, p.hd, true);
+                let k = reorder_heads(k, p.b, p.s, p.kv, p.hd, true);
+                let v = reorder_heads(v, p.b, p.s, p.kv, p.hd, true);
+                let (out, lse) = forward(p, &q, &k, &v);
+                (reorder_heads(&out, p.b, p.t, p.h, p.hd, false), lse)
+            } else {
+                forward(p, q, k, v)
+            };
             if op.save_lse {
                 let lse = Tensor::from_vec(lse, (p.b, p.h, p.t), &Device::Cpu)?;
                 // A fresh op runs its forward once; a second set would be a bug, not user input.
                 let _ = op.lse.set(lse);
             }
-            Ok((T::to_cpu_storage_owned(out), Shape::from((p.b, p.h, p.t, p.hd))))
+            let shape =
+                if op.token_major { Shape::from((p.b, p.t, p.h * p.hd)) } else { Shape::from((p.b, p.h, p.t, p.hd)) };
+            Ok((T::to_cpu_storage_owned(out), shape))
         }
         match q {
             CpuStorage::F32(_) => run::<f32>(self, (q, lq), (k, lk), (v, lv)),
@@ -368,22 +459,37 @@ impl CustomOp3 for FlashAttention {
         };
         let p = &self.plan;
         let grad_out = grad_out.to_dtype(q.dtype())?;
-        fn run<T: Real>(p: &Plan, t: &[&Tensor]) -> Result<(Tensor, Tensor, Tensor)> {
+        fn run<T: Real>(p: &Plan, token_major: bool, t: &[&Tensor]) -> Result<(Tensor, Tensor, Tensor)> {
             let lse = t[5].to_dtype(T::DTYPE)?;
             let (dq, dk, dv) = with_slices::<T, _>("flash_attention", &[t[0], t[1], t[2], t[3], t[4], &lse], |s| {
-                Ok(backward(p, s[0], s[1], s[2], s[3], s[4], s[5]))
+                if !token_major {
+                    return Ok(backward(p, s[0], s[1], s[2], s[3], s[4], s[5]));
+                }
+                let queries = |x: &[T]| reorder_heads(x, p.b, p.t, p.h, p.hd, true);
+                let keys = |x: &[T]| reorder_heads(x, p.b, p.s, p.kv, p.hd, true);
+                let (dq, dk, dv) =
+                    backward(p, &queries(s[0]), &keys(s[1]), &keys(s[2]), &queries(s[3]), &queries(s[4]), s[5]);
+                Ok((
+                    reorder_heads(&dq, p.b, p.t, p.h, p.hd, false),
+                    reorder_heads(&dk, p.b, p.s, p.kv, p.hd, false),
+                    reorder_heads(&dv, p.b, p.s, p.kv, p.hd, false),
+                ))
             })?;
-            let kv_shape = (p.b, p.kv, p.s, p.hd);
+            let (q_shape, kv_shape) = if token_major {
+                (Shape::from((p.b, p.t, p.h * p.hd)), Shape::from((p.b, p.s, p.kv * p.hd)))
+            } else {
+                (Shape::from((p.b, p.h, p.t, p.hd)), Shape::from((p.b, p.kv, p.s, p.hd)))
+            };
             Ok((
-                Tensor::from_vec(dq, (p.b, p.h, p.t, p.hd), &Device::Cpu)?,
-                Tensor::from_vec(dk, kv_shape, &Device::Cpu)?,
+                Tensor::from_vec(dq, q_shape, &Device::Cpu)?,
+                Tensor::from_vec(dk, kv_shape.clone(), &Device::Cpu)?,
                 Tensor::from_vec(dv, kv_shape, &Device::Cpu)?,
             ))
         }
         let tensors = [q, k, v, out, &grad_out, lse];
         let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => run::<f32>(p, &tensors)?,
-            DType::F64 => run::<f64>(p, &tensors)?,
+            DType::F32 => run::<f32>(p, self.token_major, &tensors)?,
+            DType::F64 => run::<f64>(p, self.token_major, &tensors)?,
             other => return Err(candle_core::Error::UnsupportedDTypeForOp(other, "flash_attention")),
         };
         Ok((Some(dq), Some(dk), Some(dv)))

@@ -19,6 +19,8 @@
 
 pub mod cross_entropy;
 pub mod flash_attention;
+pub mod gemm;
+pub mod linear;
 pub mod norm;
 pub mod pointwise;
 pub mod rope;
@@ -29,10 +31,11 @@ mod tile;
 mod testing;
 
 pub use cross_entropy::softmax_cross_entropy;
-pub use flash_attention::{flash_attention, AttentionMask};
+pub use flash_attention::{flash_attention, flash_attention_tokens, AttentionMask};
+pub use linear::linear;
 pub use norm::{layer_norm, rms_norm};
 pub use pointwise::{gelu_erf, gelu_tanh, swiglu};
-pub use rope::rope;
+pub use rope::{rope, rope_tokens};
 
 use candle_core::{bail, DType, Result, Storage, Tensor};
 

@@ -30,6 +30,20 @@ use super::{compute_dtype, same_dtype};
 /// `rot` pass through (partial rotary, as Phi-2). Gradients flow to `x` (and to the tables if
 /// they are tracked).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    check_tables(x, cos, sin)?;
+    if !x.device().is_cpu() {
+        return composed_rope(x, cos, sin);
+    }
+    let dtype = x.dtype();
+    let compute = compute_dtype("rope", dtype)?;
+    let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
+    let (x, cos, sin) = (contiguous(x)?, contiguous(cos)?, contiguous(sin)?);
+    x.apply_op3(&cos, &sin, RopeOp { transpose: false, token_major_heads: None })?.to_dtype(dtype)
+}
+
+/// `x` is `(B, H, T, hd)` and `cos`, `sin` are `(T, rot)` tables of one dtype, `rot` even and
+/// at most `hd`.
+fn check_tables(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
     let (_, _, t, hd) = x
         .dims4()
         .map_err(|_| candle_core::Error::Msg(format!("rope: x must be (B, H, T, head_dim), got {:?}", x.dims())))?;
@@ -44,15 +58,30 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             got: cos.shape().clone(),
         });
     }
-    same_dtype("rope", cos.dtype(), &[("sin", sin)])?;
-    if !x.device().is_cpu() {
-        return composed_rope(x, cos, sin);
+    same_dtype("rope", cos.dtype(), &[("sin", sin)])
+}
+
+/// [`rope`] on token-major `x` `(B, T, H·hd)`, as the q/k projections produce it, with heads
+/// of `head_dim`: one autograd node instead of a reshape, a transpose and a copy around it.
+pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> Result<Tensor> {
+    let (b, t, width) = x
+        .dims3()
+        .map_err(|_| candle_core::Error::Msg(format!("rope: x must be (B, T, heads·head_dim), got {:?}", x.dims())))?;
+    if head_dim == 0 || width % head_dim != 0 {
+        bail!("rope: x has width {width}, not a multiple of head_dim {head_dim}")
     }
+    let heads = width / head_dim;
+    // Shapes and dtypes are checked on the head-major view.
+    let view = x.reshape((b, t, heads, head_dim))?.transpose(1, 2)?;
+    if !x.device().is_cpu() {
+        return rope(&view, cos, sin)?.transpose(1, 2)?.reshape((b, t, width));
+    }
+    check_tables(&view, cos, sin)?;
     let dtype = x.dtype();
     let compute = compute_dtype("rope", dtype)?;
     let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
     let (x, cos, sin) = (contiguous(x)?, contiguous(cos)?, contiguous(sin)?);
-    x.apply_op3(&cos, &sin, RopeOp { transpose: false })?.to_dtype(dtype)
+    x.apply_op3(&cos, &sin, RopeOp { transpose: false, token_major_heads: Some(heads) })?.to_dtype(dtype)
 }
 
 /// Rotate-half RoPE from composed ops (the reference, and the path for other devices).
@@ -77,6 +106,8 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// The rotation (`transpose == false`) or its transpose, the rotation by `−θ`.
 struct RopeOp {
     transpose: bool,
+    /// `Some(H)` for token-major `x` `(B, T, H·hd)`; `None` for `(B, H, T, hd)`.
+    token_major_heads: Option<usize>,
 }
 
 impl CustomOp3 for RopeOp {
@@ -105,15 +136,22 @@ impl CustomOp3 for RopeOp {
                     None => bail!("rope: internal error, input is not contiguous"),
                 }
             }
-            let (t, hd) = (inputs[1].1.dims()[0], inputs[0].1.dims()[3]);
+            let t = inputs[1].1.dims()[0];
+            let dims = inputs[0].1.dims();
             let mut y = vec![T::ZERO; s[0].len()];
             if y.is_empty() {
                 return Ok(T::to_cpu_storage_owned(y));
             }
             let (x, cos, sin) = (s[0], s[1], s[2]);
-            // One task per (batch, head): T rows that share the tables.
-            y.par_chunks_mut(t * hd).zip(x.par_chunks(t * hd)).for_each(|(y, x)| {
-                rotate_rows(op.transpose, hd, x, cos, sin, y);
+            // One task per (batch, head) of T rows, or per batch row of T·H rows (each table
+            // row serving the H heads of one token).
+            let (hd, rows_per_position) = match op.token_major_heads {
+                Some(heads) => (dims[2] / heads, heads),
+                None => (dims[3], 1),
+            };
+            let chunk = t * rows_per_position * hd;
+            y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
+                rotate_rows(op.transpose, hd, rows_per_position, x, cos, sin, y);
             });
             Ok(T::to_cpu_storage_owned(y))
         }
@@ -135,10 +173,19 @@ impl CustomOp3 for RopeOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.to_dtype(x.dtype())?.contiguous()?;
-        let dx = grad.apply_op3(cos, sin, RopeOp { transpose: !self.transpose })?;
+        let dx = grad.apply_op3(cos, sin, RopeOp { transpose: !self.transpose, ..*self })?;
         if self.transpose || !(cos.track_op() || sin.track_op()) {
             return Ok((Some(dx), None, None));
         }
+        // The table gradients below read x and the gradient head-major.
+        let (x, grad) = match self.token_major_heads {
+            Some(heads) => {
+                let (b, t, width) = x.dims3()?;
+                let split = |y: &Tensor| y.reshape((b, t, heads, width / heads))?.transpose(1, 2);
+                (split(x)?, split(&grad)?)
+            }
+            None => (x.clone(), grad),
+        };
         // y = x∘c + rotate_half(x)∘s on the rotated dims, so the tables' gradients are these
         // products summed over batch and heads.
         let rot = cos.dim(1)?;
@@ -151,11 +198,13 @@ impl CustomOp3 for RopeOp {
 }
 
 multiversion! {
-    /// All `T` rows of one (batch, head): `x`, `y` `(T, hd)`, `cos`, `sin` `(T, rot)`.
-    fn rotate_rows<T: Real>(transpose: bool, hd: usize, x: &[T], cos: &[T], sin: &[T], y: &mut [T]) {
-        let rot = cos.len() / (x.len() / hd);
+    /// `T·rows_per_position` rows of `hd`, the `rows_per_position` rows of position `t` using
+    /// table row `t`: `x`, `y` `(T, rows_per_position, hd)`, `cos`, `sin` `(T, rot)`.
+    fn rotate_rows<T: Real>(transpose: bool, hd: usize, rows_per_position: usize, x: &[T], cos: &[T], sin: &[T], y: &mut [T]) {
+        let rot = cos.len() / (x.len() / (hd * rows_per_position));
         let half = rot / 2;
-        for (((x, y), c), s) in x.chunks_exact(hd).zip(y.chunks_exact_mut(hd)).zip(cos.chunks_exact(rot)).zip(sin.chunks_exact(rot)) {
+        let tables = cos.chunks_exact(rot).zip(sin.chunks_exact(rot)).flat_map(|cs| std::iter::repeat_n(cs, rows_per_position));
+        for ((x, y), (c, s)) in x.chunks_exact(hd).zip(y.chunks_exact_mut(hd)).zip(tables) {
             let (x1, rest) = x.split_at(half);
             let (x2, pass) = rest.split_at(half);
             let (y1, rest) = y.split_at_mut(half);
@@ -228,6 +277,27 @@ mod tests {
     }
 
     #[test]
+    fn token_major_matches_head_major() {
+        let (b, t, h, hd) = (2, 7, 3, 8);
+        let x = rand_tensor(&[b, t, h * hd], 8, DType::F64);
+        let (cos, sin) = (rand_tensor(&[t, 6], 2, DType::F64), rand_tensor(&[t, 6], 3, DType::F64));
+        let tokens = |x: &[Tensor]| rope_tokens(&x[0], &x[1], &x[2], hd);
+        let heads = |x: &[Tensor]| {
+            let view = x[0].reshape((b, t, h, hd))?.transpose(1, 2)?;
+            rope(&view, &x[1], &x[2])?.transpose(1, 2)?.reshape((b, t, h * hd))
+        };
+        check_finite_differences(&tokens, &[x.clone(), tracked(&cos), tracked(&sin)], &[0, 1, 2], 1e-6);
+        let inputs = [x, tracked(&cos), tracked(&sin)];
+        let (want, want_grads) = crate::nn::ops::testing::value_and_grads(&heads, &inputs);
+        let (got, got_grads) = crate::nn::ops::testing::value_and_grads(&tokens, &inputs);
+        crate::nn::ops::testing::assert_close("value", &got, &want, 1e-12, 1e-12);
+        for (g, w) in got_grads.iter().zip(&want_grads) {
+            crate::nn::ops::testing::assert_close("grad", g, w, 1e-12, 1e-12);
+        }
+        assert!(rope_tokens(&inputs[0], &inputs[1], &inputs[2], 5).is_err());
+    }
+
+    #[test]
     fn non_contiguous_input() {
         // q as the model produces it: (B, T, H, hd) transposed to (B, H, T, hd).
         let x = rand_tensor(&[2, 9, 3, 8], 6, DType::F32).transpose(1, 2).unwrap();
@@ -242,7 +312,10 @@ mod tests {
         // Rotating by θ then by −θ is the identity (up to the f32 rounding of the tables).
         let x = rand_tensor(&[1, 2, 9, 8], 5, DType::F64);
         let (cos, sin) = tables(9, 8, DType::F64);
-        let back = rope(&x, &cos, &sin).unwrap().apply_op3(&cos, &sin, RopeOp { transpose: true }).unwrap();
+        let back = rope(&x, &cos, &sin)
+            .unwrap()
+            .apply_op3(&cos, &sin, RopeOp { transpose: true, token_major_heads: None })
+            .unwrap();
         crate::nn::ops::testing::assert_close("round trip", &back, &x, 1e-6, 1e-6);
     }
 

@@ -177,3 +177,33 @@ fn empty_dims_do_not_panic() {
     assert_eq!(out.dims(), &[1, 2, 0, 4]);
     assert_eq!(grads[1].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
 }
+
+/// The token-major entry point `(B, T, heads·hd)` gives exactly the head-major results, values
+/// and every gradient, with GQA, a window, ALiBi and keys from a "cache" (S ≠ T).
+#[test]
+fn token_major_matches_head_major() {
+    let (b, h, kv, t, s, hd) = (2, 4, 2, 70, 75, 5);
+    let mask = AttentionMask::causal(5, (0..s).collect()).with_window(Some(33)).with_alibi(Some(alibi_slopes(h, 8.0)));
+    let heads = qkv(b, h, kv, t, s, hd, DType::F64, 9);
+    // The same data token-major.
+    let tokens: Vec<Tensor> =
+        heads.iter().map(|x| x.transpose(1, 2).unwrap().flatten_from(2).unwrap().contiguous().unwrap()).collect();
+    let (want, want_grads) = value_and_grads(&flash(0.4, mask.clone()), &heads);
+    let token_major = |x: &[Tensor]| flash_attention_tokens(&x[0], &x[1], &x[2], h, kv, 0.4, &mask);
+    // Viewed head-major again, so both runs get the same upstream gradient.
+    let viewed = |x: &[Tensor]| token_major(x)?.reshape((b, t, h, hd))?.transpose(1, 2);
+    let (got, got_grads) = value_and_grads(&viewed, &tokens);
+    let as_tokens = |x: &Tensor| x.transpose(1, 2).unwrap().flatten_from(2).unwrap();
+    crate::nn::ops::testing::assert_close("value", &got, &want, 1e-12, 1e-12);
+    for (i, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
+        crate::nn::ops::testing::assert_close(&format!("grad {i}"), g, &as_tokens(w), 1e-12, 1e-12);
+    }
+    let short = [tokens[0].narrow(1, 0, 3), tokens[1].narrow(1, 0, 8), tokens[2].narrow(1, 0, 8)]
+        .map(|x| x.unwrap().contiguous().unwrap());
+    let short_mask =
+        AttentionMask::causal(5, (0..8).collect()).with_window(Some(4)).with_alibi(mask.alibi_slopes.clone());
+    let short_fn = |x: &[Tensor]| flash_attention_tokens(&x[0], &x[1], &x[2], h, kv, 0.4, &short_mask);
+    check_finite_differences(&short_fn, &short, &[0, 1, 2], 1e-6);
+    // Widths that are not a whole number of heads are errors, not panics.
+    assert!(flash_attention_tokens(&tokens[0], &tokens[1], &tokens[2], 3, kv, 0.4, &mask).is_err());
+}

@@ -1,0 +1,606 @@
+//! Dense matrix product `C = A·B` (or `C += A·B`) for the linear layers, forward and backward.
+//!
+//! Why our own: candle's CPU matmul (the `gemm` crate) compiles its AVX-512 kernels only behind
+//! a nightly-only feature, so on stable Rust it runs a 256-bit kernel and reaches about half of
+//! what this CPU does (measured 150–175 GFLOP/s against MKL's 310–340 on 2 cores). AVX-512
+//! intrinsics are stable since Rust 1.89, so the kernel below uses them directly.
+//!
+//! The algorithm is the classic one of GotoBLAS/BLIS:
+//!
+//! ```text
+//! for each block of NC columns of B and C                       (jc)
+//!   for each block of KC along k                                (pc)
+//!     pack B[pc.., jc..] into NR-wide column panels             (stays in L2)
+//!     for each block of MC rows of A and C                      (ic)
+//!       pack A[ic.., pc..] into MR-tall row panels              (stays in L2)
+//!       for each NR-wide panel of B                             (jr: its kc×NR panel sits in L1)
+//!         for each MR-tall panel of A                           (ir)
+//!           micro-kernel: C[MR×NR] += Ap[MR×kc] · Bp[kc×NR], C held in registers
+//! ```
+//!
+//! Packing copies each operand into the exact order the micro-kernel reads it (so any strides
+//! work, a transposed weight included, at the cost of one copy per block) and zero-pads ragged
+//! edges (so the kernel always computes a full tile; only the store is partial).
+//!
+//! Micro-kernels: for `f32` with AVX-512, 12 rows × 32 columns (24 of the 32 `zmm` registers
+//! accumulate, two hold the row of `B`, and each of the 12 values of `A` is broadcast straight
+//! from memory into its FMA). Otherwise a portable kernel whose accumulators are plain arrays,
+//! compiled for AVX2+FMA where available by [`multiversion!`].
+//!
+//! Threads (candle's barrier pool, see [`gemm`]): `C` is cut into one slab per thread along its longer side, each computed
+//! independently. The operand shared by the slabs is packed once per thread: a few percent of
+//! the flops for the shapes of a training step, and no synchronisation inside the product.
+
+use std::cell::RefCell;
+
+use super::simd::{isa, multiversion, Isa, Real};
+
+/// A read-only matrix view: element `(i, j)` is `data[i·row_stride + j·col_stride]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a, T: Copy> MatRef<'a, T> {
+    /// A contiguous row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "row_major: {} elements for {rows}×{cols}", data.len());
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The transpose, without copying.
+    pub fn t(self) -> Self {
+        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    #[cfg(test)]
+    fn at(&self, i: usize, j: usize) -> T {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+
+    fn last_index(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            return 0;
+        }
+        (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+    }
+}
+
+/// `C = A·B`, or `C += A·B` when `accumulate`. `C` is row-major `A.rows × B.cols` with row
+/// stride `ldc`.
+pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm: A is {m}×{k} but B is {}×{n}", b.rows);
+    assert!(ldc >= n, "gemm: ldc {ldc} < n {n}");
+    assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "gemm: C too short");
+    assert!(a.rows * a.cols == 0 || a.last_index() < a.data.len(), "gemm: A view out of bounds");
+    assert!(b.rows * b.cols == 0 || b.last_index() < b.data.len(), "gemm: B view out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(T::ZERO);
+            }
+        }
+        return;
+    }
+    // candle's own pool, not rayon: candle's workers spin for a while after each candle op, so
+    // work handed to them starts at once, while work on a second pool would share the two
+    // cores with them (measured in `bench train`: 940 against 1070 ms per step, and the
+    // products alone at ~160 instead of ~195 GFLOP/s).
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    // Below ~4 MFLOP the product takes well under a millisecond: not worth a fork.
+    if threads == 1 || 2 * m * n * k < 1 << 22 {
+        block_gemm(a, b, c, ldc, accumulate);
+        return;
+    }
+    let shape = kernel_shape::<T>();
+    let c = &mut c[..(m - 1) * ldc + n];
+    let (c_ptr, c_len) = (SendPtr(c.as_mut_ptr()), c.len());
+    // One slab of C per thread along its longer side: whole rows (a multiple of MR) or whole
+    // columns (a multiple of NR).
+    let by_rows = m >= n;
+    let slab = if by_rows {
+        m.div_ceil(threads).next_multiple_of(shape.mr)
+    } else {
+        n.div_ceil(threads).next_multiple_of(shape.nr)
+    };
+    let slabs = if by_rows { m.div_ceil(slab) } else { n.div_ceil(slab) };
+    let run = |tid: usize| {
+        if tid >= slabs {
+            return;
+        }
+        let start = tid * slab;
+        // SAFETY: slabs are disjoint row ranges `start..start + rows` or column ranges
+        // `start..start + cols` of C; the slice below begins at the slab's first element and
+        // runs to the end of C, and `block_gemm` only touches `(i, j)` of its sub-problem at
+        // `i·ldc + j`, which lies inside it and inside the slab.
+        let (a, b, offset) = if by_rows {
+            let rows = slab.min(m - start);
+            (MatRef { data: &a.data[start * a.row_stride..], rows, ..a }, b, start * ldc)
+        } else {
+            let cols = slab.min(n - start);
+            (a, MatRef { data: &b.data[start * b.col_stride..], cols, ..b }, start)
+        };
+        let c = unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(offset), c_len - offset) };
+        block_gemm(a, b, c, ldc, accumulate);
+    };
+    pool.execute(run);
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: only used to hand disjoint parts of one buffer to rayon tasks (see `gemm`).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Register tile and cache blocks.
+#[derive(Clone, Copy)]
+struct KernelShape {
+    mr: usize,
+    nr: usize,
+    /// Depth of a packed block: a `KC × NR` panel of B must stay in L1 (32 KiB for f32 at 256).
+    kc: usize,
+    /// Rows of A packed at once (`MC × KC` in L2).
+    mc: usize,
+    /// Columns of B packed at once (`KC × NC` in L2/L3).
+    nc: usize,
+}
+
+fn kernel_shape<T: Real>() -> KernelShape {
+    if avx512_f32::<T>() {
+        KernelShape { mr: avx512::MR, nr: avx512::NR, kc: 256, mc: 192, nc: 1536 }
+    } else {
+        KernelShape { mr: PORTABLE_MR, nr: PORTABLE_NR, kc: 256, mc: 96, nc: 1024 }
+    }
+}
+
+fn avx512_f32<T: Real>() -> bool {
+    T::DTYPE == candle_core::DType::F32 && isa() == Isa::Avx512
+}
+
+thread_local! {
+    /// Packing buffers reused across calls (allocating them per call would page-fault every
+    /// time): `[packed A | packed B]`, as `f64` so the storage is aligned for either type.
+    static PACK: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Single-threaded blocked product of the whole of `a · b` into `c`.
+fn block_gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+    let s = kernel_shape::<T>();
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let a_len = s.mc.min(m.next_multiple_of(s.mr)) * s.kc;
+    let b_len = s.nc.min(n.next_multiple_of(s.nr)) * s.kc;
+    PACK.with_borrow_mut(|pack| {
+        let words = (a_len + b_len) * std::mem::size_of::<T>() / 8 + 1;
+        if pack.len() < words {
+            pack.resize(words, 0.0);
+        }
+        // SAFETY: the buffer holds at least `a_len + b_len` values of T (f32 or f64, both plain
+        // old data with alignment ≤ f64's), and nothing else borrows it while this runs.
+        let buffer = unsafe { std::slice::from_raw_parts_mut(pack.as_mut_ptr() as *mut T, a_len + b_len) };
+        let (ap, bp) = buffer.split_at_mut(a_len);
+        for jc in (0..n).step_by(s.nc) {
+            let nc = s.nc.min(n - jc);
+            for pc in (0..k).step_by(s.kc) {
+                let kc = s.kc.min(k - pc);
+                pack_b(b, pc, kc, jc, nc, s.nr, bp);
+                for ic in (0..m).step_by(s.mc) {
+                    let mc = s.mc.min(m - ic);
+                    pack_a(a, ic, mc, pc, kc, s.mr, ap);
+                    let tile = Tile { kc, ldc, accumulate: accumulate || pc > 0 };
+                    for jr in (0..nc).step_by(s.nr) {
+                        let b_panel = &bp[jr * kc..(jr + s.nr) * kc];
+                        for ir in (0..mc).step_by(s.mr) {
+                            let a_panel = &ap[ir * kc..(ir + s.mr) * kc];
+                            let (rows, cols) = (s.mr.min(mc - ir), s.nr.min(nc - jr));
+                            let c_tile = &mut c[(ic + ir) * ldc + jc + jr..];
+                            micro_kernel(tile, a_panel, b_panel, c_tile, rows, cols);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// What every micro-kernel call of one block shares.
+#[derive(Clone, Copy)]
+struct Tile {
+    kc: usize,
+    ldc: usize,
+    /// Add to `C` rather than overwrite it.
+    accumulate: bool,
+}
+
+#[inline(always)]
+fn micro_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: &mut [T], rows: usize, cols: usize) {
+    assert!(rows > 0 && cols > 0 && c.len() >= (rows - 1) * tile.ldc + cols);
+    if avx512_f32::<T>() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the CPU has AVX-512 (checked by `isa`), and the panels hold `kc·MR` /
+            // `kc·NR` values (sliced by the caller).
+            unsafe { avx512::kernel(tile, as_f32(a), as_f32(b), as_f32_mut(c), rows, cols) };
+            return;
+        }
+    }
+    portable_kernel::<T>(tile, a, b, c, rows, cols);
+}
+
+/// Copy `A[i0..i0+mc, p0..p0+kc]` into panels of `mr` rows: panel `r`, step `p` holds
+/// `A[i0 + r·mr + (0..mr), p0 + p]` at `out[(r·kc + p)·mr ..]`, zero past row `mc`.
+fn pack_a<T: Real>(a: MatRef<T>, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [T]) {
+    for (r, panel) in out.chunks_mut(kc * mr).take(mc.div_ceil(mr)).enumerate() {
+        let rows = mr.min(mc - r * mr);
+        let first = (i0 + r * mr) * a.row_stride + p0 * a.col_stride;
+        // Row-major A with a full panel: transpose 16×16 blocks in registers.
+        #[cfg(target_arch = "x86_64")]
+        if avx512_f32::<T>() && a.col_stride == 1 && rows == mr {
+            // SAFETY: f32 + AVX-512 checked; rows `mr` × `kc` columns from `first` lie inside
+            // `a.data` (the view was bounds-checked in `gemm`), and the panel holds `kc·mr`.
+            unsafe { avx512::pack_rows(as_f32(&a.data[first..]), a.row_stride, kc, as_f32_mut(panel)) };
+            continue;
+        }
+        strided_pack(&a.data[first..], a.row_stride, a.col_stride, rows, kc, mr, panel);
+    }
+}
+
+/// Copy `B[p0..p0+kc, j0..j0+nc]` into panels of `nr` columns: panel `s`, step `p` holds
+/// `B[p0 + p, j0 + s·nr + (0..nr)]` at `out[(s·kc + p)·nr ..]`, zero past column `nc`.
+fn pack_b<T: Real>(b: MatRef<T>, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [T]) {
+    for (s, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+        let cols = nr.min(nc - s * nr);
+        let first = p0 * b.row_stride + (j0 + s * nr) * b.col_stride;
+        // Bᵀ stored row-major (a weight `(out, in)` read as `in × out`) with a full panel.
+        #[cfg(target_arch = "x86_64")]
+        if avx512_f32::<T>() && b.row_stride == 1 && cols == nr {
+            // SAFETY: as in `pack_a`, with B's columns as the rows being transposed.
+            unsafe { avx512::pack_rows(as_f32(&b.data[first..]), b.col_stride, kc, as_f32_mut(panel)) };
+            continue;
+        }
+        strided_pack(&b.data[first..], b.col_stride, b.row_stride, cols, kc, nr, panel);
+    }
+}
+
+/// The general packing loop: `lines` lines (rows of A, or columns of B) of `kc` values, line
+/// `l` step `p` at `src[l·line_stride + p·step_stride]`, into `out[p·width + l]`, zero-padding
+/// lines `lines..width`.
+fn strided_pack<T: Real>(
+    src: &[T],
+    line_stride: usize,
+    step_stride: usize,
+    lines: usize,
+    kc: usize,
+    width: usize,
+    out: &mut [T],
+) {
+    let out = &mut out[..kc * width];
+    if line_stride == 1 {
+        // The `lines` values of one step are contiguous.
+        for (p, dst) in out.chunks_exact_mut(width).enumerate() {
+            dst[..lines].copy_from_slice(&src[p * step_stride..p * step_stride + lines]);
+            dst[lines..].fill(T::ZERO);
+        }
+        return;
+    }
+    for (p, dst) in out.chunks_exact_mut(width).enumerate() {
+        for (l, d) in dst.iter_mut().enumerate() {
+            *d = if l < lines { src[l * line_stride + p * step_stride] } else { T::ZERO };
+        }
+    }
+}
+
+fn as_f32<T: Real>(s: &[T]) -> &[f32] {
+    assert_eq!(T::DTYPE, candle_core::DType::F32);
+    // SAFETY: T is f32 (asserted).
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) }
+}
+
+fn as_f32_mut<T: Real>(s: &mut [T]) -> &mut [f32] {
+    assert_eq!(T::DTYPE, candle_core::DType::F32);
+    // SAFETY: T is f32 (asserted).
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) }
+}
+
+/// The portable tile, 6 rows × 16 columns: for f32 that is 12 AVX2 registers of
+/// accumulators, two for the row of B and one for the broadcast (of 16).
+const PORTABLE_MR: usize = 6;
+const PORTABLE_NR: usize = 16;
+
+multiversion! {
+    /// `out[MR × NR] = Ap[MR × kc] · Bp[kc × NR]` with the accumulators in plain arrays, which
+    /// LLVM keeps in vector registers.
+    fn portable_product<T: Real>(kc: usize, a: &[T], b: &[T], out: &mut [T]) {
+        const MR: usize = PORTABLE_MR;
+        const NR: usize = PORTABLE_NR;
+        let mut acc = [[T::ZERO; NR]; MR];
+        for p in 0..kc {
+            let b_row: [T; NR] = b[p * NR..(p + 1) * NR].try_into().expect("NR values");
+            let a_col: [T; MR] = a[p * MR..(p + 1) * MR].try_into().expect("MR values");
+            for (acc_r, &a_rp) in acc.iter_mut().zip(&a_col) {
+                for (x, &b) in acc_r.iter_mut().zip(&b_row) {
+                    *x = a_rp.mul_add(b, *x);
+                }
+            }
+        }
+        for (dst, acc_r) in out.chunks_exact_mut(NR).zip(&acc) {
+            dst.copy_from_slice(acc_r);
+        }
+    }
+}
+
+fn portable_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: &mut [T], rows: usize, cols: usize) {
+    let mut acc = [T::ZERO; PORTABLE_MR * PORTABLE_NR];
+    portable_product::<T>(tile.kc, a, b, &mut acc);
+    for (r, acc_r) in acc.chunks_exact(PORTABLE_NR).enumerate().take(rows) {
+        let dst = &mut c[r * tile.ldc..r * tile.ldc + cols];
+        if tile.accumulate {
+            for (d, &x) in dst.iter_mut().zip(acc_r) {
+                *d += x;
+            }
+        } else {
+            dst.copy_from_slice(&acc_r[..cols]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Tile;
+
+    pub const MR: usize = 12;
+    pub const NR: usize = 32;
+
+    /// `C[rows × cols] (+)= Ap[12 × kc] · Bp[kc × 32]`, the 12×32 tile in 24 registers.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `a` holds `kc·12` values, `b` `kc·32`, and `c` reaches
+    /// `(rows − 1)·ldc + cols`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel(tile: Tile, a: &[f32], b: &[f32], c: &mut [f32], rows: usize, cols: usize) {
+        let kc = tile.kc;
+        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for _ in 0..kc {
+            // SAFETY: kc steps of MR (resp. NR) values each, as the caller guarantees.
+            unsafe {
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let a_r = _mm512_set1_ps(*ap.add(r));
+                    acc_r[0] = _mm512_fmadd_ps(a_r, b0, acc_r[0]);
+                    acc_r[1] = _mm512_fmadd_ps(a_r, b1, acc_r[1]);
+                }
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+        }
+        if rows == MR && cols == NR {
+            for (r, acc_r) in acc.iter().enumerate() {
+                // SAFETY: the full tile lies inside `c` (caller's guarantee).
+                unsafe {
+                    let dst = c.as_mut_ptr().add(r * tile.ldc);
+                    let (mut lo, mut hi) = (acc_r[0], acc_r[1]);
+                    if tile.accumulate {
+                        lo = _mm512_add_ps(lo, _mm512_loadu_ps(dst));
+                        hi = _mm512_add_ps(hi, _mm512_loadu_ps(dst.add(16)));
+                    }
+                    _mm512_storeu_ps(dst, lo);
+                    _mm512_storeu_ps(dst.add(16), hi);
+                }
+            }
+        } else {
+            let mut spill = [0f32; MR * NR];
+            for (r, acc_r) in acc.iter().enumerate() {
+                // SAFETY: `spill` holds MR rows of NR values.
+                unsafe {
+                    _mm512_storeu_ps(spill.as_mut_ptr().add(r * NR), acc_r[0]);
+                    _mm512_storeu_ps(spill.as_mut_ptr().add(r * NR + 16), acc_r[1]);
+                }
+            }
+            for r in 0..rows {
+                let dst = &mut c[r * tile.ldc..r * tile.ldc + cols];
+                let src = &spill[r * NR..r * NR + cols];
+                if tile.accumulate {
+                    for (d, &x) in dst.iter_mut().zip(src) {
+                        *d += x;
+                    }
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+    }
+
+    /// Transpose `width` lines (`width` = MR or NR) of `kc` values into the packed panel
+    /// `out[p·width + l] = line_l[p]`, where line `l` starts at `src[l·line_stride]` and is
+    /// contiguous. Blocks of 16 lines × 16 steps go through registers; a ragged tail of
+    /// steps is copied one value at a time.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `src` must reach `(width − 1)·line_stride + kc` and
+    /// `out` hold `kc·width` values; `width` is a multiple of 4.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_rows(src: &[f32], line_stride: usize, kc: usize, out: &mut [f32]) {
+        let width = out.len() / kc.max(1);
+        assert!(width.is_multiple_of(4) && out.len() >= kc * width && src.len() >= (width - 1) * line_stride + kc);
+        let full_steps = kc / 16 * 16;
+        for l0 in (0..width).step_by(16) {
+            let lines = 16.min(width - l0);
+            // Lanes kept of each transposed vector: all 16, or the first 12 (MR = 12).
+            let keep: __mmask16 = if lines == 16 { 0xFFFF } else { (1u16 << lines) - 1 };
+            for p0 in (0..full_steps).step_by(16) {
+                let mut block = [_mm512_setzero_ps(); 16];
+                for (l, row) in block.iter_mut().enumerate().take(lines) {
+                    // SAFETY: line l0 + l, steps p0..p0 + 16 ≤ kc, inside `src` (asserted).
+                    *row = unsafe { _mm512_loadu_ps(src.as_ptr().add((l0 + l) * line_stride + p0)) };
+                }
+                let columns = transpose16(block);
+                for (c, column) in columns.iter().enumerate() {
+                    // SAFETY: step p0 + c < kc, lanes l0..l0 + lines ≤ width: inside `out`.
+                    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add((p0 + c) * width + l0), keep, *column) };
+                }
+            }
+        }
+        for p in full_steps..kc {
+            for l in 0..width {
+                out[p * width + l] = src[l * line_stride + p];
+            }
+        }
+    }
+
+    /// Transpose of a 16×16 block held as 16 row registers: four rounds of shuffles, pairing
+    /// elements, then pairs, then 128-bit lanes, then lane pairs.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // Round 1: interleave rows 2i, 2i+1 → per 128-bit lane (a0 b0 a1 b1), (a2 b2 a3 b3).
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // Round 2: lane L of u[4g + c] holds rows 4g..4g+3 of column 4L + c.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+        }
+        // Rounds 3 and 4: gather lane L of u[c], u[4+c], u[8+c], u[12+c] into column 4L + c.
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let even_01 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]); // lanes 0, 2 of rows 0–7
+            let odd_01 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]); // lanes 1, 3
+            let even_23 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let odd_23 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(even_01, even_23);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(even_01, even_23);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(odd_01, odd_23);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(odd_01, odd_23);
+        }
+        out
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub const MR: usize = 1;
+    pub const NR: usize = 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: MatRef<f64>, b: MatRef<f64>) -> Vec<f64> {
+        let mut c = vec![0.0; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                c[i * b.cols + j] = (0..a.cols).map(|p| a.at(i, p) * b.at(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f64> {
+        (0..n).map(|i| (((i + seed) * 7919 % 1000) as f64 / 500.0) - 1.0).collect()
+    }
+
+    /// Every combination of transposed operands, accumulate or not, sizes straddling the tile
+    /// and block edges (12, 32, 256, 192) and large enough to take the threaded path.
+    #[test]
+    fn matches_naive_product() {
+        let sizes = [
+            (1, 1, 1),
+            (5, 3, 2),
+            (12, 32, 7),
+            (13, 33, 257),
+            (25, 70, 300),
+            (200, 40, 520),
+            (300, 500, 40),
+            (64, 1600, 20),
+        ];
+        for &(m, n, k) in &sizes {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a_data = values(m * k, 1);
+                let b_data = values(k * n, 2);
+                let a = if ta { MatRef::row_major(&a_data, k, m).t() } else { MatRef::row_major(&a_data, m, k) };
+                let b = if tb { MatRef::row_major(&b_data, n, k).t() } else { MatRef::row_major(&b_data, k, n) };
+                let want = naive(a, b);
+                for accumulate in [false, true] {
+                    let c0 = values(m * n, 3);
+                    let mut got = c0.clone();
+                    gemm(a, b, &mut got, n, accumulate);
+                    for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let w = if accumulate { w + c0[idx] } else { *w };
+                        assert!((g - w).abs() < 1e-9, "f64 ({m},{n},{k}) ta={ta} tb={tb}: {g} vs {w}");
+                    }
+                    let (a32, b32): (Vec<f32>, Vec<f32>) =
+                        (a_data.iter().map(|&x| x as f32).collect(), b_data.iter().map(|&x| x as f32).collect());
+                    let a = MatRef {
+                        data: &a32[..],
+                        rows: a.rows,
+                        cols: a.cols,
+                        row_stride: a.row_stride,
+                        col_stride: a.col_stride,
+                    };
+                    let b = MatRef {
+                        data: &b32[..],
+                        rows: b.rows,
+                        cols: b.cols,
+                        row_stride: b.row_stride,
+                        col_stride: b.col_stride,
+                    };
+                    let mut got: Vec<f32> = c0.iter().map(|&x| x as f32).collect();
+                    gemm(a, b, &mut got, n, accumulate);
+                    for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let w = if accumulate { w + c0[idx] } else { *w };
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-3 * (1.0 + k as f64).sqrt(),
+                            "f32 ({m},{n},{k}): {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn leading_dimension_wider_than_n_leaves_the_gap_alone() {
+        let (m, n, k, ldc) = (30, 40, 50, 47);
+        let a_data = values(m * k, 4);
+        let b_data = values(k * n, 5);
+        let mut c = vec![9.0f64; m * ldc];
+        gemm(MatRef::row_major(&a_data, m, k), MatRef::row_major(&b_data, k, n), &mut c, ldc, false);
+        let want = naive(MatRef::row_major(&a_data, m, k), MatRef::row_major(&b_data, k, n));
+        for i in 0..m {
+            for j in 0..ldc {
+                let got = c[i * ldc + j];
+                if j < n {
+                    assert!((got - want[i * n + j]).abs() < 1e-9);
+                } else {
+                    assert_eq!(got, 9.0, "gap at ({i},{j}) written");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The affine map of a linear layer as one op, on [`super::gemm`]:
+//!
+//! ```text
+//! forward                  | backward (upstream gradient dY: N × out)
+//! Y = X·Wᵀ + b             | dX = dY·W          (N × in)
+//!   X: N × in, W: out × in | dW = dYᵀ·X         (out × in)
+//!                          | db = Σ_rows dY     (out)
+//! ```
+//!
+//! Why one op: composed from candle ops, the same layer is a transposed-weight matmul, a
+//! broadcast add, and in the backward two matmuls with transposed copies plus a reduction for
+//! the bias, each a separate pass over memory, and all on candle's 256-bit matmul kernel. Here
+//! the three products read their operands in place through strides (the packing step of the
+//! kernel absorbs the transposes) and the bias is folded into the output before the product.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{gemm, MatRef};
+use super::simd::Real;
+use super::{compute_dtype, same_dtype, with_slices};
+
+/// `x·weightᵀ + bias` for `x`: `(…, in)`, `weight`: `(out, in)`, `bias`: `(out)` → `(…, out)`.
+/// Gradients flow to all three. The leading dims are flattened inside the op, not by a
+/// reshape, so autograd sees one node (every node costs a zero-fill and an add of its input's
+/// gradient in candle's backward pass).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    check(x, weight, bias)?;
+    if !x.device().is_cpu() {
+        return composed_linear(x, weight, bias);
+    }
+    let dtype = x.dtype();
+    let compute = compute_dtype("linear", dtype)?;
+    let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
+    let (x, weight) = (contiguous(x)?, contiguous(weight)?);
+    match bias {
+        Some(bias) => x.apply_op3(&weight, &contiguous(bias)?, LinearOp)?.to_dtype(dtype),
+        None => x.apply_op2(&weight, LinearOp)?.to_dtype(dtype),
+    }
+}
+
+/// The same map from candle's ops (the reference, and the path for other devices).
+pub fn composed_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    let rows: usize = shape[..shape.len() - 1].iter().product();
+    let y = x.reshape((rows, weight.dim(1)?))?.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    *shape.last_mut().expect("checked rank") = weight.dim(0)?;
+    y.reshape(shape)
+}
+
+fn check(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    let (Some(&fan_in), true, Ok((fan_out, w_in))) = (x.dims().last(), x.rank() >= 2, weight.dims2()) else {
+        bail!(
+            "linear: x must be (…, in) with at least 2 dims and weight (out, in), got {:?} and {:?}",
+            x.dims(),
+            weight.dims()
+        )
+    };
+    if fan_in != w_in {
+        bail!("linear: x has {fan_in} features but weight {:?} expects {w_in}", weight.dims())
+    }
+    if let Some(b) = bias {
+        if b.dims() != [fan_out] {
+            bail!("linear: bias must be ({fan_out}) for weight {:?}, got {:?}", weight.dims(), b.dims())
+        }
+    }
+    let mut others = vec![("weight", weight)];
+    others.extend(bias.map(|b| ("bias", b)));
+    same_dtype("linear", x.dtype(), &others)
+}
+
+struct LinearOp;
+
+impl LinearOp {
+    /// Runs [`forward`] on `[x, w]` or `[x, w, b]`.
+    fn cpu_fwd_any(inputs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            inputs: &[(&CpuStorage, &Layout)],
+            rows: usize,
+            fan_in: usize,
+            fan_out: usize,
+        ) -> Result<CpuStorage> {
+            let mut slices = Vec::with_capacity(inputs.len());
+            for (storage, layout) in inputs {
+                match layout.contiguous_offsets() {
+                    Some((start, end)) => slices.push(&T::cpu_storage_as_slice(storage)?[start..end]),
+                    None => bail!("linear: internal error, input is not contiguous"),
+                }
+            }
+            let y = forward(slices[0], slices[1], slices.get(2).copied(), rows, fan_in, fan_out);
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let ((x, lx), (_, lw)) = (inputs[0], inputs[1]);
+        let (fan_out, fan_in) = lw.shape().dims2()?;
+        let rows = lx.shape().elem_count() / fan_in.max(1);
+        let storage = match x {
+            CpuStorage::F32(_) => run::<f32>(inputs, rows, fan_in, fan_out)?,
+            CpuStorage::F64(_) => run::<f64>(inputs, rows, fan_in, fan_out)?,
+            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(BackendStorage::dtype(x), "linear")),
+        };
+        let mut dims = lx.dims().to_vec();
+        *dims.last_mut().expect("checked rank") = fan_out;
+        Ok((storage, Shape::from(dims)))
+    }
+
+    /// Gradients for `x`, `weight` and (when `with_bias`) `bias`.
+    fn bwd_any(
+        x: &Tensor,
+        weight: &Tensor,
+        grad: &Tensor,
+        with_bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        fn run<T: Real>(
+            x: &Tensor,
+            weight: &Tensor,
+            grad: &Tensor,
+            with_bias: bool,
+        ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+            let (fan_out, fan_in) = weight.dims2()?;
+            let rows = x.elem_count() / fan_in.max(1);
+            let (dx, dw, db) = with_slices::<T, _>("linear", &[x, weight, grad], |s| {
+                Ok(backward(s[0], s[1], s[2], rows, fan_in, fan_out, with_bias))
+            })?;
+            Ok((
+                Tensor::from_vec(dx, x.shape(), &Device::Cpu)?,
+                Tensor::from_vec(dw, (fan_out, fan_in), &Device::Cpu)?,
+                db.map(|db| Tensor::from_vec(db, fan_out, &Device::Cpu)).transpose()?,
+            ))
+        }
+        let grad = grad.to_dtype(x.dtype())?;
+        match x.dtype() {
+            DType::F32 => run::<f32>(x, weight, &grad, with_bias),
+            DType::F64 => run::<f64>(x, weight, &grad, with_bias),
+            other => Err(candle_core::Error::UnsupportedDTypeForOp(other, "linear")),
+        }
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        LinearOp::cpu_fwd_any(&[(x, lx), (w, lw)])
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = LinearOp::bwd_any(x, weight, grad, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        LinearOp::cpu_fwd_any(&[(x, lx), (w, lw), (b, lb)])
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = LinearOp::bwd_any(x, weight, grad, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// `(N, out)` for `x`: `(N, in)`, `w`: `(out, in)`; `b` is added to every row first.
+fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, fan_in: usize, fan_out: usize) -> Vec<T> {
+    let mut y = vec![T::ZERO; rows * fan_out];
+    if let Some(b) = b {
+        y.par_chunks_mut(fan_out * 64)
+            .for_each(|block| block.chunks_exact_mut(fan_out).for_each(|r| r.copy_from_slice(b)));
+    }
+    let x = MatRef::row_major(x, rows, fan_in);
+    let w_t = MatRef::row_major(w, fan_out, fan_in).t();
+    gemm(x, w_t, &mut y, fan_out, b.is_some());
+    y
+}
+
+/// `(dX, dW, db)`; `db` only when `with_bias`.
+fn backward<T: Real>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    rows: usize,
+    fan_in: usize,
+    fan_out: usize,
+    with_bias: bool,
+) -> (Vec<T>, Vec<T>, Option<Vec<T>>) {
+    let dy_m = MatRef::row_major(dy, rows, fan_out);
+    let mut dx = vec![T::ZERO; rows * fan_in];
+    gemm(dy_m, MatRef::row_major(w, fan_out, fan_in), &mut dx, fan_in, false);
+    let mut dw = vec![T::ZERO; fan_out * fan_in];
+    gemm(dy_m.t(), MatRef::row_major(x, rows, fan_in), &mut dw, fan_in, false);
+    let db = with_bias.then(|| column_sums(dy, fan_out));
+    (dx, dw, db)
+}
+
+/// `Σ_rows m` for a row-major matrix of `cols` columns: each rayon task sums a block of rows.
+fn column_sums<T: Real>(m: &[T], cols: usize) -> Vec<T> {
+    let rows_per_task = (16_384 / cols.max(1)).max(1);
+    m.par_chunks(rows_per_task * cols)
+        .fold(
+            || vec![T::ZERO; cols],
+            |mut acc, block| {
+                for row in block.chunks_exact(cols) {
+                    acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![T::ZERO; cols],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+                a
+            },
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Tensor};
+
+    use super::*;
+    use crate::nn::ops::testing::{check_against_composed, check_finite_differences, rand_tensor};
+
+    fn inputs(rows: usize, fan_in: usize, fan_out: usize, dtype: DType) -> Vec<Tensor> {
+        vec![
+            rand_tensor(&[rows, fan_in], 1, dtype),
+            rand_tensor(&[fan_out, fan_in], 2, dtype),
+            rand_tensor(&[fan_out], 3, dtype),
+        ]
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for (rows, fan_in, fan_out) in [(1, 1, 1), (5, 7, 3), (13, 4, 33)] {
+            let with_bias = |t: &[Tensor]| linear(&t[0], &t[1], Some(&t[2]));
+            check_finite_differences(&with_bias, &inputs(rows, fan_in, fan_out, DType::F64), &[0, 1, 2], 1e-6);
+            let without = |t: &[Tensor]| linear(&t[0], &t[1], None);
+            check_finite_differences(&without, &inputs(rows, fan_in, fan_out, DType::F64)[..2], &[0, 1], 1e-6);
+        }
+    }
+
+    /// f32 through the AVX-512 kernel where the CPU has it, at sizes that take the threaded
+    /// path and ragged tiles.
+    #[test]
+    fn matches_composed_ops() {
+        for (rows, fan_in, fan_out) in [(3, 5, 2), (130, 96, 200), (515, 300, 77), (64, 1000, 40)] {
+            let fused = |t: &[Tensor]| linear(&t[0], &t[1], Some(&t[2]));
+            let composed = |t: &[Tensor]| composed_linear(&t[0], &t[1], Some(&t[2]));
+            check_against_composed("linear", &fused, &composed, &inputs(rows, fan_in, fan_out, DType::F32), 1e-4);
+            let fused = |t: &[Tensor]| linear(&t[0], &t[1], None);
+            let composed = |t: &[Tensor]| composed_linear(&t[0], &t[1], None);
+            check_against_composed(
+                "linear, no bias",
+                &fused,
+                &composed,
+                &inputs(rows, fan_in, fan_out, DType::F32)[..2],
+                1e-4,
+            );
+        }
+    }
+
+    #[test]
+    fn leading_dims_are_kept() {
+        let x = rand_tensor(&[2, 3, 5, 4], 1, DType::F64);
+        let (w, b) = (rand_tensor(&[6, 4], 2, DType::F64), rand_tensor(&[6], 3, DType::F64));
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 5, 6]);
+        let f = |t: &[Tensor]| linear(&t[0], &t[1], Some(&t[2]));
+        check_finite_differences(&f, &[x, w, b], &[0, 1, 2], 1e-6);
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let t = inputs(4, 3, 2, DType::F32);
+        let err = linear(&t[0], &t[1].t().unwrap(), None).unwrap_err().to_string();
+        assert!(err.contains("expects 2"), "{err}");
+        let err = linear(&t[0], &t[1], Some(&t[0])).unwrap_err().to_string();
+        assert!(err.contains("bias must be (2)"), "{err}");
+        let err = linear(&t[0].flatten_all().unwrap(), &t[1], None).unwrap_err().to_string();
+        assert!(err.contains("at least 2 dims"), "{err}");
+    }
+}
