@@ -106,6 +106,11 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
             let (line, step_ms) = run_torch(python, script, &a)?;
             println!("round {round}: {line}");
             theirs.push(step_ms);
+            // Warm up again: our threads slept while PyTorch ran (its own 5 warm-up steps are
+            // not timed either).
+            for _ in 0..2 {
+                step(&mut [0.0; 3])?;
+            }
         }
         let mut phases = [0f64; 3];
         let started = Instant::now();

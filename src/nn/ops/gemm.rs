@@ -32,6 +32,9 @@
 //! the flops for the shapes of a training step, and no synchronisation inside the product.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
 
 use super::simd::{isa, multiversion, Isa, Real};
 
@@ -90,54 +93,155 @@ pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumu
         }
         return;
     }
+    if m == 1 && b.row_stride == 1 && a.col_stride == 1 {
+        // One row times a transposed weight (decoding a token): dot products straight from
+        // the weight's rows; packing would copy the whole weight for one use.
+        return row_times_transposed(a, b, c, accumulate);
+    }
     // candle's own pool, not rayon: candle's workers spin for a while after each candle op, so
     // work handed to them starts at once, while work on a second pool would share the two
     // cores with them (measured in `bench train`: 940 against 1070 ms per step, and the
     // products alone at ~160 instead of ~195 GFLOP/s).
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
+    let s = kernel_shape::<T>();
+    let (row_panels, col_panels) = (m.div_ceil(s.mr), n.div_ceil(s.nr));
     // Below ~4 MFLOP the product takes well under a millisecond: not worth a fork.
-    if threads == 1 || 2 * m * n * k < 1 << 22 {
-        block_gemm(a, b, c, ldc, accumulate);
-        return;
-    }
-    let shape = kernel_shape::<T>();
-    let c = &mut c[..(m - 1) * ldc + n];
-    let (c_ptr, c_len) = (SendPtr(c.as_mut_ptr()), c.len());
-    // One slab of C per thread along its longer side: whole rows (a multiple of MR) or whole
-    // columns (a multiple of NR).
-    let by_rows = m >= n;
-    let slab = if by_rows {
-        m.div_ceil(threads).next_multiple_of(shape.mr)
-    } else {
-        n.div_ceil(threads).next_multiple_of(shape.nr)
-    };
-    let slabs = if by_rows { m.div_ceil(slab) } else { n.div_ceil(slab) };
-    let run = |tid: usize| {
-        if tid >= slabs {
-            return;
+    let parallel = threads > 1 && 2 * m * n * k >= 1 << 22;
+    // Work is handed out in units of row panels of A (each thread packs its own rows against
+    // the shared packed B), or of column panels of B when A has too few rows to share.
+    let by_rows = row_panels >= 2 * threads || row_panels >= col_panels;
+    let (units, unit_limit) = if by_rows { (row_panels, s.mc / s.mr) } else { (col_panels, s.nc / s.nr) };
+    let chunk = if parallel { units.div_ceil(4 * threads).clamp(1, unit_limit) } else { units };
+    let c_ptr = SendPtr(c.as_mut_ptr());
+
+    // The shared operand is packed for several KC blocks at once (up to ~8 MB), so that each
+    // thread runs the whole depth of its units without a barrier per block.
+    let shared_width = if by_rows { s.nc.min(n).next_multiple_of(s.nr) } else { m.next_multiple_of(s.mr) };
+    let blocks_per_group = ((2 << 20) / (shared_width * s.kc)).max(1);
+    SHARED_PACK.with_borrow_mut(|shared| {
+        for jc in (0..n).step_by(s.nc) {
+            let nc = s.nc.min(n - jc);
+            for group in (0..k).step_by(s.kc * blocks_per_group) {
+                let depth = (s.kc * blocks_per_group).min(k - group);
+                // The operand every unit reads, packed once: KC block `q` at `q·kc·width`.
+                let shared = scratch::<T>(shared, shared_width * depth);
+                for (q, pc) in (group..group + depth).step_by(s.kc).enumerate() {
+                    let kc = s.kc.min(k - pc);
+                    let dst = &mut shared[q * s.kc * shared_width..][..kc * shared_width];
+                    if by_rows {
+                        pack_b(b, pc, kc, jc, nc, s.nr, dst);
+                    } else {
+                        pack_a(a, 0, m, pc, kc, s.mr, dst);
+                    }
+                }
+                let shared = &*shared;
+                let cursor = AtomicUsize::new(0);
+                let units_here = if by_rows { units } else { nc.div_ceil(s.nr) };
+                let work = |_: usize| loop {
+                    let first = cursor.fetch_add(chunk, Ordering::Relaxed);
+                    if first >= units_here {
+                        break;
+                    }
+                    let last = (first + chunk).min(units_here);
+                    PACK.with_borrow_mut(|own| {
+                        for (q, pc) in (group..group + depth).step_by(s.kc).enumerate() {
+                            let kc = s.kc.min(k - pc);
+                            let tile = Tile { kc, ldc, accumulate: accumulate || pc > 0 };
+                            let packed = &shared[q * s.kc * shared_width..][..kc * shared_width];
+                            // SAFETY (both arms): units are disjoint row (or column) ranges of
+                            // C, so each block is written by one thread only, and it lies
+                            // inside C (`(m − 1)·ldc + n` values, asserted above).
+                            if by_rows {
+                                let (i0, rows) = (first * s.mr, ((last - first) * s.mr).min(m - first * s.mr));
+                                let ap = scratch::<T>(own, rows.next_multiple_of(s.mr) * kc);
+                                pack_a(a, i0, rows, pc, kc, s.mr, ap);
+                                unsafe { macro_block(s, tile, ap, rows, packed, nc, c_ptr.get().add(i0 * ldc + jc)) };
+                            } else {
+                                let (j0, cols) = (first * s.nr, ((last - first) * s.nr).min(nc - first * s.nr));
+                                let bp = scratch::<T>(own, cols.next_multiple_of(s.nr) * kc);
+                                pack_b(b, pc, kc, jc + j0, cols, s.nr, bp);
+                                unsafe { macro_block(s, tile, packed, m, bp, cols, c_ptr.get().add(jc + j0)) };
+                            }
+                        }
+                    });
+                };
+                if parallel {
+                    pool.execute(work);
+                } else {
+                    work(0);
+                }
+            }
         }
-        let start = tid * slab;
-        // SAFETY: slabs are disjoint row ranges `start..start + rows` or column ranges
-        // `start..start + cols` of C; the slice below begins at the slab's first element and
-        // runs to the end of C, and `block_gemm` only touches `(i, j)` of its sub-problem at
-        // `i·ldc + j`, which lies inside it and inside the slab.
-        let (a, b, offset) = if by_rows {
-            let rows = slab.min(m - start);
-            (MatRef { data: &a.data[start * a.row_stride..], rows, ..a }, b, start * ldc)
-        } else {
-            let cols = slab.min(n - start);
-            (a, MatRef { data: &b.data[start * b.col_stride..], cols, ..b }, start)
-        };
-        let c = unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(offset), c_len - offset) };
-        block_gemm(a, b, c, ldc, accumulate);
-    };
-    pool.execute(run);
+    });
+}
+
+/// `C[rows × cols] (+)= Ã · B̃` for packed operands: every `NR` panel of `B̃` against every
+/// `MR` panel of `Ã`, the panel of `B̃` staying in L1 across the inner loop.
+///
+/// # Safety
+/// `c` points at the block's first element; the `rows × cols` block (row stride `tile.ldc`)
+/// is accessed by this thread alone.
+unsafe fn macro_block<T: Real>(s: KernelShape, tile: Tile, ap: &[T], rows: usize, bp: &[T], cols: usize, c: *mut T) {
+    let kc = tile.kc;
+    for jr in (0..cols).step_by(s.nr) {
+        let b_panel = &bp[jr * kc..(jr + s.nr) * kc];
+        for ir in (0..rows).step_by(s.mr) {
+            let a_panel = &ap[ir * kc..(ir + s.mr) * kc];
+            let (r, w) = (s.mr.min(rows - ir), s.nr.min(cols - jr));
+            // SAFETY: a tile inside the block (the caller's contract).
+            unsafe { micro_kernel(tile, a_panel, b_panel, c.add(ir * tile.ldc + jr), r, w) };
+        }
+    }
+}
+
+/// `buffer` viewed as at least `len` values of `T`, grown if needed.
+fn scratch<T: Real>(buffer: &mut Vec<f64>, len: usize) -> &mut [T] {
+    let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+    if buffer.len() < words {
+        buffer.resize(words, 0.0);
+    }
+    // SAFETY: the buffer holds at least `len` values of T (f32 or f64, plain old data with
+    // alignment ≤ f64's), and the returned borrow keeps it from being used otherwise.
+    unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut T, len) }
+}
+
+multiversion! {
+    /// `c[0, j] (+)= Σ_p a[0, p] · W[j, p]` for `b = Wᵀ`, `W` rows contiguous.
+    fn dot_rows<T: Real>(x: &[T], w: &[T], w_stride: usize, out: &mut [T], accumulate: bool) {
+        let k = x.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            let row = &w[j * w_stride..j * w_stride + k];
+            let mut lanes = [T::ZERO; 16];
+            for (xc, wc) in x.chunks_exact(16).zip(row.chunks_exact(16)) {
+                for l in 0..16 {
+                    lanes[l] = xc[l].mul_add(wc[l], lanes[l]);
+                }
+            }
+            let tail = k / 16 * 16;
+            let mut sum = (tail..k).fold(T::ZERO, |acc, p| x[p].mul_add(row[p], acc));
+            for lane in lanes {
+                sum += lane;
+            }
+            *o = if accumulate { *o + sum } else { sum };
+        }
+    }
+}
+
+/// `C[1 × n] (+)= a[1 × k] · Wᵀ`, split over the rows of `W` in parallel.
+fn row_times_transposed<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], accumulate: bool) {
+    let (k, n) = (a.cols, b.cols);
+    let x = &a.data[..k];
+    let rows_per_task = (1 << 16) / k.max(1) + 1;
+    c[..n].par_chunks_mut(rows_per_task).enumerate().for_each(|(t, out)| {
+        let j0 = t * rows_per_task;
+        dot_rows::<T>(x, &b.data[j0 * b.col_stride..], b.col_stride, out, accumulate);
+    });
 }
 
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
-// SAFETY: only used to hand disjoint parts of one buffer to rayon tasks (see `gemm`).
+// SAFETY: only used to hand disjoint parts of one buffer to the pool's threads (see `gemm`).
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
@@ -173,47 +277,10 @@ fn avx512_f32<T: Real>() -> bool {
 
 thread_local! {
     /// Packing buffers reused across calls (allocating them per call would page-fault every
-    /// time): `[packed A | packed B]`, as `f64` so the storage is aligned for either type.
+    /// time), as `f64` so the storage is aligned for either type. `PACK` holds what one thread
+    /// packs for itself; `SHARED_PACK`, on the calling thread, the operand all threads read.
     static PACK: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Single-threaded blocked product of the whole of `a · b` into `c`.
-fn block_gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
-    let s = kernel_shape::<T>();
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let a_len = s.mc.min(m.next_multiple_of(s.mr)) * s.kc;
-    let b_len = s.nc.min(n.next_multiple_of(s.nr)) * s.kc;
-    PACK.with_borrow_mut(|pack| {
-        let words = (a_len + b_len) * std::mem::size_of::<T>() / 8 + 1;
-        if pack.len() < words {
-            pack.resize(words, 0.0);
-        }
-        // SAFETY: the buffer holds at least `a_len + b_len` values of T (f32 or f64, both plain
-        // old data with alignment ≤ f64's), and nothing else borrows it while this runs.
-        let buffer = unsafe { std::slice::from_raw_parts_mut(pack.as_mut_ptr() as *mut T, a_len + b_len) };
-        let (ap, bp) = buffer.split_at_mut(a_len);
-        for jc in (0..n).step_by(s.nc) {
-            let nc = s.nc.min(n - jc);
-            for pc in (0..k).step_by(s.kc) {
-                let kc = s.kc.min(k - pc);
-                pack_b(b, pc, kc, jc, nc, s.nr, bp);
-                for ic in (0..m).step_by(s.mc) {
-                    let mc = s.mc.min(m - ic);
-                    pack_a(a, ic, mc, pc, kc, s.mr, ap);
-                    let tile = Tile { kc, ldc, accumulate: accumulate || pc > 0 };
-                    for jr in (0..nc).step_by(s.nr) {
-                        let b_panel = &bp[jr * kc..(jr + s.nr) * kc];
-                        for ir in (0..mc).step_by(s.mr) {
-                            let a_panel = &ap[ir * kc..(ir + s.mr) * kc];
-                            let (rows, cols) = (s.mr.min(mc - ir), s.nr.min(nc - jr));
-                            let c_tile = &mut c[(ic + ir) * ldc + jc + jr..];
-                            micro_kernel(tile, a_panel, b_panel, c_tile, rows, cols);
-                        }
-                    }
-                }
-            }
-        }
-    });
+    static SHARED_PACK: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What every micro-kernel call of one block shares.
@@ -225,19 +292,22 @@ struct Tile {
     accumulate: bool,
 }
 
+/// # Safety
+/// `c` points at a `rows × cols` tile (row stride `tile.ldc`) that this thread alone accesses.
 #[inline(always)]
-fn micro_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: &mut [T], rows: usize, cols: usize) {
-    assert!(rows > 0 && cols > 0 && c.len() >= (rows - 1) * tile.ldc + cols);
+unsafe fn micro_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
+    assert!(rows > 0 && cols > 0);
     if avx512_f32::<T>() {
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: the CPU has AVX-512 (checked by `isa`), and the panels hold `kc·MR` /
-            // `kc·NR` values (sliced by the caller).
-            unsafe { avx512::kernel(tile, as_f32(a), as_f32(b), as_f32_mut(c), rows, cols) };
+            // SAFETY: the CPU has AVX-512 (checked by `isa`), the panels hold `kc·MR` /
+            // `kc·NR` values (sliced by the caller), `c` as this function's contract says.
+            unsafe { avx512::kernel(tile, as_f32(a), as_f32(b), c as *mut f32, rows, cols) };
             return;
         }
     }
-    portable_kernel::<T>(tile, a, b, c, rows, cols);
+    // SAFETY: as this function's contract says.
+    unsafe { portable_kernel::<T>(tile, a, b, c, rows, cols) };
 }
 
 /// Copy `A[i0..i0+mc, p0..p0+kc]` into panels of `mr` rows: panel `r`, step `p` holds
@@ -290,6 +360,13 @@ fn strided_pack<T: Real>(
     let out = &mut out[..kc * width];
     if line_stride == 1 {
         // The `lines` values of one step are contiguous.
+        #[cfg(target_arch = "x86_64")]
+        if avx512_f32::<T>() && lines == width {
+            // SAFETY: f32 + AVX-512 checked; step p reads `width` values at p·step_stride,
+            // inside `src` for every p < kc (the caller's view was bounds-checked).
+            unsafe { avx512::copy_steps(as_f32(src), step_stride, kc, width, as_f32_mut(out)) };
+            return;
+        }
         for (p, dst) in out.chunks_exact_mut(width).enumerate() {
             dst[..lines].copy_from_slice(&src[p * step_stride..p * step_stride + lines]);
             dst[lines..].fill(T::ZERO);
@@ -342,11 +419,14 @@ multiversion! {
     }
 }
 
-fn portable_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: &mut [T], rows: usize, cols: usize) {
+/// # Safety
+/// As [`micro_kernel`].
+unsafe fn portable_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
     let mut acc = [T::ZERO; PORTABLE_MR * PORTABLE_NR];
     portable_product::<T>(tile.kc, a, b, &mut acc);
     for (r, acc_r) in acc.chunks_exact(PORTABLE_NR).enumerate().take(rows) {
-        let dst = &mut c[r * tile.ldc..r * tile.ldc + cols];
+        // SAFETY: row r of the tile, `cols` values, ours alone (the caller's contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut(c.add(r * tile.ldc), cols) };
         if tile.accumulate {
             for (d, &x) in dst.iter_mut().zip(acc_r) {
                 *d += x;
@@ -369,10 +449,10 @@ mod avx512 {
     /// `C[rows × cols] (+)= Ap[12 × kc] · Bp[kc × 32]`, the 12×32 tile in 24 registers.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F; `a` holds `kc·12` values, `b` `kc·32`, and `c` reaches
-    /// `(rows − 1)·ldc + cols`.
+    /// The CPU must support AVX-512F; `a` holds `kc·12` values, `b` `kc·32`, and `c` points
+    /// at a `rows × cols` tile (row stride `ldc`) that this thread alone accesses.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(tile: Tile, a: &[f32], b: &[f32], c: &mut [f32], rows: usize, cols: usize) {
+    pub unsafe fn kernel(tile: Tile, a: &[f32], b: &[f32], c: *mut f32, rows: usize, cols: usize) {
         let kc = tile.kc;
         debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
@@ -395,7 +475,7 @@ mod avx512 {
             for (r, acc_r) in acc.iter().enumerate() {
                 // SAFETY: the full tile lies inside `c` (caller's guarantee).
                 unsafe {
-                    let dst = c.as_mut_ptr().add(r * tile.ldc);
+                    let dst = c.add(r * tile.ldc);
                     let (mut lo, mut hi) = (acc_r[0], acc_r[1]);
                     if tile.accumulate {
                         lo = _mm512_add_ps(lo, _mm512_loadu_ps(dst));
@@ -415,7 +495,8 @@ mod avx512 {
                 }
             }
             for r in 0..rows {
-                let dst = &mut c[r * tile.ldc..r * tile.ldc + cols];
+                // SAFETY: row r of the tile (the caller's contract).
+                let dst = unsafe { std::slice::from_raw_parts_mut(c.add(r * tile.ldc), cols) };
                 let src = &spill[r * NR..r * NR + cols];
                 if tile.accumulate {
                     for (d, &x) in dst.iter_mut().zip(src) {
@@ -461,6 +542,28 @@ mod avx512 {
         for p in full_steps..kc {
             for l in 0..width {
                 out[p * width + l] = src[l * line_stride + p];
+            }
+        }
+    }
+
+    /// `out[p·width ..][..width] = src[p·step_stride ..][..width]` for `p < kc`, in 16-lane
+    /// registers (masked for the last partial register) rather than a `memcpy` call per step.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `src` must reach `(kc − 1)·step_stride + width` and
+    /// `out` hold `kc·width` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn copy_steps(src: &[f32], step_stride: usize, kc: usize, width: usize, out: &mut [f32]) {
+        assert!(kc == 0 || (src.len() >= (kc - 1) * step_stride + width && out.len() >= kc * width));
+        for p in 0..kc {
+            for l0 in (0..width).step_by(16) {
+                let lanes = 16.min(width - l0);
+                let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
+                // SAFETY: lanes l0..l0 + lanes of step p lie inside both slices (asserted).
+                unsafe {
+                    let x = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(p * step_stride + l0));
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(p * width + l0), mask, x);
+                }
             }
         }
     }
