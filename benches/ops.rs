@@ -7,22 +7,9 @@
 //! machine the wall time is inflated by other load; the CPU time much less so).
 //! Shapes: B = 1, H = KV = 6, hd = 64, causal, f32; T = S in {256, 1024, 4096}.
 //! Options: `-- --seqs 256,1024 --paths flash,naive --kv 6 --window 0 --alibi`.
+//! `-- --torch PYTHON`: also time PyTorch's `scaled_dot_product_attention` (eager fp32, same
+//! shapes and threads, causal; MHA only) in the same run, as the path `torch`.
 //! `-- --others`: the other fused ops against their composed versions instead.
-//!
-//! PyTorch reference (eager fp32, 2 threads), same shapes:
-//!
-//! ```text
-//! import torch, time
-//! torch.set_num_threads(2)
-//! for T in (256, 1024, 4096):
-//!     q, k, v = (torch.randn(1, 6, T, 64, requires_grad=True) for _ in range(3))
-//!     def step():
-//!         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-//!         o.sum().backward()
-//!     step(); n = 0; t0 = time.perf_counter()
-//!     while time.perf_counter() - t0 < 2 or n < 3: step(); n += 1
-//!     print(T, (time.perf_counter() - t0) / n)
-//! ```
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,9 +22,30 @@ use lmforge::nn::positions::alibi_slopes;
 const HEADS: usize = 6;
 const HEAD_DIM: usize = 64;
 
+/// The PyTorch side: prints the same four fields as `run_one` for `scaled_dot_product_attention`.
+const TORCH_SDPA: &str = r#"
+import resource, sys, time, torch
+T, H, hd, threads = (int(x) for x in sys.argv[1:5])
+torch.set_num_threads(threads)
+q, k, v = (torch.randn(1, H, T, hd, requires_grad=True) for _ in range(3))
+sdpa = torch.nn.functional.scaled_dot_product_attention
+def timed(f):
+    f()
+    n, best, start, cpu = 0, float("inf"), time.perf_counter(), time.process_time()
+    while n < 3 or (time.perf_counter() - start < 3 and n < 50):
+        t = time.perf_counter(); f(); best = min(best, time.perf_counter() - t); n += 1
+    return best * 1e3, (time.process_time() - cpu) / n * 1e3
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fwd, _ = timed(lambda: sdpa(q, k, v, is_causal=True))
+both, cpu = timed(lambda: sdpa(q, k, v, is_causal=True).sum().backward())
+peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(f"{fwd:.2f} {both:.2f} {cpu:.1f} {peak:.1f}")
+"#;
+
 struct Config {
     seqs: Vec<usize>,
     paths: Vec<String>,
+    torch: Option<String>,
     kv: usize,
     window: Option<usize>,
     alibi: bool,
@@ -51,6 +59,7 @@ fn parse() -> (Config, Option<(String, usize)>) {
         kv: HEADS,
         window: None,
         alibi: false,
+        torch: None,
     };
     let mut one = None;
     let mut i = 0;
@@ -60,6 +69,7 @@ fn parse() -> (Config, Option<(String, usize)>) {
             "--seqs" => config.seqs = next(i).split(',').filter_map(|s| s.parse().ok()).collect(),
             "--paths" => config.paths = next(i).split(',').map(String::from).collect(),
             "--kv" => config.kv = next(i).parse().unwrap_or(HEADS),
+            "--torch" => config.torch = Some(next(i)),
             "--window" => config.window = next(i).parse().ok().filter(|&w| w > 0),
             "--alibi" => {
                 config.alibi = true;
@@ -240,13 +250,20 @@ fn main() -> Result<()> {
         "{:>6} {:>6} {:>9} {:>12} {:>18} {:>14}",
         "path", "seq", "fwd ms", "fwd+bwd ms", "fwd+bwd CPU-ms", "peak MiB (Δ)"
     );
+    let mut paths = config.paths.clone();
+    if config.torch.is_some() {
+        paths.push("torch".into());
+    }
     for &seq in &config.seqs {
-        for path in &config.paths {
-            let out = Command::new(&exe)
-                .args(&forwarded)
-                .args(["--one", path, &seq.to_string()])
-                .output()
-                .expect("run child");
+        for path in &paths {
+            let out = match (path.as_str(), &config.torch) {
+                ("torch", Some(python)) => Command::new(python)
+                    .args(["-c", TORCH_SDPA])
+                    .args([seq, HEADS, HEAD_DIM, rayon::current_num_threads()].map(|x| x.to_string()))
+                    .output()
+                    .expect("run python"),
+                _ => Command::new(&exe).args(&forwarded).args(["--one", path, &seq.to_string()]).output().expect("run child"),
+            };
             let text = String::from_utf8_lossy(&out.stdout);
             let fields: Vec<&str> = text.split_whitespace().collect();
             if !out.status.success() || fields.len() != 4 {

@@ -32,9 +32,15 @@ pub struct BenchTrainArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 256)]
     vocab: usize,
-    /// Timed steps per round (after 5 warm-up steps).
+    /// Timed steps per round.
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Untimed steps before the first round.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Attention implementation: flash (tiled kernel) or naive (materialised scores).
+    #[arg(long, default_value = "flash")]
+    attention: String,
     /// Rounds; with --torch, each round times PyTorch and then lmforge, so both see the same
     /// machine state, and the medians over rounds are compared.
     #[arg(long, default_value_t = 1)]
@@ -61,6 +67,7 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         format!("ffn.hidden={}", 4 * a.d_model),
         format!("context_length={}", a.seq_len),
         format!("vocab_size={}", a.vocab),
+        format!("attention.implementation={}", a.attention),
     ]
     .into();
     let config = apply_overrides(&presets::get("gpt2")?, &settings)?;
@@ -88,7 +95,7 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         }
         Ok(loss.to_scalar::<f32>()?)
     };
-    for _ in 0..5 {
+    for _ in 0..a.warmup {
         step(&mut [0.0; 3])?;
     }
     let script = match &a.torch {
@@ -136,6 +143,9 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     if let Some(script) = script {
         let _ = std::fs::remove_file(script);
     }
+    if let Some(peak) = peak_rss_mib() {
+        println!("peak_rss_mib={peak:.0}");
+    }
     if !theirs.is_empty() {
         let (ours, theirs) = (median(&mut ours), median(&mut theirs));
         println!(
@@ -177,6 +187,74 @@ fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// The process's peak resident memory (VmHWM), where /proc reports it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[derive(Args)]
+pub struct BenchMemoryArgs {
+    /// Sequence lengths (batch 1).
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
+    seqs: Vec<usize>,
+    /// Attention implementations to compare.
+    #[arg(long, value_delimiter = ',', default_value = "flash,naive")]
+    attention: Vec<String>,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 6)]
+    heads: usize,
+    #[arg(long, default_value_t = 384)]
+    d_model: usize,
+    #[arg(long, default_value_t = 256)]
+    vocab: usize,
+}
+
+/// Peak memory of one training step (forward, backward, AdamW) at batch 1 for each sequence
+/// length and attention implementation, each in a fresh process so each peak is its own.
+pub fn bench_memory(a: BenchMemoryArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the lmforge executable")?;
+    println!(
+        "peak resident memory of one training step, batch 1 ({} layers, {} heads, d_model {}, vocab {})",
+        a.layers, a.heads, a.d_model, a.vocab
+    );
+    println!("{:>6} {:>10} {:>14} {:>12}", "seq", "attention", "peak MiB", "step ms");
+    for implementation in &a.attention {
+        for &seq in &a.seqs {
+            let args = [
+                ("--seq-len", seq),
+                ("--batch-size", 1),
+                ("--steps", 1),
+                ("--warmup", 1),
+                ("--layers", a.layers),
+                ("--heads", a.heads),
+                ("--d-model", a.d_model),
+                ("--vocab", a.vocab),
+            ];
+            let mut command = Command::new(&exe);
+            command.args(["bench", "train", "--attention", implementation]);
+            for (flag, value) in args {
+                command.args([flag.to_string(), value.to_string()]);
+            }
+            let out = command.output().context("running lmforge bench train")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                anyhow::bail!("bench train at seq {seq} ({implementation}) failed: {}", String::from_utf8_lossy(&out.stderr))
+            }
+            let field = |name: &str| {
+                stdout.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.parse::<f64>().ok())
+            };
+            let (peak, ms) = (field("peak_rss_mib="), field("step_ms="));
+            let show = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.0}"));
+            println!("{seq:>6} {implementation:>10} {:>14} {:>12}", show(peak), show(ms));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]

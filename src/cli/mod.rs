@@ -68,6 +68,8 @@ enum BenchCommand {
     Train(bench::BenchTrainArgs),
     /// GFLOP/s of the matrix products of a training step: lmforge's kernel against candle's.
     Matmul(bench::BenchMatmulArgs),
+    /// Peak memory of one training step per sequence length, flash against naive attention.
+    Memory(bench::BenchMemoryArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -93,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Train(args)) => bench::bench_train(args),
         Command::Bench(BenchCommand::Matmul(args)) => bench::bench_matmul(args),
+        Command::Bench(BenchCommand::Memory(args)) => bench::bench_memory(args),
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
     }
