@@ -262,7 +262,11 @@ fn main() -> Result<()> {
                     .args([seq, HEADS, HEAD_DIM, rayon::current_num_threads()].map(|x| x.to_string()))
                     .output()
                     .expect("run python"),
-                _ => Command::new(&exe).args(&forwarded).args(["--one", path, &seq.to_string()]).output().expect("run child"),
+                _ => Command::new(&exe)
+                    .args(&forwarded)
+                    .args(["--one", path, &seq.to_string()])
+                    .output()
+                    .expect("run child"),
             };
             let text = String::from_utf8_lossy(&out.stdout);
             let fields: Vec<&str> = text.split_whitespace().collect();

@@ -244,7 +244,10 @@ pub fn bench_memory(a: BenchMemoryArgs) -> anyhow::Result<()> {
             let out = command.output().context("running lmforge bench train")?;
             let stdout = String::from_utf8_lossy(&out.stdout);
             if !out.status.success() {
-                anyhow::bail!("bench train at seq {seq} ({implementation}) failed: {}", String::from_utf8_lossy(&out.stderr))
+                anyhow::bail!(
+                    "bench train at seq {seq} ({implementation}) failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
             }
             let field = |name: &str| {
                 stdout.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.parse::<f64>().ok())

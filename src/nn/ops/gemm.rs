@@ -126,14 +126,40 @@ pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumu
                 let depth = (s.kc * blocks_per_group).min(k - group);
                 // The operand every unit reads, packed once: KC block `q` at `q·kc·width`.
                 let shared = scratch::<T>(shared, shared_width * depth);
-                for (q, pc) in (group..group + depth).step_by(s.kc).enumerate() {
-                    let kc = s.kc.min(k - pc);
-                    let dst = &mut shared[q * s.kc * shared_width..][..kc * shared_width];
-                    if by_rows {
-                        pack_b(b, pc, kc, jc, nc, s.nr, dst);
-                    } else {
-                        pack_a(a, 0, m, pc, kc, s.mr, dst);
+                // Packed by all threads, one panel at a time (it is up to k·n values: done by
+                // one thread, the others would wait).
+                let (panel_width, extent) = if by_rows { (s.nr, nc) } else { (s.mr, m) };
+                let panels_per_block = extent.div_ceil(panel_width);
+                let blocks = depth.div_ceil(s.kc);
+                let shared_ptr = SendPtr(shared.as_mut_ptr());
+                let cursor = AtomicUsize::new(0);
+                let pack_shared = |_: usize| loop {
+                    let unit = cursor.fetch_add(1, Ordering::Relaxed);
+                    if unit >= blocks * panels_per_block {
+                        break;
                     }
+                    let (q, panel) = (unit / panels_per_block, unit % panels_per_block);
+                    let (pc, first) = (group + q * s.kc, panel * panel_width);
+                    let kc = s.kc.min(k - pc);
+                    let len = panel_width.min(extent - first);
+                    // SAFETY: each unit owns the `kc × panel_width` slot of its panel in block
+                    // q, inside `shared` (`shared_width · depth` values).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            shared_ptr.get().add(q * s.kc * shared_width + first * kc),
+                            kc * panel_width,
+                        )
+                    };
+                    if by_rows {
+                        pack_b(b, pc, kc, jc + first, len, s.nr, dst);
+                    } else {
+                        pack_a(a, first, len, pc, kc, s.mr, dst);
+                    }
+                };
+                if parallel {
+                    pool.execute(pack_shared);
+                } else {
+                    pack_shared(0);
                 }
                 let shared = &*shared;
                 let cursor = AtomicUsize::new(0);
@@ -555,7 +581,15 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn copy_steps(src: &[f32], step_stride: usize, kc: usize, width: usize, out: &mut [f32]) {
         assert!(kc == 0 || (src.len() >= (kc - 1) * step_stride + width && out.len() >= kc * width));
+        // Steps are usually whole rows apart (a transposed operand), so each one is a new
+        // page that the hardware prefetcher does not follow: fetch a few steps ahead.
+        const AHEAD: usize = 8;
         for p in 0..kc {
+            if p + AHEAD < kc {
+                let next = src[(p + AHEAD) * step_stride..].as_ptr();
+                _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(width - 1) as *const i8);
+            }
             for l0 in (0..width).step_by(16) {
                 let lanes = 16.min(width - l0);
                 let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
@@ -629,7 +663,8 @@ mod tests {
     }
 
     /// Every combination of transposed operands, accumulate or not, sizes straddling the tile
-    /// and block edges (12, 32, 256, 192) and large enough to take the threaded path.
+    /// and block edges (12, 32, 256, 192), large enough to take the threaded path, and both
+    /// ways of sharing the work.
     #[test]
     fn matches_naive_product() {
         let sizes = [
@@ -641,6 +676,10 @@ mod tests {
             (200, 40, 520),
             (300, 500, 40),
             (64, 1600, 20),
+            // Few rows, many columns: units are column panels, A is the shared operand.
+            (20, 700, 300),
+            // One row: the dot-product path when B is a transposed weight.
+            (1, 300, 70),
         ];
         for &(m, n, k) in &sizes {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
