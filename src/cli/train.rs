@@ -113,6 +113,32 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
             run_dir.display()
         );
     }
+    // Settings that shape the data, the batches or the optimisation are the run's own: a
+    // different value on resume is refused rather than silently ignored.
+    let mut fixed = Vec::new();
+    macro_rules! same {
+        ($($field:ident: $flag:literal),*) => {$(
+            if args.$field.is_some() && requested.train.$field != stored.train.$field {
+                fixed.push(format!("{} {:?} (the run has {:?})", $flag, requested.train.$field, stored.train.$field));
+            }
+        )*};
+    }
+    same!(batch_size: "--batch-size", seq_len: "--seq-len", grad_accum: "--grad-accum", lr: "--lr", warmup_steps: "--warmup-steps", seed: "--seed");
+    let data_flags = args.dataset.is_some()
+        || !args.train_files.is_empty()
+        || !args.val_files.is_empty()
+        || args.tokenizer.is_some();
+    if data_flags && requested.data != stored.data {
+        fixed.push(format!("data {:?} (the run has {:?})", requested.data, stored.data));
+    }
+    if !fixed.is_empty() {
+        bail!(
+            "these settings differ from the run being resumed ({}):\n  {}\nHINT: resume with only --steps / --eval-every / --checkpoint-every / --sample-every, or start a new run (--init-from {} for continued pretraining)",
+            run_dir.display(),
+            fixed.join("\n  "),
+            run_dir.display()
+        );
+    }
     // What may change on resume: how long to train and how often to report.
     let t = &mut stored.train;
     if let Some(v) = args.steps {

@@ -35,12 +35,20 @@ pub struct SamplerState {
     pub epoch: u64,
     /// Windows of this epoch already handed out.
     pub index_in_epoch: u64,
+    /// What the position counts in: the window length and the size of the split in tokens,
+    /// filled in by the sampler. Resuming with another sequence length or other data would
+    /// silently point the position at different windows, so [`Sampler::new`] refuses it.
+    /// 0 = not yet recorded (a fresh state).
+    #[serde(default)]
+    pub seq_len: u64,
+    #[serde(default)]
+    pub split_tokens: u64,
 }
 
 impl SamplerState {
     /// The state before the first batch of a run seeded with `seed`.
     pub fn start(seed: u64) -> Self {
-        SamplerState { seed, epoch: 0, index_in_epoch: 0 }
+        SamplerState { seed, epoch: 0, index_in_epoch: 0, seq_len: 0, split_tokens: 0 }
     }
 }
 
@@ -104,6 +112,21 @@ impl Sampler {
                 if random_offset { " with random_offset" } else { "" }
             )));
         }
+        let recorded = |value: u64, now: u64| value == 0 || value == now;
+        if !recorded(state.seq_len, t) {
+            return Err(Error::Input(format!(
+                "the sampler state was saved with seq_len {}, but this run uses {seq_len}\nHINT: resume with the sequence length the checkpoint was trained with, or start a new run with --init-from",
+                state.seq_len
+            )));
+        }
+        if !recorded(state.split_tokens, n) {
+            return Err(Error::Input(format!(
+                "the sampler state was saved over a {} split of {} tokens, but this one has {n}\nHINT: resume with the data the checkpoint was trained on, or start a new run with --init-from",
+                split.name(),
+                state.split_tokens
+            )));
+        }
+        let state = SamplerState { seq_len: t, split_tokens: n, ..state };
         if state.index_in_epoch >= windows {
             return Err(Error::Input(format!(
                 "sampler state is at window {} of an epoch, but the {} split has only {windows} windows of seq_len {seq_len}\nHINT: resume with the dataset and sequence length the checkpoint was trained with",

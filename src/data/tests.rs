@@ -533,7 +533,8 @@ fn an_epoch_visits_every_window_once() {
             let windows: HashSet<u64> = starts.iter().map(|&st| (st - offset) / 10).collect();
             assert_eq!(windows.len() as u64, w, "epoch {epoch}: no repeats");
             assert!(starts.iter().all(|&st| st % 10 == offset && st + 11 <= 2000));
-            assert_eq!(s.state(), SamplerState { seed: 11, epoch: epoch + 1, index_in_epoch: 0 });
+            let want = SamplerState { seed: 11, epoch: epoch + 1, index_in_epoch: 0, seq_len: 10, split_tokens: 2000 };
+            assert_eq!(s.state(), want);
         }
         assert_eq!(offsets.len() > 1, random_offset, "offsets {offsets:?}");
     }
@@ -579,8 +580,15 @@ fn sampler_refuses_impossible_settings() {
     let err = Sampler::new(split.clone(), 100, false, SamplerState::start(0)).err().unwrap().to_string();
     assert!(err.contains("100 tokens") && err.contains("HINT"), "{err}");
     assert!(Sampler::new(split.clone(), 60, true, SamplerState::start(0)).is_err());
-    let stale = SamplerState { seed: 0, epoch: 2, index_in_epoch: 50 };
-    assert!(matches!(Sampler::new(split, 10, false, stale), Err(Error::Input(_))));
+    let stale = SamplerState { index_in_epoch: 50, ..SamplerState::start(0) };
+    assert!(matches!(Sampler::new(split.clone(), 10, false, stale), Err(Error::Input(_))));
+    // A position saved with another window length, or over other data, is refused by name.
+    let saved = Sampler::new(split.clone(), 10, false, SamplerState::start(0)).unwrap().state();
+    let err = Sampler::new(split.clone(), 12, false, saved).err().unwrap().to_string();
+    assert!(err.contains("seq_len 10") && err.contains("uses 12"), "{err}");
+    let other_data = SamplerState { split_tokens: 5000, ..saved };
+    let err = Sampler::new(split, 10, false, other_data).err().unwrap().to_string();
+    assert!(err.contains("5000 tokens") && err.contains("has 100"), "{err}");
 }
 
 #[test]
