@@ -28,6 +28,11 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use super::gguf::{value_as_usize, value_kind};
 use crate::error::{Error, Result};
 
+/// The files beside a `tokenizer.json` that complete it: BOS/EOS and the chat template
+/// (`tokenizer_config.json`), a template on its own (`chat_template.jinja`), extra EOS ids
+/// (`generation_config.json`). Whoever copies a tokenizer (a checkpoint) copies these too.
+pub const TOKENIZER_COMPANIONS: [&str; 3] = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"];
+
 /// A tokenizer plus what generation needs around it: BOS, the EOS ids that end a reply, and the
 /// chat template.
 #[derive(Clone)]
@@ -85,8 +90,9 @@ impl TextTokenizer {
     /// Take BOS/EOS and the chat template from the Hugging Face files in `dir`, where present;
     /// what they do not mention is left as it is.
     fn read_sibling_configs(&mut self, dir: &Path) -> Result<()> {
-        let config = read_json_opt(&dir.join("tokenizer_config.json"))?;
-        let generation = read_json_opt(&dir.join("generation_config.json"))?;
+        let [config_file, jinja_file, generation_file] = TOKENIZER_COMPANIONS;
+        let config = read_json_opt(&dir.join(config_file))?;
+        let generation = read_json_opt(&dir.join(generation_file))?;
         let token_id = |field: &str| -> Result<Option<u32>> {
             let Some(token) = config.as_ref().and_then(|c| token_content(c.get(field)?)) else {
                 return Ok(None);
@@ -112,7 +118,7 @@ impl TextTokenizer {
             dedup_in_order(&mut eos);
             self.eos = eos;
         }
-        let jinja = dir.join("chat_template.jinja");
+        let jinja = dir.join(jinja_file);
         if jinja.is_file() {
             self.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         } else if let Some(template) = config.as_ref().and_then(|c| chat_template_field(c.get("chat_template")?)) {

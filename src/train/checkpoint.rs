@@ -8,7 +8,8 @@
 //!     optimizer.safetensors  AdamW moments: exp_avg.<param>, exp_avg_sq.<param>
 //!     state.json             CheckpointState: step, tokens, schedule, optimizer counters,
 //!                            sampler position, RNG streams, model config, tokenizer, extra
-//!     tokenizer.json         optional copy of the tokenizer
+//!     tokenizer.json         optional copy of the tokenizer (with its tokenizer_config.json,
+//!                            chat_template.jinja, generation_config.json where present)
 //!     manifest.json          written LAST: magic, format version, size + SHA-256 of the above
 //!   step-000200/ ...
 //!   best.json                the checkpoint with the lowest validation loss so far
@@ -35,6 +36,7 @@ use super::rng::RngState;
 use super::schedule::LrSchedule;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::io::tokenizer::TOKENIZER_COMPANIONS;
 use crate::nn::params::check_weights;
 
 /// Subdirectory of a run directory that holds the checkpoints.
@@ -259,11 +261,20 @@ fn write_contents(
         written.push(file);
     }
     if let Some(source) = data.tokenizer_file {
-        let path = dir.join(TOKENIZER_FILE);
-        hook(&path)?;
-        std::fs::copy(source, &path).map_err(|e| Error::io(source, e))?;
-        fsync_file(&path)?;
-        written.push(TOKENIZER_FILE);
+        // The tokenizer and the companions that carry its chat template and special tokens
+        // (without them a checkpoint of an instruct model could not be chatted with).
+        let source_dir = source.parent().unwrap_or(Path::new("."));
+        let companions = TOKENIZER_COMPANIONS.iter().map(|name| (source_dir.join(name), *name));
+        for (from, file) in std::iter::once((source.to_path_buf(), TOKENIZER_FILE)).chain(companions) {
+            if file != TOKENIZER_FILE && !from.is_file() {
+                continue;
+            }
+            let path = dir.join(file);
+            hook(&path)?;
+            std::fs::copy(&from, &path).map_err(|e| Error::io(&from, e))?;
+            fsync_file(&path)?;
+            written.push(file);
+        }
     }
 
     let mut files = BTreeMap::new();
@@ -338,8 +349,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         bytes.insert(name, manifest.read_verified(dir, name)?);
     }
     let has_tokenizer = manifest.files.contains_key(TOKENIZER_FILE);
-    if has_tokenizer {
-        manifest.verify_file(dir, TOKENIZER_FILE)?;
+    for file in std::iter::once(TOKENIZER_FILE).chain(TOKENIZER_COMPANIONS) {
+        if manifest.files.contains_key(file) {
+            manifest.verify_file(dir, file)?;
+        }
     }
 
     // Everything below reads bytes that passed their checksum.
@@ -633,6 +646,8 @@ mod tests {
         let run = trained(3, Some(2.5));
         let tok = tmp.0.join("tok.json");
         std::fs::write(&tok, "{\"model\": {}}").unwrap();
+        // A companion with the chat template travels with the tokenizer.
+        std::fs::write(tmp.0.join("tokenizer_config.json"), "{\"chat_template\": \"{{ x }}\"}").unwrap();
         let model = weights(&run);
         let opt_state = run.opt.state().unwrap();
         let dir = save(
@@ -654,6 +669,13 @@ mod tests {
         assert_eq!(ck.optimizer.meta, opt_state.meta);
         assert_eq!(ck.tokenizer_file, Some(dir.join(TOKENIZER_FILE)));
         assert_eq!(std::fs::read_to_string(dir.join(TOKENIZER_FILE)).unwrap(), "{\"model\": {}}");
+        let companion = dir.join("tokenizer_config.json");
+        assert_eq!(std::fs::read_to_string(&companion).unwrap(), "{\"chat_template\": \"{{ x }}\"}");
+        assert!(!dir.join("chat_template.jinja").exists(), "only companions that exist are copied");
+        // It is under the manifest's checksums like every other file.
+        std::fs::write(&companion, "{\"chat_template\": \"{{ y }}\"}").unwrap();
+        assert!(load(&dir, &Device::Cpu).is_err(), "a tampered tokenizer_config.json must not load");
+        std::fs::write(&companion, "{\"chat_template\": \"{{ x }}\"}").unwrap();
 
         // The RNG continues exactly.
         let mut a = TrainRng::from_state(run.state.rng["data"]).unwrap();
