@@ -18,8 +18,9 @@ use lmforge::train::optim::{AdamW, AdamWConfig};
 /// The PyTorch side of `bench train`, embedded so the benchmark runs from any directory.
 const TORCH_SCRIPT: &str = include_str!("../../scripts/torch_gpt_step.py");
 
-#[derive(Args)]
-pub struct BenchTrainArgs {
+/// The benchmark model: a GPT-2-style decoder, ../shared/bench's reference config by default.
+#[derive(Args, Clone, Copy)]
+pub struct BenchModel {
     #[arg(long, default_value_t = 4)]
     layers: usize,
     #[arg(long, default_value_t = 6)]
@@ -27,11 +28,17 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 384)]
     d_model: usize,
     #[arg(long, default_value_t = 256)]
+    vocab: usize,
+}
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    model: BenchModel,
+    #[arg(long, default_value_t = 256)]
     seq_len: usize,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    #[arg(long, default_value_t = 256)]
-    vocab: usize,
     /// Timed steps per round.
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -60,13 +67,13 @@ struct Round {
 
 pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     let settings: Vec<String> = [
-        format!("layers={}", a.layers),
-        format!("attention.heads={}", a.heads),
-        format!("attention.kv_heads={}", a.heads),
-        format!("d_model={}", a.d_model),
-        format!("ffn.hidden={}", 4 * a.d_model),
+        format!("layers={}", a.model.layers),
+        format!("attention.heads={}", a.model.heads),
+        format!("attention.kv_heads={}", a.model.heads),
+        format!("d_model={}", a.model.d_model),
+        format!("ffn.hidden={}", 4 * a.model.d_model),
         format!("context_length={}", a.seq_len),
-        format!("vocab_size={}", a.vocab),
+        format!("vocab_size={}", a.model.vocab),
         format!("attention.implementation={}", a.attention),
     ]
     .into();
@@ -77,8 +84,8 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     let tensors: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let model = Model::new(&config, &tensors, Path::new("bench"))?;
     let mut optimizer = AdamW::for_model(AdamWConfig::default(), &config, &vars)?;
-    let ids: Vec<u32> = (0..a.batch_size * a.seq_len).map(|i| (i * 7919 % a.vocab) as u32).collect();
-    let targets: Vec<u32> = (0..a.batch_size * a.seq_len).map(|i| (i * 104_729 % a.vocab) as u32).collect();
+    let ids: Vec<u32> = (0..a.batch_size * a.seq_len).map(|i| (i * 7919 % a.model.vocab) as u32).collect();
+    let targets: Vec<u32> = (0..a.batch_size * a.seq_len).map(|i| (i * 104_729 % a.model.vocab) as u32).collect();
     let inputs = Tensor::from_vec(ids, (a.batch_size, a.seq_len), &Device::Cpu)?;
     let targets = Tensor::from_vec(targets, (a.batch_size, a.seq_len), &Device::Cpu)?;
     let mut step = |phases: &mut [f64; 3]| -> anyhow::Result<f32> {
@@ -159,7 +166,8 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
 
 /// Run the PyTorch reference once; its output line and ms per step.
 fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result<(String, f64)> {
-    let args = [a.layers, a.heads, a.d_model, a.seq_len, a.batch_size, a.vocab, a.steps].map(|x| x.to_string());
+    let args = [a.model.layers, a.model.heads, a.model.d_model, a.seq_len, a.batch_size, a.model.vocab, a.steps]
+        .map(|x| x.to_string());
     let out = Command::new(python)
         .arg(script)
         .args(&args)
@@ -205,14 +213,8 @@ pub struct BenchMemoryArgs {
     /// Attention implementations to compare.
     #[arg(long, value_delimiter = ',', default_value = "flash,naive")]
     attention: Vec<String>,
-    #[arg(long, default_value_t = 4)]
-    layers: usize,
-    #[arg(long, default_value_t = 6)]
-    heads: usize,
-    #[arg(long, default_value_t = 384)]
-    d_model: usize,
-    #[arg(long, default_value_t = 256)]
-    vocab: usize,
+    #[command(flatten)]
+    model: BenchModel,
 }
 
 /// Peak memory of one training step (forward, backward, AdamW) at batch 1 for each sequence
@@ -221,7 +223,7 @@ pub fn bench_memory(a: BenchMemoryArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the lmforge executable")?;
     println!(
         "peak resident memory of one training step, batch 1 ({} layers, {} heads, d_model {}, vocab {})",
-        a.layers, a.heads, a.d_model, a.vocab
+        a.model.layers, a.model.heads, a.model.d_model, a.model.vocab
     );
     println!("{:>6} {:>10} {:>14} {:>12}", "seq", "attention", "peak MiB", "step ms");
     for implementation in &a.attention {
@@ -231,10 +233,10 @@ pub fn bench_memory(a: BenchMemoryArgs) -> anyhow::Result<()> {
                 ("--batch-size", 1),
                 ("--steps", 1),
                 ("--warmup", 1),
-                ("--layers", a.layers),
-                ("--heads", a.heads),
-                ("--d-model", a.d_model),
-                ("--vocab", a.vocab),
+                ("--layers", a.model.layers),
+                ("--heads", a.model.heads),
+                ("--d-model", a.model.d_model),
+                ("--vocab", a.model.vocab),
             ];
             let mut command = Command::new(&exe);
             command.args(["bench", "train", "--attention", implementation]);

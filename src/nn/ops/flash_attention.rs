@@ -139,13 +139,19 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &At
     if !q.device().is_cpu() {
         return composed_attention(q, k, v, scale, mask);
     }
+    apply_kernel(q, k, v, plan, false)
+}
+
+/// Run the kernel op on CPU tensors (converted to its compute dtype and made contiguous),
+/// returning the result in the inputs' dtype.
+fn apply_kernel(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan, token_major: bool) -> Result<Tensor> {
     let dtype = q.dtype();
     let compute = compute_dtype("flash_attention", dtype)?;
     let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
     let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
     let op = FlashAttention {
         plan: Arc::new(plan),
-        token_major: false,
+        token_major,
         save_lse: q.track_op() || k.track_op() || v.track_op(),
         lse: OnceLock::new(),
     };
@@ -188,17 +194,7 @@ pub fn flash_attention_tokens(
     if !q.device().is_cpu() {
         return composed_attention(&qh, &kh, &vh, scale, mask)?.transpose(1, 2)?.reshape((b, t, width));
     }
-    let dtype = q.dtype();
-    let compute = compute_dtype("flash_attention", dtype)?;
-    let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
-    let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
-    let op = FlashAttention {
-        plan: Arc::new(plan),
-        token_major: true,
-        save_lse: q.track_op() || k.track_op() || v.track_op(),
-        lse: OnceLock::new(),
-    };
-    q.apply_op3(&k, &v, op)?.to_dtype(dtype)
+    apply_kernel(q, k, v, plan, true)
 }
 
 /// `(B, T, N, hd)` → `(B, N, T, hd)` when `to_heads`, the reverse otherwise, for contiguous

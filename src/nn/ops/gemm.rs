@@ -658,6 +658,11 @@ mod tests {
         c
     }
 
+    /// The view `v` has, over other data.
+    fn same_view<'a>(v: MatRef<f64>, data: &'a [f32]) -> MatRef<'a, f32> {
+        MatRef { data, rows: v.rows, cols: v.cols, row_stride: v.row_stride, col_stride: v.col_stride }
+    }
+
     fn values(n: usize, seed: usize) -> Vec<f64> {
         (0..n).map(|i| (((i + seed) * 7919 % 1000) as f64 / 500.0) - 1.0).collect()
     }
@@ -698,20 +703,7 @@ mod tests {
                     }
                     let (a32, b32): (Vec<f32>, Vec<f32>) =
                         (a_data.iter().map(|&x| x as f32).collect(), b_data.iter().map(|&x| x as f32).collect());
-                    let a = MatRef {
-                        data: &a32[..],
-                        rows: a.rows,
-                        cols: a.cols,
-                        row_stride: a.row_stride,
-                        col_stride: a.col_stride,
-                    };
-                    let b = MatRef {
-                        data: &b32[..],
-                        rows: b.rows,
-                        cols: b.cols,
-                        row_stride: b.row_stride,
-                        col_stride: b.col_stride,
-                    };
+                    let (a, b) = (same_view(a, &a32), same_view(b, &b32));
                     let mut got: Vec<f32> = c0.iter().map(|&x| x as f32).collect();
                     gemm(a, b, &mut got, n, accumulate);
                     for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
