@@ -15,5 +15,8 @@ pub mod nn;
 pub mod plot;
 pub mod train;
 
+#[cfg(test)]
+mod test_util;
+
 pub use config::ModelConfig;
 pub use error::{Error, Result};

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
@@ -14,31 +13,7 @@ use super::text::TextChunks;
 use super::*;
 use crate::error::Error;
 
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("lmforge-data-test-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::test_util::TempDir;
 
 fn bundled(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen").join(name)
@@ -100,7 +75,7 @@ fn bpe_on_bundled_corpus_round_trips() {
     let ids = tok.encode(format!("the end{END_OF_TEXT}Chapter"), false).unwrap().get_ids().to_vec();
     assert!(ids.contains(&0));
 
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let path = dir.0.join("tokenizer.json");
     save_tokenizer(&tok, &path).unwrap();
     let reloaded = tokenizers::Tokenizer::from_file(&path).unwrap();
@@ -119,7 +94,7 @@ fn bpe_on_bundled_corpus_round_trips() {
 
 #[test]
 fn special_tokens_in_the_corpus_are_not_learned_as_text() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let joined = format!("{}{END_OF_TEXT}\n", small_text()).repeat(3);
     let text = dir.write("joined.txt", joined);
     let specials = vec![END_OF_TEXT.to_string(), "<|pad|>".to_string()];
@@ -135,7 +110,7 @@ fn special_tokens_in_the_corpus_are_not_learned_as_text() {
 
 #[test]
 fn bpe_training_is_deterministic() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let text = dir.write("t.txt", small_text());
     let specials = vec![END_OF_TEXT.to_string(), "<|pad|>".to_string()];
     let a = train_bpe(std::slice::from_ref(&text), 400, &specials, 2).unwrap().to_string(false).unwrap();
@@ -145,7 +120,7 @@ fn bpe_training_is_deterministic() {
 
 #[test]
 fn bpe_rejects_bad_inputs_naming_the_file() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let good = dir.write("good.txt", small_text());
     let empty = dir.write("empty.txt", "");
     let binary = dir.write("model.bin", [0x7fu8, b'E', b'L', b'F', 0, 0, 1, 2]);
@@ -173,7 +148,7 @@ fn bpe_rejects_bad_inputs_naming_the_file() {
 
 #[test]
 fn chunks_cover_the_file_and_cut_only_at_safe_boundaries() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let text = small_text();
     let path = dir.write("t.txt", &text);
     let mut chunks = TextChunks::open(&path).unwrap();
@@ -206,7 +181,7 @@ fn chunks_cover_the_file_and_cut_only_at_safe_boundaries() {
 
 #[test]
 fn over_long_lines_are_cut_before_a_word() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let text = "word ".repeat(500_000) + "end"; // 2.5 MB, no newline
     let path = dir.write("long.txt", &text);
     let mut chunks = TextChunks::open(&path).unwrap();
@@ -223,7 +198,7 @@ fn over_long_lines_are_cut_before_a_word() {
 
 #[test]
 fn prepare_then_read_back_exact_tokens() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let (tok_path, tok) = train_small(&dir, 300);
     let a = dir.write("a.txt", small_text());
     let b = dir.write("b.txt", "A short second document.\nWith two lines.\n");
@@ -304,7 +279,7 @@ fn tokenizer_with_newline_merges(dir: &TempDir) -> (PathBuf, tokenizers::Tokeniz
 
 #[test]
 fn chunked_prepare_equals_whole_text_encoding() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let (tok_path, tok) = tokenizer_with_newline_merges(&dir);
     // ~40 KB each: about ten 4 KiB chunks. LF text cuts at single line breaks; CRLF text has
     // none that are safe and is cut before spaces instead.
@@ -326,7 +301,7 @@ fn chunked_prepare_equals_whole_text_encoding() {
 
 #[test]
 fn prepare_with_separate_val_files() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let (tok_path, tok) = train_small(&dir, 300);
     let a = dir.write("a.txt", small_text());
     let v = dir.write("v.txt", "Validation text, held out.\n");
@@ -345,7 +320,7 @@ fn prepare_with_separate_val_files() {
 
 #[test]
 fn documents_joined_in_one_file_and_no_val_split() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let (tok_path, tok) = train_small(&dir, 300);
     let joined = format!("First document.\n{END_OF_TEXT}\nSecond document.\n");
     let a = dir.write("joined.txt", &joined);
@@ -363,7 +338,7 @@ fn documents_joined_in_one_file_and_no_val_split() {
 
 #[test]
 fn prepare_refuses_bad_inputs() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let (tok_path, _) = train_small(&dir, 300);
     let good = dir.write("good.txt", small_text());
     let empty = dir.write("empty.txt", "");
@@ -388,7 +363,7 @@ fn prepare_refuses_bad_inputs() {
 
 #[test]
 fn open_refuses_what_is_not_a_valid_dataset() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let (tok_path, _) = train_small(&dir, 300);
     let good = dir.write("good.txt", small_text());
     let out = dir.0.join("ds");
@@ -425,7 +400,7 @@ fn open_refuses_what_is_not_a_valid_dataset() {
 
 #[test]
 fn large_vocab_uses_u32_shards() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let tokens: Vec<u32> = (0..50).map(|i| 70_000 + i).collect();
     let out = synthetic_dataset(&dir, &tokens, 70_100, 16);
     let ds = TokenDataset::open(&out).unwrap();
@@ -497,7 +472,7 @@ fn permutation_is_a_bijection() {
 
 #[test]
 fn sampler_batches_are_shifted_windows() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let split = counting_split(&dir, 1000);
     let mut s = Sampler::new(split, 8, false, SamplerState::start(3)).unwrap();
     assert_eq!(s.windows_per_epoch(), 999 / 8);
@@ -520,7 +495,7 @@ fn tgt_row(b: &Batch, row: usize) -> Vec<u32> {
 
 #[test]
 fn an_epoch_visits_every_window_once() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let split = counting_split(&dir, 2000);
     for random_offset in [false, true] {
         let mut s = Sampler::new(split.clone(), 10, random_offset, SamplerState::start(11)).unwrap();
@@ -542,7 +517,7 @@ fn an_epoch_visits_every_window_once() {
 
 #[test]
 fn sampler_is_deterministic_and_resumes_exactly() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let split = counting_split(&dir, 3000);
     let run = |state: SamplerState, batches: usize| {
         let mut s = Sampler::new(split.clone(), 16, true, state).unwrap();
@@ -573,7 +548,7 @@ fn sampler_is_deterministic_and_resumes_exactly() {
 
 #[test]
 fn sampler_refuses_impossible_settings() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let split = counting_split(&dir, 100);
     assert!(matches!(Sampler::new(split.clone(), 0, false, SamplerState::start(0)), Err(Error::Input(_))));
     Sampler::new(split.clone(), 99, false, SamplerState::start(0)).unwrap();
@@ -593,7 +568,7 @@ fn sampler_refuses_impossible_settings() {
 
 #[test]
 fn validation_pass_is_ordered_and_complete() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let split = counting_split(&dir, 105);
     let pass = SequentialBatches::new(split.clone(), 10, 4).unwrap();
     assert_eq!((pass.windows(), pass.batches()), (10, 3));
@@ -612,7 +587,7 @@ fn validation_pass_is_ordered_and_complete() {
 #[test]
 #[ignore]
 fn measure_bpe_and_prepare() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("data-test");
     let bundled_train = vec![bundled("prideprejudice.txt"), bundled("sensesensibility.txt")];
     let (t, cpu) = (Instant::now(), cpu_seconds());
     let tok = train_bpe(&bundled_train, 2048, &eot(), 2).unwrap();

@@ -756,23 +756,7 @@ mod tests {
 
     // --- helpers --------------------------------------------------------------------------
 
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("lmforge-gguf-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-        fn path(&self, file: &str) -> PathBuf {
-            self.0.join(file)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     /// A tiny llama (d_model 64, 4 heads of 16, 2 KV heads, 2 layers, vocab 264 = the toy
     /// tokenizer) with an untied head.

@@ -710,7 +710,6 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::gguf_file::VersionedMagic;
     use std::collections::HashMap;
-    use std::path::PathBuf;
 
     /// GPT-2's byte → printable-char table (`bytes_to_unicode`), which byte-level vocabularies
     /// are spelled in.
@@ -782,20 +781,7 @@ pub(crate) mod tests {
         TextTokenizer::from_gguf_metadata(&content(toy_gguf_metadata(pre))).unwrap()
     }
 
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("lmforge-tok-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     const SAMPLES: &[&str] = &[
         "hello world",
