@@ -9,27 +9,30 @@
 //!
 //! ```text
 //! for each block of NC columns of B and C                       (jc)
-//!   for each block of KC along k                                (pc)
-//!     pack B[pc.., jc..] into NR-wide column panels             (stays in L2)
-//!     for each block of MC rows of A and C                      (ic)
-//!       pack A[ic.., pc..] into MR-tall row panels              (stays in L2)
-//!       for each NR-wide panel of B                             (jr: its kc×NR panel sits in L1)
-//!         for each MR-tall panel of A                           (ir)
-//!           micro-kernel: C[MR×NR] += Ap[MR×kc] · Bp[kc×NR], C held in registers
+//!   for each group of KC blocks along k                         (pc)
+//!     pack the shared operand (B's NR-wide column panels)       (all threads, then a barrier)
+//!     for each unit of MR-tall row panels of A, on any thread   (ic, handed out dynamically)
+//!       for each KC block of the group
+//!         pack this unit's rows of A into MR-tall panels        (stays in L2)
+//!         for each NR-wide panel of B                           (jr: its kc×NR panel in L1)
+//!           for each MR-tall panel of A                         (ir)
+//!             micro-kernel: C[MR×NR] += Ap[MR×kc] · Bp[kc×NR], C held in registers
 //! ```
 //!
+//! When A has too few rows to share among the threads, the roles swap: A is the shared
+//! operand and the units are column panels of B.
+//!
 //! Packing copies each operand into the exact order the micro-kernel reads it (so any strides
-//! work, a transposed weight included, at the cost of one copy per block) and zero-pads ragged
-//! edges (so the kernel always computes a full tile; only the store is partial).
+//! work, a transposed weight included) and zero-pads ragged edges (so the kernel always
+//! computes a full tile; only the store is partial).
 //!
 //! Micro-kernels: for `f32` with AVX-512, 12 rows × 32 columns (24 of the 32 `zmm` registers
 //! accumulate, two hold the row of `B`, and each of the 12 values of `A` is broadcast straight
 //! from memory into its FMA). Otherwise a portable kernel whose accumulators are plain arrays,
 //! compiled for AVX2+FMA where available by [`multiversion!`].
 //!
-//! Threads (candle's barrier pool, see [`gemm`]): `C` is cut into one slab per thread along its longer side, each computed
-//! independently. The operand shared by the slabs is packed once per thread: a few percent of
-//! the flops for the shapes of a training step, and no synchronisation inside the product.
+//! Threads: candle's barrier pool (see [`for_each_unit`]). A single row times a transposed
+//! weight (decoding) skips all this for plain dot products.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -98,108 +101,160 @@ pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumu
         // the weight's rows; packing would copy the whole weight for one use.
         return row_times_transposed(a, b, c, accumulate);
     }
-    // candle's own pool, not rayon: candle's workers spin for a while after each candle op, so
-    // work handed to them starts at once, while work on a second pool would share the two
-    // cores with them (measured in `bench train`: 940 against 1070 ms per step, and the
-    // products alone at ~160 instead of ~195 GFLOP/s).
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
     let s = kernel_shape::<T>();
     let (row_panels, col_panels) = (m.div_ceil(s.mr), n.div_ceil(s.nr));
     // Below ~4 MFLOP the product takes well under a millisecond: not worth a fork.
-    let parallel = threads > 1 && 2 * m * n * k >= 1 << 22;
+    let parallel = 2 * m * n * k >= 1 << 22;
+    let threads = if parallel { candle_core::utils::barrier_pool().n_workers() + 1 } else { 1 };
     // Work is handed out in units of row panels of A (each thread packs its own rows against
     // the shared packed B), or of column panels of B when A has too few rows to share.
     let by_rows = row_panels >= 2 * threads || row_panels >= col_panels;
     let (units, unit_limit) = if by_rows { (row_panels, s.mc / s.mr) } else { (col_panels, s.nc / s.nr) };
-    let chunk = if parallel { units.div_ceil(4 * threads).clamp(1, unit_limit) } else { units };
-    let c_ptr = SendPtr(c.as_mut_ptr());
-
-    // The shared operand is packed for several KC blocks at once (up to ~8 MB), so that each
-    // thread runs the whole depth of its units without a barrier per block.
+    let chunk = units.div_ceil(4 * threads).clamp(1, unit_limit);
+    // The shared operand is packed for several KC blocks at once (up to 2M values), so that
+    // each thread runs the whole depth of its units without a barrier per block.
     let shared_width = if by_rows { s.nc.min(n).next_multiple_of(s.nr) } else { m.next_multiple_of(s.mr) };
-    let blocks_per_group = ((2 << 20) / (shared_width * s.kc)).max(1);
+    let depth_limit = s.kc * ((2 << 20) / (shared_width * s.kc)).max(1);
+    let plan = Plan { a, b, ldc, accumulate, s, by_rows, shared_width };
+    let c_ptr = SendPtr(c.as_mut_ptr());
     SHARED_PACK.with_borrow_mut(|shared| {
         for jc in (0..n).step_by(s.nc) {
-            let nc = s.nc.min(n - jc);
-            for group in (0..k).step_by(s.kc * blocks_per_group) {
-                let depth = (s.kc * blocks_per_group).min(k - group);
-                // The operand every unit reads, packed once: KC block `q` at `q·kc·width`.
-                let shared = scratch::<T>(shared, shared_width * depth);
+            for group in (0..k).step_by(depth_limit) {
+                let span = Span { jc, nc: s.nc.min(n - jc), group, depth: depth_limit.min(k - group) };
+                let shared = scratch::<T>(shared, shared_width * span.depth);
                 // Packed by all threads, one panel at a time (it is up to k·n values: done by
                 // one thread, the others would wait).
-                let (panel_width, extent) = if by_rows { (s.nr, nc) } else { (s.mr, m) };
-                let panels_per_block = extent.div_ceil(panel_width);
-                let blocks = depth.div_ceil(s.kc);
                 let shared_ptr = SendPtr(shared.as_mut_ptr());
-                let cursor = AtomicUsize::new(0);
-                let pack_shared = |_: usize| loop {
-                    let unit = cursor.fetch_add(1, Ordering::Relaxed);
-                    if unit >= blocks * panels_per_block {
-                        break;
-                    }
-                    let (q, panel) = (unit / panels_per_block, unit % panels_per_block);
-                    let (pc, first) = (group + q * s.kc, panel * panel_width);
-                    let kc = s.kc.min(k - pc);
-                    let len = panel_width.min(extent - first);
-                    // SAFETY: each unit owns the `kc × panel_width` slot of its panel in block
-                    // q, inside `shared` (`shared_width · depth` values).
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            shared_ptr.get().add(q * s.kc * shared_width + first * kc),
-                            kc * panel_width,
-                        )
-                    };
-                    if by_rows {
-                        pack_b(b, pc, kc, jc + first, len, s.nr, dst);
-                    } else {
-                        pack_a(a, first, len, pc, kc, s.mr, dst);
-                    }
-                };
-                if parallel {
-                    pool.execute(pack_shared);
-                } else {
-                    pack_shared(0);
-                }
+                for_each_unit(parallel, plan.shared_panels(span), 1, |panel, _| {
+                    // SAFETY: each panel has its own slot inside `shared`.
+                    unsafe { plan.pack_shared_panel(span, panel, shared_ptr.get()) }
+                });
                 let shared = &*shared;
-                let cursor = AtomicUsize::new(0);
-                let units_here = if by_rows { units } else { nc.div_ceil(s.nr) };
-                let work = |_: usize| loop {
-                    let first = cursor.fetch_add(chunk, Ordering::Relaxed);
-                    if first >= units_here {
-                        break;
-                    }
-                    let last = (first + chunk).min(units_here);
-                    PACK.with_borrow_mut(|own| {
-                        for (q, pc) in (group..group + depth).step_by(s.kc).enumerate() {
-                            let kc = s.kc.min(k - pc);
-                            let tile = Tile { kc, ldc, accumulate: accumulate || pc > 0 };
-                            let packed = &shared[q * s.kc * shared_width..][..kc * shared_width];
-                            // SAFETY (both arms): units are disjoint row (or column) ranges of
-                            // C, so each block is written by one thread only, and it lies
-                            // inside C (`(m − 1)·ldc + n` values, asserted above).
-                            if by_rows {
-                                let (i0, rows) = (first * s.mr, ((last - first) * s.mr).min(m - first * s.mr));
-                                let ap = scratch::<T>(own, rows.next_multiple_of(s.mr) * kc);
-                                pack_a(a, i0, rows, pc, kc, s.mr, ap);
-                                unsafe { macro_block(s, tile, ap, rows, packed, nc, c_ptr.get().add(i0 * ldc + jc)) };
-                            } else {
-                                let (j0, cols) = (first * s.nr, ((last - first) * s.nr).min(nc - first * s.nr));
-                                let bp = scratch::<T>(own, cols.next_multiple_of(s.nr) * kc);
-                                pack_b(b, pc, kc, jc + j0, cols, s.nr, bp);
-                                unsafe { macro_block(s, tile, packed, m, bp, cols, c_ptr.get().add(jc + j0)) };
-                            }
-                        }
-                    });
-                };
-                if parallel {
-                    pool.execute(work);
-                } else {
-                    work(0);
-                }
+                let units = if by_rows { units } else { span.nc.div_ceil(s.nr) };
+                for_each_unit(parallel, units, chunk, |first, last| {
+                    // SAFETY: units are disjoint row (or column) ranges of C, handed out once.
+                    PACK.with_borrow_mut(|own| unsafe { plan.compute(span, first, last, shared, own, c_ptr.get()) })
+                });
             }
         }
     });
+}
+
+/// Call `f(first, last)` for the ranges `first..last` of `chunk` units that cover `0..units`,
+/// handed out dynamically to the threads of candle's pool when `parallel`.
+///
+/// Why candle's pool, not rayon: candle's workers spin for a while after each candle op, so
+/// work handed to them starts at once, while work on a second pool would share the two cores
+/// with them (measured in `bench train`: 940 against 1070 ms per step, and the products alone
+/// at ~160 instead of ~195 GFLOP/s).
+fn for_each_unit(parallel: bool, units: usize, chunk: usize, f: impl Fn(usize, usize) + Sync) {
+    let cursor = AtomicUsize::new(0);
+    let work = |_: usize| loop {
+        let first = cursor.fetch_add(chunk, Ordering::Relaxed);
+        if first >= units {
+            break;
+        }
+        f(first, (first + chunk).min(units));
+    };
+    if parallel {
+        candle_core::utils::barrier_pool().execute(work);
+    } else {
+        work(0);
+    }
+}
+
+/// One call's product and how it is cut: units of rows of A against a shared packed B
+/// (`by_rows`), or units of columns of B against a shared packed A.
+#[derive(Clone, Copy)]
+struct Plan<'a, T> {
+    a: MatRef<'a, T>,
+    b: MatRef<'a, T>,
+    ldc: usize,
+    accumulate: bool,
+    s: KernelShape,
+    by_rows: bool,
+    /// Values per step of the packed shared operand (its columns or rows, padded).
+    shared_width: usize,
+}
+
+/// Columns `jc..jc + nc` of C, and steps `group..group + depth` along k (whole KC blocks).
+#[derive(Clone, Copy)]
+struct Span {
+    jc: usize,
+    nc: usize,
+    group: usize,
+    depth: usize,
+}
+
+impl<T: Real> Plan<'_, T> {
+    /// `(q, pc, kc)` of each KC block of the span: its index, first step and depth.
+    fn blocks(&self, span: Span) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let (kc, k) = (self.s.kc, self.a.cols);
+        (span.group..span.group + span.depth).step_by(kc).enumerate().map(move |(q, pc)| (q, pc, kc.min(k - pc)))
+    }
+
+    /// Panel width and extent of the shared operand: NR columns of B's `nc`, or MR rows of A.
+    fn shared_panel_shape(&self, span: Span) -> (usize, usize) {
+        if self.by_rows {
+            (self.s.nr, span.nc)
+        } else {
+            (self.s.mr, self.a.rows)
+        }
+    }
+
+    fn shared_panels(&self, span: Span) -> usize {
+        let (width, extent) = self.shared_panel_shape(span);
+        span.depth.div_ceil(self.s.kc) * extent.div_ceil(width)
+    }
+
+    /// Pack panel `unit` (block-major) of the span's shared operand into its slot: KC block
+    /// `q` at `q·KC·shared_width`, its panels `kc·width` apart.
+    ///
+    /// # Safety
+    /// `shared` holds `shared_width · depth` values, and no other thread writes this panel.
+    unsafe fn pack_shared_panel(&self, span: Span, unit: usize, shared: *mut T) {
+        let (width, extent) = self.shared_panel_shape(span);
+        let per_block = extent.div_ceil(width);
+        let (q, first) = (unit / per_block, unit % per_block * width);
+        let pc = span.group + q * self.s.kc;
+        let kc = self.s.kc.min(self.a.cols - pc);
+        let len = width.min(extent - first);
+        // SAFETY: the slot lies inside `shared` (the caller's contract).
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(shared.add(q * self.s.kc * self.shared_width + first * kc), kc * width)
+        };
+        if self.by_rows {
+            pack_b(self.b, pc, kc, span.jc + first, len, self.s.nr, dst);
+        } else {
+            pack_a(self.a, first, len, pc, kc, self.s.mr, dst);
+        }
+    }
+
+    /// Units `first..last` of the span, over every KC block: pack this thread's own part
+    /// into `own`, multiply it with the shared packed operand, add into C.
+    ///
+    /// # Safety
+    /// `c` is C's first element (`(m − 1)·ldc + n` values), and no other thread works on these
+    /// units.
+    unsafe fn compute(&self, span: Span, first: usize, last: usize, shared: &[T], own: &mut Vec<f64>, c: *mut T) {
+        let (s, m) = (self.s, self.a.rows);
+        for (q, pc, kc) in self.blocks(span) {
+            let tile = Tile { kc, ldc: self.ldc, accumulate: self.accumulate || pc > 0 };
+            let packed = &shared[q * s.kc * self.shared_width..][..kc * self.shared_width];
+            // SAFETY (both arms): the block of C is these units' rows (or columns), inside C.
+            if self.by_rows {
+                let (i0, rows) = (first * s.mr, ((last - first) * s.mr).min(m - first * s.mr));
+                let ap = scratch::<T>(own, rows.next_multiple_of(s.mr) * kc);
+                pack_a(self.a, i0, rows, pc, kc, s.mr, ap);
+                unsafe { macro_block(s, tile, ap, rows, packed, span.nc, c.add(i0 * self.ldc + span.jc)) };
+            } else {
+                let (j0, cols) = (first * s.nr, ((last - first) * s.nr).min(span.nc - first * s.nr));
+                let bp = scratch::<T>(own, cols.next_multiple_of(s.nr) * kc);
+                pack_b(self.b, pc, kc, span.jc + j0, cols, s.nr, bp);
+                unsafe { macro_block(s, tile, packed, m, bp, cols, c.add(span.jc + j0)) };
+            }
+        }
+    }
 }
 
 /// `C[rows × cols] (+)= Ã · B̃` for packed operands: every `NR` panel of `B̃` against every
