@@ -53,7 +53,7 @@ use rayon::prelude::*;
 
 use super::simd::{multiversion, Real};
 use super::tile::gemm_acc;
-use super::{compute_dtype, same_dtype, with_slices};
+use super::{compute_dtype, same_dtype, storage_slice, with_slices};
 
 /// Queries per tile: rows of `Q`, `O`, `dO` that one task keeps in cache.
 pub const QUERY_TILE: usize = 64;
@@ -413,7 +413,8 @@ impl CustomOp3 for FlashAttention {
             (v, lv): (&CpuStorage, &Layout),
         ) -> Result<(CpuStorage, Shape)> {
             let p = &op.plan;
-            let (q, k, v) = (contiguous::<T>(q, lq)?, contiguous::<T>(k, lk)?, contiguous::<T>(v, lv)?);
+            let slice = |storage, layout| storage_slice::<T>("flash_attention", storage, layout);
+            let (q, k, v) = (slice(q, lq)?, slice(k, lk)?, slice(v, lv)?);
             let (out, lse) = if op.token_major {
                 let q = reorder_heads(q, p.b, p.t, p.h, p.hd, true);
                 let k = reorder_heads(k, p.b, p.s, p.kv, p.hd, true);
@@ -489,14 +490,6 @@ impl CustomOp3 for FlashAttention {
             other => return Err(candle_core::Error::UnsupportedDTypeForOp(other, "flash_attention")),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// The data of a contiguous CPU storage as a slice of `T`.
-fn contiguous<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => bail!("flash_attention: internal error, input is not contiguous"),
     }
 }
 

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::gemm::{gemm, MatRef};
 use super::simd::Real;
-use super::{compute_dtype, same_dtype, with_slices};
+use super::{compute_dtype, same_dtype, storage_slice, with_slices};
 
 /// `x·weightᵀ + bias` for `x`: `(…, in)`, `weight`: `(out, in)`, `bias`: `(out)` → `(…, out)`.
 /// Gradients flow to all three. The leading dims are flattened inside the op, not by a
@@ -85,13 +85,10 @@ impl LinearOp {
             fan_in: usize,
             fan_out: usize,
         ) -> Result<CpuStorage> {
-            let mut slices = Vec::with_capacity(inputs.len());
-            for (storage, layout) in inputs {
-                match layout.contiguous_offsets() {
-                    Some((start, end)) => slices.push(&T::cpu_storage_as_slice(storage)?[start..end]),
-                    None => bail!("linear: internal error, input is not contiguous"),
-                }
-            }
+            let slices = inputs
+                .iter()
+                .map(|(storage, layout)| storage_slice::<T>("linear", storage, layout))
+                .collect::<Result<Vec<_>>>()?;
             let y = forward(slices[0], slices[1], slices.get(2).copied(), rows, fan_in, fan_out);
             Ok(T::to_cpu_storage_owned(y))
         }

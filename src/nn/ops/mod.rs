@@ -37,9 +37,18 @@ pub use norm::{layer_norm, rms_norm};
 pub use pointwise::{gelu_erf, gelu_tanh, swiglu};
 pub use rope::{rope, rope_tokens};
 
-use candle_core::{bail, DType, Result, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 use simd::Real;
+
+/// The data of a contiguous CPU storage as a slice of `T`, inside a `cpu_fwd` (whose public
+/// entry point made its inputs contiguous).
+fn storage_slice<'a, T: Real>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        None => bail!("{op}: internal error, input is not contiguous"),
+    }
+}
 
 /// Borrow the data of CPU tensors (made contiguous first) as slices for the duration of `f`.
 fn with_slices<T: Real, R>(op: &'static str, tensors: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {

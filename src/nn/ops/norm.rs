@@ -25,7 +25,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout,
 use rayon::prelude::*;
 
 use super::simd::{multiversion, Real};
-use super::{compute_dtype, same_dtype, with_slices};
+use super::{compute_dtype, same_dtype, storage_slice, with_slices};
 
 /// `x / √(mean(x²) + eps) ∘ weight` over the last dim. `x`: `(…, D)`, `weight`: `(D)`.
 /// Gradients flow to both.
@@ -158,13 +158,10 @@ impl NormOp {
 
     fn cpu_fwd_any(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(op: &NormOp, inputs: &[(&CpuStorage, &Layout)]) -> Result<CpuStorage> {
-            let mut slices = Vec::with_capacity(inputs.len());
-            for (storage, layout) in inputs {
-                match layout.contiguous_offsets() {
-                    Some((start, end)) => slices.push(&T::cpu_storage_as_slice(storage)?[start..end]),
-                    None => bail!("{}: internal error, input is not contiguous", op.name()),
-                }
-            }
+            let slices = inputs
+                .iter()
+                .map(|(storage, layout)| storage_slice::<T>(op.name(), storage, layout))
+                .collect::<Result<Vec<_>>>()?;
             Ok(T::to_cpu_storage_owned(op.forward(slices[0], slices[1], slices.get(2).copied())))
         }
         let (x, layout) = inputs[0];

@@ -23,7 +23,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D}
 use rayon::prelude::*;
 
 use super::simd::{multiversion, Real};
-use super::{compute_dtype, same_dtype};
+use super::{compute_dtype, same_dtype, storage_slice};
 
 /// Rotate the first `rot = 2·cos.dim(1)` dims of each head of `x` `(B, H, T, hd)` by the angles
 /// whose cosines and sines are `cos`, `sin` `(T, rot)`, in the rotate-half layout; dims past
@@ -129,13 +129,10 @@ impl CustomOp3 for RopeOp {
         ls: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(op: &RopeOp, inputs: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
-            let mut s = Vec::with_capacity(3);
-            for (storage, layout) in inputs {
-                match layout.contiguous_offsets() {
-                    Some((start, end)) => s.push(&T::cpu_storage_as_slice(storage)?[start..end]),
-                    None => bail!("rope: internal error, input is not contiguous"),
-                }
-            }
+            let s = inputs
+                .iter()
+                .map(|(storage, layout)| storage_slice::<T>("rope", storage, layout))
+                .collect::<Result<Vec<_>>>()?;
             let t = inputs[1].1.dims()[0];
             let dims = inputs[0].1.dims();
             let mut y = vec![T::ZERO; s[0].len()];
