@@ -58,11 +58,13 @@ pub struct BenchTrainArgs {
     torch: Option<PathBuf>,
 }
 
-/// One timed round of lmforge: ms per step, and the forward / backward / clip+AdamW split.
-struct Round {
-    step_ms: f64,
-    phases_ms: [f64; 3],
-    loss: f32,
+/// A file deleted when dropped, so an early error return leaves nothing behind.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
@@ -109,7 +111,7 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         Some(_) => {
             let path = std::env::temp_dir().join(format!("lmforge-torch-gpt-step-{}.py", std::process::id()));
             std::fs::write(&path, TORCH_SCRIPT).with_context(|| format!("writing {}", path.display()))?;
-            Some(path)
+            Some(RemovedOnDrop(path))
         }
         None => None,
     };
@@ -117,7 +119,7 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     let mut theirs = Vec::new();
     for round in 0..a.rounds.max(1) {
         if let (Some(python), Some(script)) = (&a.torch, &script) {
-            let (line, step_ms) = run_torch(python, script, &a)?;
+            let (line, step_ms) = run_torch(python, &script.0, &a)?;
             println!("round {round}: {line}");
             theirs.push(step_ms);
             // Warm up again: our threads slept while PyTorch ran (its own 5 warm-up steps are
@@ -133,22 +135,14 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
             loss = step(&mut phases)?;
         }
         let step_ms = started.elapsed().as_secs_f64() * 1e3 / a.steps as f64;
-        let r = Round { step_ms, phases_ms: phases.map(|p| p / a.steps as f64), loss };
+        let [forward, backward, update] = phases.map(|p| p / a.steps as f64);
         println!(
-            "round {round}: lmforge threads={} params={} step_ms={:.2} tok_per_s={:.0} loss={:.4} (forward {:.0} ms, backward {:.0} ms, clip+AdamW {:.0} ms)",
+            "round {round}: lmforge threads={} params={} step_ms={step_ms:.2} tok_per_s={:.0} loss={loss:.4} (forward {forward:.0} ms, backward {backward:.0} ms, clip+AdamW {update:.0} ms)",
             rayon::current_num_threads(),
             config.params_total(),
-            r.step_ms,
-            (a.batch_size * a.seq_len) as f64 / r.step_ms * 1e3,
-            r.loss,
-            r.phases_ms[0],
-            r.phases_ms[1],
-            r.phases_ms[2],
+            (a.batch_size * a.seq_len) as f64 / step_ms * 1e3,
         );
-        ours.push(r.step_ms);
-    }
-    if let Some(script) = script {
-        let _ = std::fs::remove_file(script);
+        ours.push(step_ms);
     }
     if let Some(peak) = peak_rss_mib() {
         println!("peak_rss_mib={peak:.0}");
