@@ -20,10 +20,9 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 use super::simd::{multiversion, Real};
-use super::{compute_dtype, with_slices};
+use super::{compute_dtype, output_buffer, parallel, with_slices};
 
 /// Mean cross-entropy of `logits` `(…, V)` against class ids `targets` `(…)` (u32; other
 /// integer dtypes are converted), skipping rows whose target is `ignore_index`. Returns a
@@ -98,14 +97,26 @@ impl CustomOp2 for CrossEntropy {
             {
                 bail!("softmax_cross_entropy: target {bad} of row {row} is outside the vocabulary (0..{vocab})\nHINT: check the tokenizer's vocabulary size against the model's, or pass ignore_index for padding")
             }
-            let lse: Vec<T> = logits.par_chunks(vocab).map(row_lse).collect();
-            let (sum, valid) = logits
-                .par_chunks(vocab)
-                .zip(&lse)
-                .zip(targets)
-                .filter(|(_, &t)| Some(t) != ignore)
-                .map(|((row, &l), &t)| ((l - row[t as usize]).to_f64(), 1usize))
-                .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            // Each task: the log-sum-exp of a block of rows, and their loss sum and count.
+            const ROWS: usize = 64;
+            // SAFETY: each task writes its rows' `lse` whole.
+            let mut lse: Vec<T> = unsafe { output_buffer(targets.len()) };
+            let parts = parallel::fold_chunks(
+                &mut lse,
+                ROWS,
+                || (0.0, 0),
+                |(sum, valid): &mut (f64, usize), i, lse| {
+                    for (j, l) in lse.iter_mut().enumerate() {
+                        let (row, t) = (&logits[(i * ROWS + j) * vocab..][..vocab], targets[i * ROWS + j]);
+                        *l = row_lse(row);
+                        if Some(t) != ignore {
+                            *sum += (*l - row[t as usize]).to_f64();
+                            *valid += 1;
+                        }
+                    }
+                },
+            );
+            let (sum, valid) = parts.into_iter().fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
             let loss = if valid == 0 { 0.0 } else { sum / valid as f64 };
             let _ = op.lse.set(Tensor::from_vec(lse, targets.len(), &Device::Cpu)?);
             let _ = op.valid.set(valid);
@@ -147,14 +158,15 @@ impl CustomOp2 for CrossEntropy {
             let (n, vocab) = logits.dims2()?;
             let lse = lse.to_dtype(T::DTYPE)?;
             let dx = with_slices::<T, _>("softmax_cross_entropy", &[logits, &lse], |s| {
-                let mut dx = vec![T::ZERO; n * vocab];
-                dx.par_chunks_mut(vocab).zip(s[0].par_chunks(vocab)).zip(s[1]).zip(&ids).for_each(
-                    |(((dx, x), &l), &t)| {
-                        if Some(t) != op.ignore_index {
-                            grad_row(T::of(coef), l, t as usize, x, dx);
-                        }
-                    },
-                );
+                // SAFETY: each row is written whole by `grad_row`, or zeroed when ignored.
+                let mut dx = unsafe { output_buffer(n * vocab) };
+                parallel::for_each_chunk(&mut dx, vocab, |i, dx| {
+                    if Some(ids[i]) == op.ignore_index {
+                        dx.fill(T::ZERO);
+                    } else {
+                        grad_row(T::of(coef), s[1][i], ids[i] as usize, &s[0][i * vocab..][..vocab], dx);
+                    }
+                });
                 Ok(dx)
             })?;
             Tensor::from_vec(dx, (n, vocab), &Device::Cpu)

@@ -32,7 +32,7 @@
 //! A query that sees no key at all (possible only with keys from a cache that lie wholly in its
 //! future, or outside its window) gets output 0 and no gradient; the composed path gives NaN.
 //!
-//! Parallelism (rayon): the forward splits over `(batch, head, query tile)`; the backward over
+//! Parallelism ([`parallel`]): the forward splits over `(batch, head, query tile)`; the backward over
 //! `(batch, KV head)` and, when that is fewer than four tasks per thread, also over chunks of
 //! key tiles, each with a private `dq` that is summed at the end.
 //!
@@ -49,11 +49,11 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
+use super::parallel::{self, Split};
 use super::simd::{multiversion, Real};
 use super::tile::gemm_acc;
-use super::{compute_dtype, same_dtype, storage_slice, with_slices};
+use super::{compute_dtype, output_buffer, same_dtype, storage_slice, with_slices};
 
 /// Queries per tile: rows of `Q`, `O`, `dO` that one task keeps in cache.
 pub const QUERY_TILE: usize = 64;
@@ -201,12 +201,13 @@ pub fn flash_attention_tokens(
 /// data: the reordering the token-major entry point does inside the op. Each task writes one
 /// contiguous chunk of the output (a head's `T` rows, or a token's `N` heads).
 fn reorder_heads<T: Real>(x: &[T], b: usize, t: usize, n: usize, hd: usize, to_heads: bool) -> Vec<T> {
-    let mut out = vec![T::ZERO; b * t * n * hd];
+    // SAFETY: each task copies whole rows into its chunk, and the chunks cover `out`.
+    let mut out = unsafe { output_buffer(b * t * n * hd) };
     if out.is_empty() {
         return out;
     }
     if to_heads {
-        out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, dst)| {
+        parallel::for_each_chunk(&mut out, t * hd, |bh, dst| {
             let (bi, h) = (bh / n, bh % n);
             for (ti, row) in dst.chunks_exact_mut(hd).enumerate() {
                 let src = ((bi * t + ti) * n + h) * hd;
@@ -214,7 +215,7 @@ fn reorder_heads<T: Real>(x: &[T], b: usize, t: usize, n: usize, hd: usize, to_h
             }
         });
     } else {
-        out.par_chunks_mut(n * hd).enumerate().for_each(|(bt, dst)| {
+        parallel::for_each_chunk(&mut out, n * hd, |bt, dst| {
             let (bi, ti) = (bt / t, bt % t);
             for (h, row) in dst.chunks_exact_mut(hd).enumerate() {
                 let src = ((bi * n + h) * t + ti) * hd;
@@ -507,28 +508,38 @@ struct Fwd<'a, T> {
 /// Returns `O` `(B, H, T, hd)` and `L` `(B, H, T)`.
 fn forward<T: Real>(p: &Plan, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
     let (t, hd) = (p.t, p.hd);
-    let mut out = vec![T::ZERO; p.b * p.h * t * hd];
-    let mut lse = vec![T::NEG_INFINITY; p.b * p.h * t];
+    // SAFETY (both): `forward_query_tile` zeroes its rows of `out` first and writes each
+    // row's `lse`; the tiles cover both.
+    let mut out = unsafe { output_buffer(p.b * p.h * t * hd) };
+    let mut lse = unsafe { output_buffer(p.b * p.h * t) };
     if out.is_empty() {
+        lse.fill(T::NEG_INFINITY); // (only with head_dim 0) nothing seen
         return (out, lse);
     }
     // Kᵀ once per KV head (shared by the whole query group), with the scale folded in.
     let tile_elems = hd * KEY_TILE;
-    let mut kt = vec![T::ZERO; p.b * p.kv * p.key_tiles() * tile_elems];
+    // SAFETY: `transpose_tile` fills each tile whole.
+    let mut kt = unsafe { output_buffer(p.b * p.kv * p.key_tiles() * tile_elems) };
     if !kt.is_empty() {
         let scale = T::of(p.scale);
-        kt.par_chunks_mut(tile_elems).enumerate().for_each(|(i, dst)| {
+        parallel::for_each_chunk(&mut kt, tile_elems, |i, dst| {
             let (g, tile) = (i / p.key_tiles(), i % p.key_tiles());
             let src = &k[(g * p.s + tile * KEY_TILE) * hd..][..p.tile_len[tile] * hd];
             transpose_tile(src, hd, scale, dst);
         });
     }
     let inputs = Fwd { plan: p, q, kt: &kt, v };
-    out.par_chunks_mut(t * hd).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(bh, (out, lse))| {
-        out.par_chunks_mut(QUERY_TILE * hd)
-            .zip(lse.par_chunks_mut(QUERY_TILE))
-            .enumerate()
-            .for_each(|(tile, (out, lse))| forward_query_tile(&inputs, bh, tile, out, lse));
+    // One task per (batch, head, query tile): the rows `bh·T + q0 ..` of `lse`, times hd of `out`.
+    let tiles = p.query_tiles();
+    let rows: Vec<_> = (0..p.b * p.h * tiles)
+        .map(|i| {
+            let first = (i / tiles) * t + (i % tiles) * QUERY_TILE;
+            first..first + QUERY_TILE.min(t - (i % tiles) * QUERY_TILE)
+        })
+        .collect();
+    let values = rows.iter().map(|r| r.start * hd..r.end * hd).collect();
+    parallel::for_each_part2(Split::parts(&mut out, values), Split::parts(&mut lse, rows), |i, out, lse| {
+        forward_query_tile(&inputs, i / tiles, i % tiles, out, lse)
     });
     (out, lse)
 }
@@ -723,55 +734,72 @@ fn backward<T: Real>(
     lse: &[T],
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (t, s, hd, group) = (p.t, p.s, p.hd, p.group());
-    let mut dq = vec![T::ZERO; q.len()];
-    let mut dk = vec![T::ZERO; k.len()];
-    let mut dv = vec![T::ZERO; v.len()];
+    // SAFETY (all three): zeroed below by the task that owns each part, before it accumulates
+    // (in parallel, and while the part is about to be in its cache).
+    let mut dq = unsafe { output_buffer(q.len()) };
+    let mut dk = unsafe { output_buffer(k.len()) };
+    let mut dv = unsafe { output_buffer(v.len()) };
     if dq.is_empty() || dk.is_empty() {
+        // No queries or no keys: nothing flows anywhere.
+        dk.fill(T::ZERO);
+        dv.fill(T::ZERO);
         return (dq, dk, dv);
     }
-    let d: Vec<T> = out
-        .par_chunks(hd)
-        .zip(dout.par_chunks(hd))
-        .map(|(o, g)| o.iter().zip(g).fold(T::ZERO, |acc, (&o, &g)| acc + o * g))
-        .collect();
+    // D = rowsum(dO ∘ O), one value per query row.
+    const ROWS: usize = 256;
+    // SAFETY: each task writes its rows whole.
+    let mut d = unsafe { output_buffer(out.len() / hd) };
+    parallel::for_each_chunk(&mut d, ROWS, |i, d| {
+        let first = i * ROWS * hd;
+        for ((d, o), g) in d.iter_mut().zip(out[first..].chunks_exact(hd)).zip(dout[first..].chunks_exact(hd)) {
+            *d = o.iter().zip(g).fold(T::ZERO, |acc, (&o, &g)| acc + o * g);
+        }
+    });
     let inputs = Bwd { plan: p, q, k, v, dout, lse, d: &d };
+    let scale = T::of(p.scale);
+    let dq_len = group * t * hd;
 
     // Enough tasks to keep every thread busy even with one KV head (MQA) and batch 1.
-    let tasks_wanted = 4 * rayon::current_num_threads();
+    let tasks_wanted = 4 * parallel::threads();
     let chunks = tasks_wanted.div_ceil(p.b * p.kv).clamp(1, p.key_tiles());
     let tiles_per_chunk = p.key_tiles().div_ceil(chunks);
     let chunks = p.key_tiles().div_ceil(tiles_per_chunk);
-    dq.par_chunks_mut(group * t * hd)
-        .zip(dk.par_chunks_mut(s * hd))
-        .zip(dv.par_chunks_mut(s * hd))
-        .enumerate()
-        .for_each(|(g, ((dq, dk), dv))| {
-            if chunks == 1 {
-                backward_key_chunk(&inputs, g, 0, dq, dk, dv);
-                return;
+    if chunks == 1 {
+        // One task per (batch, KV head), adding straight into its heads' `dq`.
+        let (dq_parts, dk_parts, dv_parts) =
+            (Split::chunks(&mut dq, dq_len), Split::chunks(&mut dk, s * hd), Split::chunks(&mut dv, s * hd));
+        parallel::for_each_part3(dq_parts, dk_parts, dv_parts, |g, dq, dk, dv| {
+            for part in [&mut *dq, &mut *dk, &mut *dv] {
+                part.fill(T::ZERO);
             }
-            let chunk_len = tiles_per_chunk * KEY_TILE * hd;
-            let summed = dk
-                .par_chunks_mut(chunk_len)
-                .zip(dv.par_chunks_mut(chunk_len))
-                .enumerate()
-                .map(|(c, (dk, dv))| {
-                    let mut dq_part = vec![T::ZERO; dq.len()];
-                    backward_key_chunk(&inputs, g, c * tiles_per_chunk, &mut dq_part, dk, dv);
-                    dq_part
-                })
-                .reduce_with(|mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x += *y;
-                    }
-                    a
-                });
-            if let Some(summed) = summed {
-                dq.copy_from_slice(&summed);
-            }
+            backward_key_chunk(&inputs, g, 0, dq, dk, dv);
+            dq.iter_mut().for_each(|x| *x *= scale);
         });
-    let scale = T::of(p.scale);
-    dq.par_chunks_mut(hd).for_each(|row| row.iter_mut().for_each(|x| *x *= scale));
+        return (dq, dk, dv);
+    }
+    // One task per (batch, KV head, chunk of key tiles), each with a private `dq`, summed after.
+    let chunk_len = tiles_per_chunk * KEY_TILE * hd;
+    let keys: Vec<_> = (0..p.b * p.kv * chunks)
+        .map(|i| {
+            let (g, c) = (i / chunks, i % chunks);
+            g * s * hd + c * chunk_len..(g * s * hd + (c + 1) * chunk_len).min((g + 1) * s * hd)
+        })
+        .collect();
+    let partial_dq: Vec<_> = keys.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+    parallel::for_each_part2(Split::parts(&mut dk, keys.clone()), Split::parts(&mut dv, keys), |i, dk, dv| {
+        dk.fill(T::ZERO);
+        dv.fill(T::ZERO);
+        let mut dq_part = vec![T::ZERO; dq_len];
+        backward_key_chunk(&inputs, i / chunks, (i % chunks) * tiles_per_chunk, &mut dq_part, dk, dv);
+        *partial_dq[i].lock().expect("a task panicked") = dq_part;
+    });
+    parallel::for_each_chunk(&mut dq, dq_len, |g, dq| {
+        dq.fill(T::ZERO);
+        for part in &partial_dq[g * chunks..(g + 1) * chunks] {
+            let part = part.lock().expect("a task panicked");
+            dq.iter_mut().zip(part.iter()).for_each(|(x, &y)| *x += y * scale);
+        }
+    });
     (dq, dk, dv)
 }
 

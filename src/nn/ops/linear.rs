@@ -15,11 +15,10 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::gemm::{gemm, MatRef};
 use super::simd::Real;
-use super::{compute_dtype, same_dtype, storage_slice, with_slices};
+use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice, with_slices};
 
 /// `x·weightᵀ + bias` for `x`: `(…, in)`, `weight`: `(out, in)`, `bias`: `(out)` → `(…, out)`.
 /// Gradients flow to all three. The leading dims are flattened inside the op, not by a
@@ -191,10 +190,12 @@ impl CustomOp3 for LinearOp {
 
 /// `(N, out)` for `x`: `(N, in)`, `w`: `(out, in)`; `b` is added to every row first.
 fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, fan_in: usize, fan_out: usize) -> Vec<T> {
-    let mut y = vec![T::ZERO; rows * fan_out];
+    // SAFETY: filled with the bias rows below, or written whole by `gemm` (not accumulating).
+    let mut y = unsafe { output_buffer(rows * fan_out) };
     if let Some(b) = b {
-        y.par_chunks_mut(fan_out * 64)
-            .for_each(|block| block.chunks_exact_mut(fan_out).for_each(|r| r.copy_from_slice(b)));
+        parallel::for_each_chunk(&mut y, fan_out * 64, |_, block| {
+            block.chunks_exact_mut(fan_out).for_each(|r| r.copy_from_slice(b))
+        });
     }
     let x = MatRef::row_major(x, rows, fan_in);
     let w_t = MatRef::row_major(w, fan_out, fan_in).t();
@@ -213,34 +214,28 @@ fn backward<T: Real>(
     with_bias: bool,
 ) -> (Vec<T>, Vec<T>, Option<Vec<T>>) {
     let dy_m = MatRef::row_major(dy, rows, fan_out);
-    let mut dx = vec![T::ZERO; rows * fan_in];
+    // SAFETY (both): written whole by `gemm`, which does not accumulate here.
+    let mut dx = unsafe { output_buffer(rows * fan_in) };
     gemm(dy_m, MatRef::row_major(w, fan_out, fan_in), &mut dx, fan_in, false);
-    let mut dw = vec![T::ZERO; fan_out * fan_in];
+    let mut dw = unsafe { output_buffer(fan_out * fan_in) };
     gemm(dy_m.t(), MatRef::row_major(x, rows, fan_in), &mut dw, fan_in, false);
     let db = with_bias.then(|| column_sums(dy, fan_out));
     (dx, dw, db)
 }
 
-/// `Σ_rows m` for a row-major matrix of `cols` columns: each rayon task sums a block of rows.
+/// `Σ_rows m` for a row-major matrix of `cols` columns: each task sums a block of rows.
 fn column_sums<T: Real>(m: &[T], cols: usize) -> Vec<T> {
-    let rows_per_task = (16_384 / cols.max(1)).max(1);
-    m.par_chunks(rows_per_task * cols)
-        .fold(
-            || vec![T::ZERO; cols],
-            |mut acc, block| {
-                for row in block.chunks_exact(cols) {
-                    acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
-                }
-                acc
-            },
-        )
-        .reduce(
-            || vec![T::ZERO; cols],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
-                a
-            },
-        )
+    let block = (16_384 / cols.max(1)).max(1) * cols;
+    let parts = parallel::fold(
+        m.len().div_ceil(block),
+        || vec![T::ZERO; cols],
+        |acc, i| {
+            for row in m[i * block..].chunks_exact(cols).take(block / cols) {
+                acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
+            }
+        },
+    );
+    parallel::sum_parts(parts)
 }
 
 #[cfg(test)]

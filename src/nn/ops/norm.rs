@@ -22,10 +22,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 use super::simd::{multiversion, Real};
-use super::{compute_dtype, same_dtype, storage_slice, with_slices};
+use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice, with_slices};
 
 /// `x / √(mean(x²) + eps) ∘ weight` over the last dim. `x`: `(…, D)`, `weight`: `(D)`.
 /// Gradients flow to both.
@@ -120,10 +119,11 @@ impl NormOp {
 
     fn forward<T: Real>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
         let d = w.len();
-        let mut y = vec![T::ZERO; x.len()];
+        // SAFETY: `forward_rows` writes each of its rows whole, and the chunks cover `y`.
+        let mut y = unsafe { output_buffer(x.len()) };
         let rows = rows_per_task(d);
-        y.par_chunks_mut(rows * d).zip(x.par_chunks(rows * d)).for_each(|(y, x)| {
-            forward_rows(self.kind == Kind::Layer, T::of(self.eps), x, w, b, y);
+        parallel::for_each_chunk(&mut y, rows * d, |i, y| {
+            forward_rows(self.kind == Kind::Layer, T::of(self.eps), &x[i * rows * d..][..y.len()], w, b, y);
         });
         y
     }
@@ -131,27 +131,21 @@ impl NormOp {
     /// `(dx, dw, db)`.
     fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = w.len();
-        let mut dx = vec![T::ZERO; x.len()];
+        // SAFETY: `backward_rows` writes each of its rows whole, and the chunks cover `dx`.
+        let mut dx = unsafe { output_buffer(x.len()) };
         let rows = rows_per_task(d);
-        // Each rayon split sums its rows' dw, db into its own buffer `[dw | db]`.
-        let sums = dx
-            .par_chunks_mut(rows * d)
-            .zip(x.par_chunks(rows * d))
-            .zip(g.par_chunks(rows * d))
-            .fold(
-                || vec![T::ZERO; 2 * d],
-                |mut acc, ((dx, x), g)| {
-                    backward_rows(self.kind == Kind::Layer, T::of(self.eps), x, w, g, dx, &mut acc);
-                    acc
-                },
-            )
-            .reduce(
-                || vec![T::ZERO; 2 * d],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
-                    a
-                },
-            );
+        // Each group of tasks sums its rows' dw, db into its own buffer `[dw | db]`.
+        let block = rows * d;
+        let parts = parallel::fold_chunks(
+            &mut dx,
+            block,
+            || vec![T::ZERO; 2 * d],
+            |acc, i, dx| {
+                let rows = i * block..i * block + dx.len();
+                backward_rows(self.kind == Kind::Layer, T::of(self.eps), &x[rows.clone()], w, &g[rows], dx, acc);
+            },
+        );
+        let sums = parallel::sum_parts(parts);
         let (dw, db) = sums.split_at(d);
         (dx, dw.to_vec(), db.to_vec())
     }
@@ -365,7 +359,7 @@ mod tests {
 
     #[test]
     fn many_rows_sum_weight_gradients_across_tasks() {
-        // 3000 rows of 64: several rayon tasks each accumulate part of dw, db.
+        // 3000 rows of 64: several parallel tasks each accumulate part of dw, db.
         let x = inputs(&[3000, 64], DType::F32);
         let f = |x: &[Tensor]| layer_norm(&x[0], &x[1], Some(&x[2]), 1e-6);
         let composed = |x: &[Tensor]| composed_layer_norm(&x[0], &x[1], Some(&x[2]), 1e-6);

@@ -19,10 +19,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::simd::{multiversion, Real};
-use super::{compute_dtype, same_dtype, with_slices};
+use super::{compute_dtype, output_buffer, parallel, same_dtype, with_slices};
 
 /// Elements per rayon task.
 const CHUNK: usize = 16_384;
@@ -169,12 +168,13 @@ impl CustomOp2 for Swiglu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         fn run<T: Real>(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
             let (da, du) = with_slices::<T, _>("swiglu", &[gate, up, grad], |s| {
-                let mut da = vec![T::ZERO; s[0].len()];
-                let mut du = vec![T::ZERO; s[0].len()];
-                da.par_chunks_mut(CHUNK)
-                    .zip(du.par_chunks_mut(CHUNK))
-                    .zip(s[0].par_chunks(CHUNK).zip(s[1].par_chunks(CHUNK)).zip(s[2].par_chunks(CHUNK)))
-                    .for_each(|((da, du), ((a, u), g))| swiglu_backward(a, u, g, da, du));
+                // SAFETY (both): `swiglu_backward` writes its chunks whole, which cover them.
+                let mut da = unsafe { output_buffer(s[0].len()) };
+                let mut du = unsafe { output_buffer(s[0].len()) };
+                parallel::for_each_chunk2(&mut da, CHUNK, &mut du, CHUNK, |i, da, du| {
+                    let part = i * CHUNK..i * CHUNK + da.len();
+                    swiglu_backward(&s[0][part.clone()], &s[1][part.clone()], &s[2][part], da, du)
+                });
                 Ok((da, du))
             })?;
             Ok((Tensor::from_vec(da, gate.shape(), &Device::Cpu)?, Tensor::from_vec(du, gate.shape(), &Device::Cpu)?))
@@ -191,15 +191,17 @@ impl CustomOp2 for Swiglu {
 
 /// Apply a chunk kernel `f(x, y)` in parallel.
 fn map<T: Real>(x: &[T], f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
-    let mut y = vec![T::ZERO; x.len()];
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| f(x, y));
+    // SAFETY: every chunk kernel writes its chunk whole (each is an elementwise map).
+    let mut y = unsafe { output_buffer(x.len()) };
+    parallel::for_each_chunk(&mut y, CHUNK, |i, y| f(&x[i * CHUNK..][..y.len()], y));
     y
 }
 
 /// Apply a chunk kernel `f(a, b, y)` in parallel.
 fn map2<T: Real>(a: &[T], b: &[T], f: impl Fn(&[T], &[T], &mut [T]) + Sync) -> Vec<T> {
-    let mut y = vec![T::ZERO; a.len()];
-    y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(y, (a, b))| f(a, b, y));
+    // SAFETY: every chunk kernel writes its chunk whole (each is an elementwise map).
+    let mut y = unsafe { output_buffer(a.len()) };
+    parallel::for_each_chunk(&mut y, CHUNK, |i, y| f(&a[i * CHUNK..][..y.len()], &b[i * CHUNK..][..y.len()], y));
     y
 }
 
@@ -290,7 +292,7 @@ mod tests {
 
     #[test]
     fn match_composed_ops() {
-        // 40_000 elements: several rayon chunks and a ragged last one.
+        // 40_000 elements: several parallel chunks and a ragged last one.
         let x = wide(&[8, 5000], 3, DType::F32);
         let u = wide(&[8, 5000], 4, DType::F32);
         check_against_composed(

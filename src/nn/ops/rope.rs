@@ -20,10 +20,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 use super::simd::{multiversion, Real};
-use super::{compute_dtype, same_dtype, storage_slice};
+use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice};
 
 /// Rotate the first `rot = 2·cos.dim(1)` dims of each head of `x` `(B, H, T, hd)` by the angles
 /// whose cosines and sines are `cos`, `sin` `(T, rot)`, in the rotate-half layout; dims past
@@ -135,7 +134,8 @@ impl CustomOp3 for RopeOp {
                 .collect::<Result<Vec<_>>>()?;
             let t = inputs[1].1.dims()[0];
             let dims = inputs[0].1.dims();
-            let mut y = vec![T::ZERO; s[0].len()];
+            // SAFETY: `rotate_rows` writes each of its rows whole, and the chunks cover `y`.
+            let mut y = unsafe { output_buffer(s[0].len()) };
             if y.is_empty() {
                 return Ok(T::to_cpu_storage_owned(y));
             }
@@ -147,8 +147,8 @@ impl CustomOp3 for RopeOp {
                 None => (dims[3], 1),
             };
             let chunk = t * rows_per_position * hd;
-            y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
-                rotate_rows(op.transpose, hd, rows_per_position, x, cos, sin, y);
+            parallel::for_each_chunk(&mut y, chunk, |i, y| {
+                rotate_rows(op.transpose, hd, rows_per_position, &x[i * chunk..][..chunk], cos, sin, y);
             });
             Ok(T::to_cpu_storage_owned(y))
         }
