@@ -65,7 +65,6 @@ impl Attention {
         cache: Option<&mut dyn KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?); // (B, T, heads·hd)
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mask = |key_positions: Vec<usize>| AttentionMask {
             query_start: start,
@@ -74,9 +73,28 @@ impl Attention {
             window: self.window,
             alibi_slopes: self.alibi_slopes.clone(),
         };
+        let positions = || (start..start + t).collect();
         if cache.is_none() && self.implementation == AttentionImpl::Flash {
-            // Training and cache-free prefill: stay token-major end to end, so autograd sees
-            // one node per op rather than reshapes, transposes and copies around each.
+            // Training and cache-free prefill: one product for q, k and v, and one op from
+            // there to the attention output (RoPE and the head split inside), so autograd sees
+            // two nodes rather than three projections, two rotations and the attention.
+            if let Some(qkv) = Linear::stacked(&[&self.q, &self.k, &self.v])? {
+                let tables = rope.map(|r| (&r.cos, &r.sin));
+                let y = ops::flash_attention_qkv(
+                    &qkv.forward(x)?,
+                    self.heads,
+                    self.kv_heads,
+                    scale,
+                    &mask(positions()),
+                    tables,
+                )?;
+                return self.o.forward(&y);
+            }
+        }
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?); // (B, T, heads·hd)
+        if cache.is_none() && self.implementation == AttentionImpl::Flash {
+            // Token-major end to end, so autograd sees one node per op rather than reshapes,
+            // transposes and copies around each.
             let (q, k) = match rope {
                 Some(r) => (
                     ops::rope_tokens(&q, &r.cos, &r.sin, self.head_dim)?,
@@ -84,8 +102,7 @@ impl Attention {
                 ),
                 None => (q, k),
             };
-            let positions = (start..start + t).collect();
-            let y = ops::flash_attention_tokens(&q, &k, &v, self.heads, self.kv_heads, scale, &mask(positions))?;
+            let y = ops::flash_attention_tokens(&q, &k, &v, self.heads, self.kv_heads, scale, &mask(positions()))?;
             return self.o.forward(&y);
         }
         let split_heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
@@ -98,7 +115,7 @@ impl Attention {
         }
         let visible = match cache {
             Some(cache) => cache.append(&k, &v, start)?,
-            None => LayerKv { k, v, positions: (start..start + t).collect() },
+            None => LayerKv { k, v, positions: positions() },
         };
         let y = match self.implementation {
             AttentionImpl::Flash => ops::flash_attention(&q, &visible.k, &visible.v, scale, &mask(visible.positions))?,

@@ -878,5 +878,8 @@ multiversion! {
     }
 }
 
+mod fused_qkv;
 #[cfg(test)]
 mod tests;
+
+pub use fused_qkv::flash_attention_qkv;

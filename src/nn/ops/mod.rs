@@ -32,7 +32,7 @@ mod tile;
 mod testing;
 
 pub use cross_entropy::softmax_cross_entropy;
-pub use flash_attention::{flash_attention, flash_attention_tokens, AttentionMask};
+pub use flash_attention::{flash_attention, flash_attention_qkv, flash_attention_tokens, AttentionMask};
 pub use linear::linear;
 pub use norm::{layer_norm, rms_norm};
 pub use pointwise::{gelu_erf, gelu_tanh, swiglu};

@@ -42,7 +42,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// `x` is `(B, H, T, hd)` and `cos`, `sin` are `(T, rot)` tables of one dtype, `rot` even and
 /// at most `hd`.
-fn check_tables(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
+pub(crate) fn check_tables(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
     let (_, _, t, hd) = x
         .dims4()
         .map_err(|_| candle_core::Error::Msg(format!("rope: x must be (B, H, T, head_dim), got {:?}", x.dims())))?;
@@ -197,7 +197,7 @@ impl CustomOp3 for RopeOp {
 multiversion! {
     /// `T·rows_per_position` rows of `hd`, the `rows_per_position` rows of position `t` using
     /// table row `t`: `x`, `y` `(T, rows_per_position, hd)`, `cos`, `sin` `(T, rot)`.
-    fn rotate_rows<T: Real>(transpose: bool, hd: usize, rows_per_position: usize, x: &[T], cos: &[T], sin: &[T], y: &mut [T]) {
+    pub(crate) fn rotate_rows<T: Real>(transpose: bool, hd: usize, rows_per_position: usize, x: &[T], cos: &[T], sin: &[T], y: &mut [T]) {
         let rot = cos.len() / (x.len() / (hd * rows_per_position));
         let half = rot / 2;
         let tables = cos.chunks_exact(rot).zip(sin.chunks_exact(rot)).flat_map(|cs| std::iter::repeat_n(cs, rows_per_position));

@@ -207,3 +207,46 @@ fn token_major_matches_head_major() {
     // Widths that are not a whole number of heads are errors, not panics.
     assert!(flash_attention_tokens(&tokens[0], &tokens[1], &tokens[2], 3, kv, 0.4, &mask).is_err());
 }
+
+/// The fused entry point (`qkv` in one tensor, RoPE inside) gives the results of the separate
+/// path it replaces (narrow, `rope_tokens` on q and k, `flash_attention_tokens`): values and
+/// the gradient of `qkv`, with GQA, a window, partial rotary dims, and without RoPE (ALiBi).
+#[test]
+fn fused_qkv_matches_separate_projections() {
+    use crate::nn::ops::{flash_attention_qkv, rope_tokens};
+    let (b, h, kv, t, hd, rot) = (2, 4, 2, 70, 6, 4);
+    let width = (h + 2 * kv) * hd;
+    let qkv = (rand_tensor(&[b, t, width], 11, DType::F64) * 2.0).unwrap();
+    let angles = rand_tensor(&[t, rot], 12, DType::F64);
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    for (rope, alibi) in [(true, None), (false, Some(alibi_slopes(h, 8.0)))] {
+        let mask = AttentionMask::causal_self(3, t).with_window(Some(33)).with_alibi(alibi);
+        let tables = rope.then_some((&cos, &sin));
+        let fused = |x: &[Tensor]| flash_attention_qkv(&x[0], h, kv, 0.4, &mask, tables);
+        let separate = |x: &[Tensor]| {
+            let part = |first: usize, n: usize| x[0].narrow(2, first * hd, n * hd);
+            let (mut q, mut k, v) = (part(0, h)?, part(h, kv)?, part(h + kv, kv)?);
+            if rope {
+                (q, k) = (rope_tokens(&q, &cos, &sin, hd)?, rope_tokens(&k, &cos, &sin, hd)?);
+            }
+            flash_attention_tokens(&q, &k, &v, h, kv, 0.4, &mask)
+        };
+        let inputs = [qkv.clone()];
+        let (got, got_grads) = value_and_grads(&fused, &inputs);
+        let (want, want_grads) = value_and_grads(&separate, &inputs);
+        crate::nn::ops::testing::assert_close("value", &got, &want, 1e-12, 1e-12);
+        crate::nn::ops::testing::assert_close("d(qkv)", &got_grads[0], &want_grads[0], 1e-12, 1e-12);
+        let short = [qkv.narrow(1, 0, 9).unwrap().contiguous().unwrap()];
+        let short_mask = AttentionMask::causal_self(3, 9).with_window(Some(4)).with_alibi(mask.alibi_slopes.clone());
+        let short_tables = (cos.narrow(0, 0, 9).unwrap(), sin.narrow(0, 0, 9).unwrap());
+        let short_fn = |x: &[Tensor]| {
+            flash_attention_qkv(&x[0], h, kv, 0.4, &short_mask, rope.then_some((&short_tables.0, &short_tables.1)))
+        };
+        check_finite_differences(&short_fn, &short, &[0], 1e-6);
+    }
+    // A width that is not a whole number of heads, or tables for other positions, are errors.
+    let mask = AttentionMask::causal_self(0, t);
+    assert!(flash_attention_qkv(&qkv, 3, kv, 0.4, &mask, None).is_err());
+    let wrong = cos.narrow(0, 0, 5).unwrap();
+    assert!(flash_attention_qkv(&qkv, h, kv, 0.4, &mask, Some((&wrong, &wrong))).is_err());
+}
