@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ModelConfig, ParamKind};
 use crate::error::{Error, Result};
+use crate::nn::ops::parallel::{self, Split};
 
 /// AdamW hyperparameters other than the learning rate (which comes from the schedule on every
 /// [`AdamW::step`]). Defaults are the usual LLM-pretraining values (GPT-3, Llama, nanoGPT):
@@ -493,9 +494,15 @@ impl InplaceOp2 for FusedUpdate<'_> {
             )));
         }
         let h = self.h;
-        for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-            h.apply(p, g, m, v);
-        }
+        // Element-wise, so the split into parallel chunks does not change any result.
+        const CHUNK: usize = 1 << 14;
+        let (param, m, v) =
+            (Split::chunks(param, CHUNK), Split::chunks(&mut m[..], CHUNK), Split::chunks(&mut v[..], CHUNK));
+        parallel::for_each_part3(param, m, v, |i, param, m, v| {
+            for (((p, &g), m), v) in param.iter_mut().zip(&grad[i * CHUNK..]).zip(m.iter_mut()).zip(v.iter_mut()) {
+                h.apply(p, g, m, v);
+            }
+        });
         Ok(())
     }
 }
@@ -542,24 +549,33 @@ pub fn grad_norm<'a>(grads: &GradStore, vars: impl IntoIterator<Item = &'a Var>)
     Ok(sums.iter().sum::<f64>().sqrt())
 }
 
-/// Sum of squares in f64. On the CPU, read the storage directly with a fixed set of partial
-/// sums (fast and reproducible); elsewhere, convert to f64 and reduce on the device.
+/// Sum of squares in f64. On the CPU, read the storage directly in parallel chunks, each with
+/// a fixed set of partial sums, added in chunk order (fast and reproducible); elsewhere,
+/// convert to f64 and reduce on the device.
 fn sum_of_squares(t: &Tensor) -> Result<f64> {
     let t = t.contiguous()?;
     {
         let (storage, layout) = t.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            const CHUNK: usize = 1 << 16;
             let data = &data[start..end];
-            let mut acc = [0.0f64; 8];
-            let chunks = data.chunks_exact(8);
-            let tail = chunks.remainder();
-            for chunk in chunks {
-                for (a, &x) in acc.iter_mut().zip(chunk) {
-                    *a += (x as f64) * (x as f64);
-                }
-            }
-            let tail: f64 = tail.iter().map(|&x| (x as f64) * (x as f64)).sum();
-            return Ok(acc.iter().sum::<f64>() + tail);
+            let parts = parallel::fold(
+                data.len().div_ceil(CHUNK),
+                || 0.0,
+                |sum, i| {
+                    let chunk = &data[i * CHUNK..data.len().min((i + 1) * CHUNK)];
+                    let mut acc = [0.0f64; 8];
+                    let lanes = chunk.chunks_exact(8);
+                    let tail = lanes.remainder();
+                    for lane in lanes {
+                        for (a, &x) in acc.iter_mut().zip(lane) {
+                            *a += (x as f64) * (x as f64);
+                        }
+                    }
+                    *sum = acc.iter().sum::<f64>() + tail.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+                },
+            );
+            return Ok(parts.iter().sum());
         }
     }
     Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
