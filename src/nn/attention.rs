@@ -78,7 +78,7 @@ impl Attention {
             // Training and cache-free prefill: one product for q, k and v, and one op from
             // there to the attention output (RoPE and the head split inside), so autograd sees
             // two nodes rather than three projections, two rotations and the attention.
-            if let Some(qkv) = Linear::stacked(&[&self.q, &self.k, &self.v])? {
+            if let Some(qkv) = Linear::stacked(&[&self.q, &self.k, &self.v], x)? {
                 let tables = rope.map(|r| (&r.cos, &r.sin));
                 let y = ops::flash_attention_qkv(
                     &qkv.forward(x)?,

@@ -25,9 +25,18 @@ impl DenseFfn {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let hidden = match &self.gate {
-            Some(gate) if self.act == Activation::Silu => ops::swiglu(&gate.forward(x)?, &self.up.forward(x)?)?,
+            // One product for gate and up, and the activation inside the op: autograd sees one
+            // node where it saw three (two projections and SwiGLU).
+            Some(gate) if self.act == Activation::Silu => match Linear::stacked(&[gate, &self.up], x)? {
+                Some(both) => both.forward_then(x, ops::Epilogue::SwiGlu)?,
+                None => ops::swiglu(&gate.forward(x)?, &self.up.forward(x)?)?,
+            },
             Some(gate) => (activation::apply(self.act, &gate.forward(x)?)? * self.up.forward(x)?)?,
-            None => activation::apply(self.act, &self.up.forward(x)?)?,
+            None => match self.act {
+                Activation::Gelu => self.up.forward_then(x, ops::Epilogue::GeluErf)?,
+                Activation::GeluTanh => self.up.forward_then(x, ops::Epilogue::GeluTanh)?,
+                other => activation::apply(other, &self.up.forward(x)?)?,
+            },
         };
         self.down.forward(&hidden)
     }

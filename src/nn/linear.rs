@@ -27,13 +27,19 @@ impl Linear {
         Linear::new(params.get("weight"), params.get_opt("bias"))
     }
 
-    /// One layer computing `layers` side by side (weights stacked along `out`, as GPT-2's fused
-    /// `c_attn`), so one product serves them all; `None` when only some have a bias.
+    /// One layer computing `layers` side by side for the input `x` (weights stacked along
+    /// `out`, as GPT-2's fused `c_attn`), so one product serves them all; `None` when only
+    /// some have a bias, or when `x` has fewer rows than the layers have inputs.
     ///
-    /// The stacking is an autograd op on the parameters (a copy of the weights per call, and
-    /// their gradients split back), cheap next to the product it saves for a batch of tokens,
-    /// but not for decoding one token at a time.
-    pub fn stacked(layers: &[&Linear]) -> Result<Option<Linear>> {
+    /// Why the row limit: the stacking copies the weights on every call (an autograd op: their
+    /// gradients are split back). Next to a product over at least `in` rows that copy costs a
+    /// few percent; decoding one token at a time it would cost more than the products.
+    pub fn stacked(layers: &[&Linear], x: &Tensor) -> Result<Option<Linear>> {
+        let fan_in = layers.first().map_or(Ok(0), |l| l.weight.dim(1))?;
+        let rows = x.elem_count() / fan_in.max(1);
+        if rows < fan_in {
+            return Ok(None);
+        }
         let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
         let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.bias.as_ref()).collect();
         let bias = match biases.len() {
@@ -47,5 +53,10 @@ impl Linear {
     /// `(..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// `(..., in)` → `epilogue` of `(..., out)`, in one op ([`ops::linear_then`]).
+    pub fn forward_then(&self, x: &Tensor, epilogue: ops::Epilogue) -> Result<Tensor> {
+        ops::linear_then(x, &self.weight, self.bias.as_ref(), epilogue)
     }
 }

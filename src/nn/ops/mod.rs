@@ -33,9 +33,9 @@ mod testing;
 
 pub use cross_entropy::softmax_cross_entropy;
 pub use flash_attention::{flash_attention, flash_attention_qkv, flash_attention_tokens, AttentionMask};
-pub use linear::linear;
+pub use linear::{linear, linear_then};
 pub use norm::{layer_norm, rms_norm};
-pub use pointwise::{gelu_erf, gelu_tanh, swiglu};
+pub use pointwise::{gelu_erf, gelu_tanh, swiglu, Epilogue};
 pub use rope::{rope, rope_tokens};
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};

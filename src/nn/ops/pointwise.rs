@@ -23,7 +23,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout,
 use super::simd::{multiversion, Real};
 use super::{compute_dtype, output_buffer, parallel, same_dtype, with_slices};
 
-/// Elements per rayon task.
+/// Elements per parallel task.
 const CHUNK: usize = 16_384;
 
 /// `silu(gate) · up`, the gated FFN's hidden activation (Llama, Mistral). Same shapes.
@@ -65,6 +65,86 @@ fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
     let dtype = x.dtype();
     let compute = compute_dtype(act.name(), dtype)?;
     x.to_dtype(compute)?.contiguous()?.apply_op1(Activation { act })?.to_dtype(dtype)
+}
+
+/// The activation a linear layer applies to its own output inside the op
+/// ([`super::linear_then`]), saving the activation's separate autograd node and the
+/// zero-fill and add of its input's gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    GeluTanh,
+    GeluErf,
+    /// `silu(a)·u` of the two halves `[a | u]` of each row (the gate and up projections
+    /// stacked): the output has half the width.
+    SwiGlu,
+}
+
+impl Epilogue {
+    /// Output columns for `width` pre-activation columns.
+    pub fn width(self, width: usize) -> usize {
+        match self {
+            Epilogue::SwiGlu => width / 2,
+            _ => width,
+        }
+    }
+
+    /// The same from candle ops and this module's ops (the reference, and other devices).
+    pub fn composed(self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Epilogue::GeluTanh => gelu_tanh(h),
+            Epilogue::GeluErf => gelu_erf(h),
+            Epilogue::SwiGlu => {
+                let half = h.dim(candle_core::D::Minus1)? / 2;
+                swiglu(&h.narrow(candle_core::D::Minus1, 0, half)?, &h.narrow(candle_core::D::Minus1, half, half)?)
+            }
+        }
+    }
+
+    /// `y = epilogue(h)` for `h` of rows of `width`.
+    pub(crate) fn forward<T: Real>(self, h: &[T], width: usize) -> Vec<T> {
+        match self {
+            Epilogue::GeluTanh => map(h, |x, y| act_forward(Act::GeluTanh, x, y)),
+            Epilogue::GeluErf => map(h, |x, y| act_forward(Act::GeluErf, x, y)),
+            Epilogue::SwiGlu => {
+                let (half, rows) = (width / 2, rows_per_task(width));
+                // SAFETY: every task writes its rows whole.
+                let mut y = unsafe { output_buffer(h.len() / 2) };
+                parallel::for_each_chunk(&mut y, rows * half, |i, y| {
+                    for (y, h) in y.chunks_exact_mut(half).zip(h[i * rows * width..].chunks_exact(width)) {
+                        swiglu_forward(&h[..half], &h[half..], y);
+                    }
+                });
+                y
+            }
+        }
+    }
+
+    /// `dh` from `h` and the output's gradient `g`.
+    pub(crate) fn backward<T: Real>(self, h: &[T], g: &[T], width: usize) -> Vec<T> {
+        match self {
+            Epilogue::GeluTanh => map2(h, g, |x, g, d| act_backward(Act::GeluTanh, x, g, d)),
+            Epilogue::GeluErf => map2(h, g, |x, g, d| act_backward(Act::GeluErf, x, g, d)),
+            Epilogue::SwiGlu => {
+                let (half, rows) = (width / 2, rows_per_task(width));
+                // SAFETY: every task writes its rows whole.
+                let mut dh = unsafe { output_buffer(h.len()) };
+                parallel::for_each_chunk(&mut dh, rows * width, |i, dh| {
+                    let (h, g) = (&h[i * rows * width..], &g[i * rows * half..]);
+                    for ((dh, h), g) in dh.chunks_exact_mut(width).zip(h.chunks_exact(width)).zip(g.chunks_exact(half))
+                    {
+                        let (da, du) = dh.split_at_mut(half);
+                        swiglu_backward(&h[..half], &h[half..], g, da, du);
+                    }
+                });
+                dh
+            }
+        }
+    }
+}
+
+/// Rows of `width` per parallel task: about [`CHUNK`] elements.
+fn rows_per_task(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,7 +269,7 @@ impl CustomOp2 for Swiglu {
     }
 }
 
-/// Apply a chunk kernel `f(x, y)` in parallel.
+/// Apply an element-wise chunk kernel `f(x, y)` in parallel.
 fn map<T: Real>(x: &[T], f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
     // SAFETY: every chunk kernel writes its chunk whole (each is an elementwise map).
     let mut y = unsafe { output_buffer(x.len()) };
@@ -197,7 +277,7 @@ fn map<T: Real>(x: &[T], f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
     y
 }
 
-/// Apply a chunk kernel `f(a, b, y)` in parallel.
+/// Apply an element-wise chunk kernel `f(a, b, y)` in parallel.
 fn map2<T: Real>(a: &[T], b: &[T], f: impl Fn(&[T], &[T], &mut [T]) + Sync) -> Vec<T> {
     // SAFETY: every chunk kernel writes its chunk whole (each is an elementwise map).
     let mut y = unsafe { output_buffer(a.len()) };
