@@ -240,11 +240,11 @@ fn main() -> Result<()> {
     let exe = std::env::current_exe().expect("own path");
     let forwarded: Vec<String> = std::env::args().skip(1).collect();
     println!(
-        "attention fwd+bwd, B=1 H={HEADS} KV={} hd={HEAD_DIM} f32 causal{}{}, {} rayon threads; best of repeated runs",
+        "attention fwd+bwd, B=1 H={HEADS} KV={} hd={HEAD_DIM} f32 causal{}{}, {} threads; best of repeated runs",
         config.kv,
         config.window.map_or(String::new(), |w| format!(" window {w}")),
         if config.alibi { " alibi" } else { "" },
-        rayon::current_num_threads()
+        lmforge::nn::ops::parallel::threads()
     );
     println!(
         "{:>6} {:>6} {:>9} {:>12} {:>18} {:>14}",
@@ -259,7 +259,7 @@ fn main() -> Result<()> {
             let out = match (path.as_str(), &config.torch) {
                 ("torch", Some(python)) => Command::new(python)
                     .args(["-c", TORCH_SDPA])
-                    .args([seq, HEADS, HEAD_DIM, rayon::current_num_threads()].map(|x| x.to_string()))
+                    .args([seq, HEADS, HEAD_DIM, lmforge::nn::ops::parallel::threads()].map(|x| x.to_string()))
                     .output()
                     .expect("run python"),
                 _ => Command::new(&exe)

@@ -138,7 +138,7 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         let [forward, backward, update] = phases.map(|p| p / a.steps as f64);
         println!(
             "round {round}: lmforge threads={} params={} step_ms={step_ms:.2} tok_per_s={:.0} loss={loss:.4} (forward {forward:.0} ms, backward {backward:.0} ms, clip+AdamW {update:.0} ms)",
-            rayon::current_num_threads(),
+            lmforge::nn::ops::parallel::threads(),
             config.params_total(),
             (a.batch_size * a.seq_len) as f64 / step_ms * 1e3,
         );
@@ -165,7 +165,7 @@ fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result
     let out = Command::new(python)
         .arg(script)
         .args(&args)
-        .env("OMP_NUM_THREADS", rayon::current_num_threads().to_string())
+        .env("OMP_NUM_THREADS", lmforge::nn::ops::parallel::threads().to_string())
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -274,7 +274,11 @@ pub struct BenchMatmulArgs {
 pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
     use lmforge::nn::ops::gemm::{gemm, MatRef};
     let (t, d) = (a.tokens, a.d_model);
-    println!("threads={} (GFLOP/s, best of repeated runs over {:.1} s each)", rayon::current_num_threads(), a.seconds);
+    println!(
+        "threads={} (GFLOP/s, best of repeated runs over {:.1} s each)",
+        lmforge::nn::ops::parallel::threads(),
+        a.seconds
+    );
     println!("{:<28} {:>10} {:>10} {:>7}", "product (m×k · k×n)", "lmforge", "candle", "ratio");
     for (fan_in, fan_out) in [(d, d), (d, 4 * d), (4 * d, d)] {
         let x = random(t * fan_in, 1);

@@ -188,7 +188,7 @@ impl NormOp {
     }
 }
 
-/// Rows per rayon task: about 16K elements, enough to amortise the task.
+/// Rows per parallel task: about 16K elements, enough to amortise the task.
 fn rows_per_task(d: usize) -> usize {
     (16_384 / d.max(1)).max(1)
 }
