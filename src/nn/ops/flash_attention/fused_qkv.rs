@@ -47,10 +47,10 @@ pub fn flash_attention_qkv(
         bail!("flash_attention: qkv has width {width}, not a multiple of its {heads} + 2·{kv_heads} heads")
     }
     let hd = width / all_heads;
-    // Head-major views of the three parts, to check shapes (and for other devices).
-    let part = |first: usize, n: usize| -> Result<Tensor> {
-        qkv.narrow(2, first * hd, n * hd)?.reshape((b, t, n, hd))?.transpose(1, 2)
-    };
+    // Head-major views of the three parts, to check shapes (and for other devices). Split the
+    // heads before narrowing: a reshape of the narrowed (strided) width would copy it.
+    let by_head = qkv.reshape((b, t, all_heads, hd))?;
+    let part = |first: usize, n: usize| -> Result<Tensor> { by_head.narrow(2, first, n)?.transpose(1, 2) };
     let (q, k, v) = (part(0, heads)?, part(heads, kv_heads)?, part(heads + kv_heads, kv_heads)?);
     if let Some((cos, sin)) = rope {
         check_tables(&q, cos, sin)?;
