@@ -740,9 +740,10 @@ fn backward<T: Real>(
     let mut dk = unsafe { output_buffer(k.len()) };
     let mut dv = unsafe { output_buffer(v.len()) };
     if dq.is_empty() || dk.is_empty() {
-        // No queries or no keys: nothing flows anywhere.
-        dk.fill(T::ZERO);
-        dv.fill(T::ZERO);
+        // No queries or no keys (T, S or head_dim 0): nothing flows anywhere.
+        for part in [&mut dq, &mut dk, &mut dv] {
+            part.fill(T::ZERO);
+        }
         return (dq, dk, dv);
     }
     // D = rowsum(dO ∘ O), one value per query row.
@@ -777,29 +778,37 @@ fn backward<T: Real>(
         });
         return (dq, dk, dv);
     }
-    // One task per (batch, KV head, chunk of key tiles), each with a private `dq`, summed after.
+    // One task per (batch, KV head, chunk of key tiles), each with a private `dq`, added into
+    // `dq` in chunk order (so the sum does not depend on scheduling). The chunks run in waves
+    // of one per thread, so at most that many private copies of `dq` exist at once.
+    dq.fill(T::ZERO);
     let chunk_len = tiles_per_chunk * KEY_TILE * hd;
-    let keys: Vec<_> = (0..p.b * p.kv * chunks)
-        .map(|i| {
-            let (g, c) = (i / chunks, i % chunks);
-            g * s * hd + c * chunk_len..(g * s * hd + (c + 1) * chunk_len).min((g + 1) * s * hd)
-        })
-        .collect();
-    let partial_dq: Vec<_> = keys.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
-    parallel::for_each_part2(Split::parts(&mut dk, keys.clone()), Split::parts(&mut dv, keys), |i, dk, dv| {
-        dk.fill(T::ZERO);
-        dv.fill(T::ZERO);
-        let mut dq_part = vec![T::ZERO; dq_len];
-        backward_key_chunk(&inputs, i / chunks, (i % chunks) * tiles_per_chunk, &mut dq_part, dk, dv);
-        *partial_dq[i].lock().expect("a task panicked") = dq_part;
-    });
-    parallel::for_each_chunk(&mut dq, dq_len, |g, dq| {
-        dq.fill(T::ZERO);
-        for part in &partial_dq[g * chunks..(g + 1) * chunks] {
-            let part = part.lock().expect("a task panicked");
-            dq.iter_mut().zip(part.iter()).for_each(|(x, &y)| *x += y * scale);
-        }
-    });
+    let wave = parallel::threads();
+    for first in (0..chunks).step_by(wave) {
+        let in_wave = wave.min(chunks - first);
+        // Task `i` of the wave: (batch, KV head) `i / in_wave`, chunk `first + i % in_wave`.
+        let keys: Vec<_> = (0..p.b * p.kv * in_wave)
+            .map(|i| {
+                let (g, c) = (i / in_wave, first + i % in_wave);
+                g * s * hd + c * chunk_len..(g * s * hd + (c + 1) * chunk_len).min((g + 1) * s * hd)
+            })
+            .collect();
+        let mut partial_dq = vec![Vec::new(); keys.len()];
+        let parts =
+            (Split::parts(&mut dk, keys.clone()), Split::parts(&mut dv, keys), Split::chunks(&mut partial_dq, 1));
+        parallel::for_each_part3(parts.0, parts.1, parts.2, |i, dk, dv, dq_part| {
+            dk.fill(T::ZERO);
+            dv.fill(T::ZERO);
+            dq_part[0] = vec![T::ZERO; dq_len];
+            let (g, c) = (i / in_wave, first + i % in_wave);
+            backward_key_chunk(&inputs, g, c * tiles_per_chunk, &mut dq_part[0], dk, dv);
+        });
+        parallel::for_each_chunk(&mut dq, dq_len, |g, dq| {
+            for part in &partial_dq[g * in_wave..(g + 1) * in_wave] {
+                dq.iter_mut().zip(part).for_each(|(x, &y)| *x += y * scale);
+            }
+        });
+    }
     (dq, dk, dv)
 }
 

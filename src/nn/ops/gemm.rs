@@ -146,8 +146,8 @@ pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumu
 /// Call `f(first, last)` for the ranges `first..last` of `chunk` units that cover `0..units`,
 /// handed out dynamically to the threads of [`parallel`] when `in_parallel`.
 ///
-/// (On candle's pool rather than rayon's, measured in `bench train`: 940 against 1070 ms per
-/// step, and the products alone at ~160 instead of ~195 GFLOP/s.)
+/// (Measured when the products moved from rayon to candle's pool, the reason for
+/// [`parallel`]: `bench train` 1070 → 940 ms per step, the products ~160 → ~195 GFLOP/s.)
 fn for_each_unit(in_parallel: bool, units: usize, chunk: usize, f: impl Fn(usize, usize) + Sync) {
     let run = |c: usize| f(c * chunk, ((c + 1) * chunk).min(units));
     if in_parallel {

@@ -53,7 +53,9 @@ fn apply(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, epilogue: Option<Ep
     let compute = compute_dtype("linear", dtype)?;
     let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
     let (x, weight) = (contiguous(x)?, contiguous(weight)?);
-    let op = LinearOp { epilogue, pre_activation: OnceLock::new() };
+    let keep_pre_activation =
+        epilogue.is_some() && (x.track_op() || weight.track_op() || bias.is_some_and(Tensor::track_op));
+    let op = LinearOp { epilogue, keep_pre_activation, pre_activation: OnceLock::new() };
     match bias {
         Some(bias) => x.apply_op3(&weight, &contiguous(bias)?, op)?.to_dtype(dtype),
         None => x.apply_op2(&weight, op)?.to_dtype(dtype),
@@ -96,7 +98,9 @@ fn check(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
 
 struct LinearOp {
     epilogue: Option<Epilogue>,
-    /// `x·weightᵀ + bias` `(rows, out)`, kept by the forward when there is an epilogue.
+    /// Only keep the pre-activation when some input wants a gradient.
+    keep_pre_activation: bool,
+    /// `x·weightᵀ + bias` `(rows, out)`, kept by the forward for the epilogue's backward.
     pre_activation: OnceLock<Tensor>,
 }
 
@@ -119,8 +123,10 @@ impl LinearOp {
                 return Ok(T::to_cpu_storage_owned(y));
             };
             let out = epilogue.forward(&y, fan_out);
-            // A fresh op runs its forward once; a second set would be a bug, not user input.
-            let _ = op.pre_activation.set(Tensor::from_vec(y, (rows, fan_out), &Device::Cpu)?);
+            if op.keep_pre_activation {
+                // A fresh op runs its forward once; a second set would be a bug, not user input.
+                let _ = op.pre_activation.set(Tensor::from_vec(y, (rows, fan_out), &Device::Cpu)?);
+            }
             Ok(T::to_cpu_storage_owned(out))
         }
         let ((x, lx), (_, lw)) = (inputs[0], inputs[1]);
@@ -158,7 +164,9 @@ impl LinearOp {
                     Ok(backward(s[0], s[1], s[2], rows, fan_in, fan_out, with_bias))
                 })?,
                 Some(epilogue) => {
-                    let Some(pre) = op.pre_activation.get() else { bail!("linear: backward without a saved forward") };
+                    let Some(pre) = op.pre_activation.get() else {
+                        bail!("linear: backward without a saved forward (no input required a gradient)")
+                    };
                     let pre = pre.to_dtype(T::DTYPE)?;
                     with_slices::<T, _>("linear", &[x, weight, grad, &pre], |s| {
                         let dy = epilogue.backward(s[3], s[2], fan_out);
@@ -354,6 +362,26 @@ mod tests {
         let t = inputs(4, 3, 5, DType::F32);
         let err = linear_then(&t[0], &t[1], None, Epilogue::SwiGlu).unwrap_err().to_string();
         assert!(err.contains("even number of rows"), "{err}");
+    }
+
+    /// No rows: an empty output, and gradients of the right shapes (zeros for the weight and
+    /// bias), with and without an epilogue.
+    #[test]
+    fn zero_rows_give_zero_gradients() {
+        let t = inputs(0, 3, 4, DType::F64);
+        for epilogue in [None, Some(Epilogue::GeluErf), Some(Epilogue::SwiGlu)] {
+            let f = |t: &[Tensor]| match epilogue {
+                Some(e) => linear_then(&t[0], &t[1], Some(&t[2]), e),
+                None => linear(&t[0], &t[1], Some(&t[2])),
+            };
+            let (out, grads) = crate::nn::ops::testing::value_and_grads(&f, &t);
+            assert_eq!(out.dims()[0], 0);
+            assert_eq!(grads[1].dims(), &[4, 3]);
+            assert_eq!(grads[2].dims(), &[4]);
+            for g in &grads[1..] {
+                assert_eq!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap(), 0.0);
+            }
+        }
     }
 
     #[test]

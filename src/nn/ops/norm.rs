@@ -380,6 +380,21 @@ mod tests {
         crate::nn::ops::testing::assert_close("layer view", &fused, &composed, 1e-5, 1e-6);
     }
 
+    /// No rows: gradients of the weight (and bias) of the right width, all zero.
+    #[test]
+    fn zero_rows_give_zero_gradients() {
+        let x = inputs(&[0, 5], DType::F64);
+        let (_, grads) =
+            crate::nn::ops::testing::value_and_grads(&|t: &[Tensor]| layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5), &x);
+        for g in &grads[1..] {
+            assert_eq!(g.dims(), &[5]);
+            assert_eq!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap(), 0.0);
+        }
+        let (_, grads) =
+            crate::nn::ops::testing::value_and_grads(&|t: &[Tensor]| rms_norm(&t[0], &t[1], 1e-5), &x[..2]);
+        assert_eq!(grads[1].dims(), &[5]);
+    }
+
     #[test]
     fn bad_inputs_are_errors() {
         let x = inputs(&[2, 4], DType::F32);

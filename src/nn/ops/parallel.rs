@@ -7,8 +7,14 @@
 //! everything keeps exactly one thread per core busy.
 //!
 //! Tasks are handed out dynamically (a shared cursor, in small groups), so a thread slowed by
-//! the OS does not hold the others at the barrier. Calls from inside a pool task run inline.
+//! the OS does not hold the others at the barrier. A loop started from inside a task runs
+//! inline on that thread (candle's pool cannot nest: the calling thread holds its lock while
+//! it runs its share of the tasks).
+//!
+//! A panic inside a task poisons that lock, and every later parallel loop in the process then
+//! panics too: kernels must report bad input before they start a loop, not from inside one.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ops::Range;
 
@@ -21,13 +27,27 @@ pub fn threads() -> usize {
     barrier_pool().n_workers() + 1
 }
 
+thread_local! {
+    /// Set on the calling thread while it runs its share of a loop's tasks. (candle marks its
+    /// own workers, and runs loops started on them inline.)
+    static IN_LOOP: Cell<bool> = const { Cell::new(false) };
+}
+
 /// `f(i)` for every `i < tasks`, in parallel.
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
-    match tasks {
-        0 => {}
-        1 => f(0),
-        _ => barrier_pool().execute_chunked(tasks, |range| range.for_each(&f)),
+    if tasks <= 1 || IN_LOOP.get() {
+        return (0..tasks).for_each(f);
     }
+    IN_LOOP.set(true);
+    /// Clears the flag however the loop ends (a task may panic).
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_LOOP.set(false);
+        }
+    }
+    let _reset = Reset;
+    barrier_pool().execute_chunked(tasks, |range| range.for_each(&f));
 }
 
 /// `f(i, chunk)` for each `size`-long chunk of `out` (the last may be shorter), in parallel.
@@ -85,14 +105,15 @@ pub fn fold_chunks<T: Send, A: Send>(
 }
 
 /// `f(acc_i, i)` for every `i < tasks` in parallel, each task with its own accumulator from
-/// `init`; returns them in task order for the caller to combine.
+/// `init`; returns them in task order for the caller to combine, and at least one (an `init`
+/// value when there are no tasks), so that a combined sum always has its full width.
 ///
 /// Why one per task rather than per thread: which tasks a thread runs depends on timing, so
 /// per-thread partial sums would add up in a different order from run to run, and a resumed
 /// training run would no longer be bit-identical to an uninterrupted one.
 pub fn fold<A: Send>(tasks: usize, init: impl Fn() -> A + Sync, f: impl Fn(&mut A, usize) + Sync) -> Vec<A> {
-    let mut accumulators: Vec<A> = (0..tasks).map(|_| init()).collect();
-    for_each_chunk(&mut accumulators, 1, |i, acc| f(&mut acc[0], i));
+    let mut accumulators: Vec<A> = (0..tasks.max(1)).map(|_| init()).collect();
+    for_each_chunk(&mut accumulators[..tasks], 1, |i, acc| f(&mut acc[0], i));
     accumulators
 }
 
@@ -175,10 +196,21 @@ mod tests {
 
     #[test]
     fn fold_returns_each_tasks_accumulator_in_order() {
-        for tasks in [0, 1, 2, 100] {
+        for tasks in [1, 2, 100] {
             let parts = fold(tasks, Vec::new, |acc: &mut Vec<usize>, i| acc.push(i));
             assert_eq!(parts, (0..tasks).map(|i| vec![i]).collect::<Vec<_>>());
         }
+        // No tasks: one untouched accumulator, so sums keep their width.
+        assert_eq!(fold(0, || vec![0.0f32; 3], |_, _| unreachable!()), vec![vec![0.0; 3]]);
+    }
+
+    #[test]
+    fn a_loop_inside_a_task_runs_inline() {
+        let mut out = vec![0usize; 64];
+        for_each_chunk(&mut out, 8, |i, chunk| {
+            for_each_chunk(chunk, 2, |j, pair| pair.fill(10 * i + j));
+        });
+        assert!(out.iter().enumerate().all(|(k, &x)| x == 10 * (k / 8) + (k % 8) / 2));
     }
 
     #[test]

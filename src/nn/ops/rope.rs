@@ -148,7 +148,7 @@ impl CustomOp3 for RopeOp {
             };
             let chunk = t * rows_per_position * hd;
             parallel::for_each_chunk(&mut y, chunk, |i, y| {
-                rotate_rows(op.transpose, hd, rows_per_position, &x[i * chunk..][..chunk], cos, sin, y);
+                rotate_rows(op.transpose, hd, rows_per_position, &x[i * chunk..][..y.len()], cos, sin, y);
             });
             Ok(T::to_cpu_storage_owned(y))
         }

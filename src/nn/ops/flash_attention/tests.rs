@@ -167,11 +167,12 @@ fn non_contiguous_inputs() {
 
 #[test]
 fn empty_dims_do_not_panic() {
-    // No keys: every query sees nothing → zeros. No queries: an empty output.
+    // No keys: every query sees nothing → zeros, and no gradient. No queries: an empty output.
     let x = qkv(1, 2, 1, 3, 0, 4, DType::F32, 8);
-    let out = flash_attention(&x[0], &x[1], &x[2], 0.5, &AttentionMask::causal(0, vec![])).unwrap();
+    let (out, grads) = value_and_grads(&flash(0.5, AttentionMask::causal(0, vec![])), &x);
     assert_eq!(out.dims(), &[1, 2, 3, 4]);
     assert_eq!(out.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(grads[0].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     let x = qkv(1, 2, 1, 0, 5, 4, DType::F32, 8);
     let (out, grads) = value_and_grads(&flash(0.5, AttentionMask::causal(0, (0..5).collect())), &x);
     assert_eq!(out.dims(), &[1, 2, 0, 4]);
