@@ -74,10 +74,12 @@ impl Attention {
             alibi_slopes: self.alibi_slopes.clone(),
         };
         let positions = || (start..start + t).collect();
-        if cache.is_none() && self.implementation == AttentionImpl::Flash {
-            // Training and cache-free prefill: one product for q, k and v, and one op from
-            // there to the attention output (RoPE and the head split inside), so autograd sees
-            // two nodes rather than three projections, two rotations and the attention.
+        // Training and cache-free prefill take the token-major flash path.
+        let token_major = cache.is_none() && self.implementation == AttentionImpl::Flash;
+        if token_major {
+            // One product for q, k and v, and one op from there to the attention output (RoPE
+            // and the head split inside), so autograd sees two nodes rather than three
+            // projections, two rotations and the attention.
             if let Some(qkv) = Linear::stacked(&[&self.q, &self.k, &self.v], x)? {
                 let tables = rope.map(|r| (&r.cos, &r.sin));
                 let y = ops::flash_attention_qkv(
@@ -92,9 +94,10 @@ impl Attention {
             }
         }
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?); // (B, T, heads·hd)
-        if cache.is_none() && self.implementation == AttentionImpl::Flash {
-            // Token-major end to end, so autograd sees one node per op rather than reshapes,
-            // transposes and copies around each.
+        if token_major {
+            // Too few tokens to stack the weights: separate projections, still token-major end
+            // to end, so autograd sees one node per op rather than reshapes, transposes and
+            // copies around each.
             let (q, k) = match rope {
                 Some(r) => (
                     ops::rope_tokens(&q, &r.cos, &r.sin, self.head_dim)?,

@@ -495,7 +495,7 @@ impl InplaceOp2 for FusedUpdate<'_> {
         }
         let h = self.h;
         // Element-wise, so the split into parallel chunks does not change any result.
-        const CHUNK: usize = 1 << 14;
+        const CHUNK: usize = parallel::TASK_ELEMENTS;
         let (param, m, v) =
             (Split::chunks(param, CHUNK), Split::chunks(&mut m[..], CHUNK), Split::chunks(&mut v[..], CHUNK));
         parallel::for_each_part3(param, m, v, |i, param, m, v| {

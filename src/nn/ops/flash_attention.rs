@@ -747,11 +747,11 @@ fn backward<T: Real>(
         return (dq, dk, dv);
     }
     // D = rowsum(dO ∘ O), one value per query row.
-    const ROWS: usize = 256;
+    let rows = parallel::rows_per_task(hd);
     // SAFETY: each task writes its rows whole.
     let mut d = unsafe { output_buffer(out.len() / hd) };
-    parallel::for_each_chunk(&mut d, ROWS, |i, d| {
-        let first = i * ROWS * hd;
+    parallel::for_each_chunk(&mut d, rows, |i, d| {
+        let first = i * rows * hd;
         for ((d, o), g) in d.iter_mut().zip(out[first..].chunks_exact(hd)).zip(dout[first..].chunks_exact(hd)) {
             *d = o.iter().zip(g).fold(T::ZERO, |acc, (&o, &g)| acc + o * g);
         }

@@ -277,7 +277,7 @@ fn backward<T: Real>(
 
 /// `Σ_rows m` for a row-major matrix of `cols` columns: each task sums a block of rows.
 fn column_sums<T: Real>(m: &[T], cols: usize) -> Vec<T> {
-    let block = (16_384 / cols.max(1)).max(1) * cols;
+    let block = parallel::rows_per_task(cols) * cols;
     let parts = parallel::fold(
         m.len().div_ceil(block),
         || vec![T::ZERO; cols],

@@ -121,7 +121,7 @@ impl NormOp {
         let d = w.len();
         // SAFETY: `forward_rows` writes each of its rows whole, and the chunks cover `y`.
         let mut y = unsafe { output_buffer(x.len()) };
-        let rows = rows_per_task(d);
+        let rows = parallel::rows_per_task(d);
         parallel::for_each_chunk(&mut y, rows * d, |i, y| {
             forward_rows(self.kind == Kind::Layer, T::of(self.eps), &x[i * rows * d..][..y.len()], w, b, y);
         });
@@ -133,7 +133,7 @@ impl NormOp {
         let d = w.len();
         // SAFETY: `backward_rows` writes each of its rows whole, and the chunks cover `dx`.
         let mut dx = unsafe { output_buffer(x.len()) };
-        let rows = rows_per_task(d);
+        let rows = parallel::rows_per_task(d);
         // Each group of tasks sums its rows' dw, db into its own buffer `[dw | db]`.
         let block = rows * d;
         let parts = parallel::fold_chunks(
@@ -186,11 +186,6 @@ impl NormOp {
             other => Err(candle_core::Error::UnsupportedDTypeForOp(other, self.name())),
         }
     }
-}
-
-/// Rows per parallel task: about 16K elements, enough to amortise the task.
-fn rows_per_task(d: usize) -> usize {
-    (16_384 / d.max(1)).max(1)
 }
 
 impl CustomOp2 for NormOp {

@@ -22,6 +22,15 @@ use candle_core::utils::barrier_pool;
 
 use super::simd::Real;
 
+/// Elements per task for the element-wise and row-wise kernels: enough work (tens of
+/// microseconds) to amortise handing out a task, small enough to balance the threads.
+pub const TASK_ELEMENTS: usize = 16_384;
+
+/// Rows of `width` per task: about [`TASK_ELEMENTS`] elements, at least one row.
+pub fn rows_per_task(width: usize) -> usize {
+    (TASK_ELEMENTS / width.max(1)).max(1)
+}
+
 /// Threads that run a parallel loop: the pool's workers and the calling thread.
 pub fn threads() -> usize {
     barrier_pool().n_workers() + 1

@@ -24,7 +24,7 @@ use super::simd::{multiversion, Real};
 use super::{compute_dtype, output_buffer, parallel, same_dtype, with_slices};
 
 /// Elements per parallel task.
-const CHUNK: usize = 16_384;
+const CHUNK: usize = parallel::TASK_ELEMENTS;
 
 /// `silu(gate) · up`, the gated FFN's hidden activation (Llama, Mistral). Same shapes.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -106,7 +106,7 @@ impl Epilogue {
             Epilogue::GeluTanh => map(h, |x, y| act_forward(Act::GeluTanh, x, y)),
             Epilogue::GeluErf => map(h, |x, y| act_forward(Act::GeluErf, x, y)),
             Epilogue::SwiGlu => {
-                let (half, rows) = (width / 2, rows_per_task(width));
+                let (half, rows) = (width / 2, parallel::rows_per_task(width));
                 // SAFETY: every task writes its rows whole.
                 let mut y = unsafe { output_buffer(h.len() / 2) };
                 parallel::for_each_chunk(&mut y, rows * half, |i, y| {
@@ -125,7 +125,7 @@ impl Epilogue {
             Epilogue::GeluTanh => map2(h, g, |x, g, d| act_backward(Act::GeluTanh, x, g, d)),
             Epilogue::GeluErf => map2(h, g, |x, g, d| act_backward(Act::GeluErf, x, g, d)),
             Epilogue::SwiGlu => {
-                let (half, rows) = (width / 2, rows_per_task(width));
+                let (half, rows) = (width / 2, parallel::rows_per_task(width));
                 // SAFETY: every task writes its rows whole.
                 let mut dh = unsafe { output_buffer(h.len()) };
                 parallel::for_each_chunk(&mut dh, rows * width, |i, dh| {
@@ -140,11 +140,6 @@ impl Epilogue {
             }
         }
     }
-}
-
-/// Rows of `width` per parallel task: about [`CHUNK`] elements.
-fn rows_per_task(width: usize) -> usize {
-    (CHUNK / width.max(1)).max(1)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
