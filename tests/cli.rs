@@ -193,3 +193,18 @@ fn export_writes_a_loadable_hugging_face_directory() {
     let original = json(&ok(&["show", fixture("phi").to_str().unwrap(), "--json"]));
     assert_eq!(shown["params_total"], original["params_total"]);
 }
+
+#[test]
+fn an_unusable_blas_library_is_a_clear_error() {
+    for (library, expected) in [("/nonexistent/libcblas.so", "No such file"), ("libm.so.6", "cblas_sgemm")] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_lmforge")).env("LMFORGE_BLAS", library).arg("presets").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "LMFORGE_BLAS={library} should fail");
+        assert!(out.stdout.is_empty(), "LMFORGE_BLAS={library}: the command ran anyway");
+        assert!(
+            stderr.contains("LMFORGE_BLAS") && stderr.contains(library) && stderr.contains(expected),
+            "LMFORGE_BLAS={library}: {stderr}"
+        );
+    }
+}

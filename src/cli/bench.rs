@@ -115,6 +115,7 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    println!("gemm: {}", lmforge::nn::ops::gemm::backend());
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for round in 0..a.rounds.max(1) {
@@ -263,23 +264,33 @@ pub struct BenchMatmulArgs {
     tokens: usize,
     #[arg(long, default_value_t = 384)]
     d_model: usize,
-    /// Seconds per measurement.
+    /// Seconds per product (shared by the implementations compared).
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
 }
 
 /// The three products of a linear layer `(in → out)` over `tokens` rows — forward `X·Wᵀ`,
 /// input gradient `dY·W`, weight gradient `dYᵀ·X` — for the widths of the benchmark model,
-/// through lmforge's kernel and through candle's `matmul` on the same operands.
+/// through lmforge's kernel, the loaded BLAS (`LMFORGE_BLAS`) if any, and candle's `matmul`,
+/// on the same operands.
+///
+/// The implementations take turns call by call and each reports its median: on a shared
+/// machine whose speed drifts from second to second, that is the only comparison that held
+/// still here (the best of each one's own run flattered whichever ran in a quiet moment).
 pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
-    use lmforge::nn::ops::gemm::{gemm, MatRef};
+    use lmforge::nn::ops::gemm::{builtin_gemm, gemm, MatRef};
+    let blas = lmforge::nn::ops::blas::loaded();
     let (t, d) = (a.tokens, a.d_model);
     println!(
-        "threads={} (GFLOP/s, best of repeated runs over {:.1} s each)",
+        "threads={}, GFLOP/s (median, the implementations taking turns call by call for {:.1} s per product)",
         lmforge::nn::ops::parallel::threads(),
         a.seconds
     );
-    println!("{:<28} {:>10} {:>10} {:>7}", "product (m×k · k×n)", "lmforge", "candle", "ratio");
+    if let Some(blas) = blas {
+        println!("BLAS: {}", blas.description);
+    }
+    let blas_column = if blas.is_some() { format!(" {:>8}", "BLAS") } else { String::new() };
+    println!("{:<28} {:>8}{blas_column} {:>8}", "product (m×k · k×n)", "lmforge", "candle");
     for (fan_in, fan_out) in [(d, d), (d, 4 * d), (4 * d, d)] {
         let x = random(t * fan_in, 1);
         let w = random(fan_out * fan_in, 2);
@@ -291,10 +302,6 @@ pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
         ];
         for (name, lhs, rhs) in cases {
             let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-            let flops = 2.0 * (m * k * n) as f64;
-            let mut c = vec![0f32; m * n];
-            let ours = best_seconds(a.seconds, || gemm(lhs, rhs, &mut c, n, false));
-
             let as_tensor = |v: MatRef<f32>| -> anyhow::Result<Tensor> {
                 let stored = Tensor::from_slice(
                     v.data,
@@ -304,16 +311,21 @@ pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
                 Ok(if v.col_stride == 1 { stored } else { stored.t()? })
             };
             let (lt, rt) = (as_tensor(lhs)?, as_tensor(rhs)?);
-            let candle = best_seconds(a.seconds, || {
+            let mut c = vec![0f32; m * n];
+            let mut contenders: Vec<Box<dyn FnMut()>> = vec![Box::new(|| builtin_gemm(lhs, rhs, &mut c, n, false))];
+            if blas.is_some() {
+                let mut c = vec![0f32; m * n];
+                contenders.push(Box::new(move || gemm(lhs, rhs, &mut c, n, false)));
+            }
+            contenders.push(Box::new(|| {
                 lt.matmul(&rt).expect("candle matmul");
-            });
-            println!(
-                "{:<28} {:>10.1} {:>10.1} {:>6.2}x",
-                format!("{name} {m}×{k}·{k}×{n}"),
-                flops / ours / 1e9,
-                flops / candle / 1e9,
-                candle / ours
-            );
+            }));
+            let flops = 2.0 * (m * k * n) as f64;
+            let gflops: Vec<String> = median_seconds_taking_turns(a.seconds, &mut contenders)
+                .iter()
+                .map(|s| format!(" {:>8.1}", flops / s / 1e9))
+                .collect();
+            println!("{:<28}{}", format!("{name} {m}×{k}·{k}×{n}"), gflops.concat());
         }
     }
     Ok(())
@@ -331,15 +343,18 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Fastest of repeated runs of `f` within about `seconds` (after one warm-up run).
-fn best_seconds(seconds: f64, mut f: impl FnMut()) -> f64 {
-    f();
+/// Median seconds per call of each of `contenders`, called in turn (after one warm-up call
+/// each) until about `seconds` have passed and each has run at least 5 times.
+fn median_seconds_taking_turns(seconds: f64, contenders: &mut [Box<dyn FnMut() + '_>]) -> Vec<f64> {
+    contenders.iter_mut().for_each(|f| f());
+    let mut times = vec![Vec::new(); contenders.len()];
     let started = Instant::now();
-    let mut best = f64::INFINITY;
-    while started.elapsed().as_secs_f64() < seconds || best.is_infinite() {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed().as_secs_f64());
+    while started.elapsed().as_secs_f64() < seconds || times[0].len() < 5 {
+        for (f, times) in contenders.iter_mut().zip(&mut times) {
+            let t = Instant::now();
+            f();
+            times.push(t.elapsed().as_secs_f64());
+        }
     }
-    best
+    times.iter_mut().map(|t| median(t)).collect()
 }

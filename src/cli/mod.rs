@@ -11,7 +11,13 @@ mod train;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lmforge", version, about = "Define, adopt, adapt and train LLM architectures")]
+#[command(
+    name = "lmforge",
+    version,
+    about = "Define, adopt, adapt and train LLM architectures",
+    after_help = "Environment:\n  LMFORGE_BLAS=LIBRARY  run the f32 matrix products on a CBLAS library (MKL's libmkl_rt.so, \
+                  OpenBLAS's libopenblas.so.0) instead of lmforge's own kernel; scripts/fetch_mkl.sh fetches MKL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,6 +79,7 @@ enum BenchCommand {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    load_blas_from_env()?;
     match cli.command {
         Command::Presets => show::presets(),
         Command::Show(args) => show::show(args),
@@ -99,4 +106,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
     }
+}
+
+/// `LMFORGE_BLAS`: a CBLAS library to run the `f32` products on (`lmforge::nn::ops::blas`).
+/// An environment variable rather than a flag because every command multiplies matrices, and
+/// a restarted training run inherits it.
+fn load_blas_from_env() -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(library) = std::env::var_os("LMFORGE_BLAS").filter(|v| !v.is_empty()) {
+        lmforge::nn::ops::blas::load(std::path::Path::new(&library)).context("LMFORGE_BLAS")?;
+    }
+    Ok(())
 }

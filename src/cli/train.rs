@@ -83,6 +83,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let faults: Vec<Fault> = args.inject.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
     let (config, resume) = resolve(&args)?;
     if args.worker || args.no_supervisor {
+        if let Some(blas) = lmforge::nn::ops::blas::loaded() {
+            eprintln!("matrix products on BLAS: {} (LMFORGE_BLAS)", blas.description);
+        }
         let summary = lmforge::train::train(&config, resume, faults)?;
         eprintln!(
             "done: {} steps, final loss {:.4}{}; checkpoints in {}",

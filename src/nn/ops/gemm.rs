@@ -33,6 +33,8 @@
 //!
 //! Threads: candle's barrier pool (see [`for_each_unit`]). A single row times a transposed
 //! weight (decoding) skips all this for plain dot products.
+//!
+//! When a CBLAS library has been loaded ([`super::blas`]), `f32` products go to it instead.
 
 use std::cell::RefCell;
 
@@ -61,6 +63,12 @@ impl<'a, T: Copy> MatRef<'a, T> {
         MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
 
+    /// The same view over other data of the same length (the `f32` storage of a `T` view).
+    fn with_data<U>(self, data: &[U]) -> MatRef<'_, U> {
+        assert_eq!(data.len(), self.data.len());
+        MatRef { data, rows: self.rows, cols: self.cols, row_stride: self.row_stride, col_stride: self.col_stride }
+    }
+
     #[cfg(test)]
     fn at(&self, i: usize, j: usize) -> T {
         self.data[i * self.row_stride + j * self.col_stride]
@@ -75,14 +83,40 @@ impl<'a, T: Copy> MatRef<'a, T> {
 }
 
 /// `C = A·B`, or `C += A·B` when `accumulate`. `C` is row-major `A.rows × B.cols` with row
-/// stride `ldc`.
+/// stride `ldc`. On the loaded BLAS for `f32` when there is one, else on [`builtin_gemm`].
 pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+    check_shapes(a, b, c, ldc);
+    if let Some(blas) = super::blas::loaded().filter(|_| T::DTYPE == candle_core::DType::F32) {
+        let (a32, b32) = (a.with_data(as_f32(a.data)), b.with_data(as_f32(b.data)));
+        if a.rows * a.cols * b.cols > 0 && blas.sgemm(a32, b32, as_f32_mut(c), ldc, accumulate) {
+            return;
+        }
+    }
+    builtin_gemm(a, b, c, ldc, accumulate)
+}
+
+/// What runs the products: the loaded BLAS, or which of lmforge's kernels.
+pub fn backend() -> String {
+    match super::blas::loaded() {
+        Some(blas) => format!("BLAS: {}", blas.description),
+        None if isa() == Isa::Avx512 => format!("lmforge kernel (AVX-512, {}×{} f32 tile)", avx512::MR, avx512::NR),
+        None => format!("lmforge kernel (portable, {PORTABLE_MR}×{PORTABLE_NR} tile)"),
+    }
+}
+
+fn check_shapes<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &[T], ldc: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}×{k} but B is {}×{n}", b.rows);
     assert!(ldc >= n, "gemm: ldc {ldc} < n {n}");
     assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "gemm: C too short");
     assert!(a.rows * a.cols == 0 || a.last_index() < a.data.len(), "gemm: A view out of bounds");
     assert!(b.rows * b.cols == 0 || b.last_index() < b.data.len(), "gemm: B view out of bounds");
+}
+
+/// [`gemm`] on lmforge's own kernel, whether or not a BLAS is loaded (benchmarks compare the two).
+pub fn builtin_gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+    check_shapes(a, b, c, ldc);
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }

@@ -17,6 +17,7 @@
 //! - Every op is tested against central finite differences in `f64` and against the composed
 //!   version in `f32` (values and every input gradient).
 
+pub mod blas;
 pub mod cross_entropy;
 pub mod flash_attention;
 pub mod gemm;
