@@ -6,12 +6,12 @@
 //! unless `LMFORGE_REQUIRE_BLAS` is set (CI sets it and installs OpenBLAS). Loading is once per
 //! process, which is why these tests have a test binary of their own.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor, Var};
-use lmforge::config::{apply_overrides, presets};
-use lmforge::model::{init_weights, Model};
+use candle_core::{Device, Tensor};
 use lmforge::nn::ops::blas;
 use lmforge::nn::ops::gemm::{backend, builtin_gemm, gemm, MatRef};
 
@@ -29,23 +29,10 @@ fn a_missing_or_wrong_library_is_a_clear_error() {
 
 /// The loss of one batch of a small Llama-style model and the gradient of every parameter.
 fn loss_and_grads() -> (f32, HashMap<String, Tensor>) {
-    let settings = ["layers=2".to_string()];
-    let mut config = apply_overrides(&presets::get("tiny-llama").unwrap(), &settings).unwrap();
-    config.vocab_size = 97;
-    let vars: HashMap<String, Var> = init_weights(&config, 7, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| (name, Var::from_tensor(&t).unwrap()))
-        .collect();
-    let weights = vars.iter().map(|(name, v)| (name.clone(), v.as_tensor().clone())).collect();
-    let model = Model::new(&config, &weights, Path::new("test")).unwrap();
     let ids: Vec<u32> = (0..2 * 161).map(|i| ((i * 37 + 11) % 97) as u32).collect();
     let ids = Tensor::from_vec(ids, (2, 161), &Device::Cpu).unwrap();
     let (inputs, targets) = (ids.narrow(1, 0, 160).unwrap(), ids.narrow(1, 1, 160).unwrap());
-    let loss = model.loss(&inputs, &targets).unwrap();
-    let grads = loss.backward().unwrap();
-    let grads = vars.iter().map(|(name, v)| (name.clone(), grads.get(v.as_tensor()).unwrap().clone())).collect();
-    (loss.to_scalar().unwrap(), grads)
+    common::loss_and_grads("tiny-llama", &["layers=2"], &inputs, &targets)
 }
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -151,10 +138,5 @@ fn a_loaded_blas_runs_the_f32_products_with_the_same_results() {
     let (loss, grads) = loss_and_grads();
     assert!(loaded.products() > before, "the training step's products did not use the BLAS");
     assert!((loss - builtin_loss).abs() <= 1e-5 * builtin_loss.abs(), "loss {loss} vs {builtin_loss}");
-    for (name, want) in &builtin_grads {
-        let got = &grads[name];
-        let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        assert!(diff <= 1e-4 * scale + 1e-7, "{name} differs by {diff:e} (max |grad| {scale:e})");
-    }
+    common::assert_same_grads(&grads, &builtin_grads, "BLAS against the builtin kernel");
 }

@@ -3,40 +3,10 @@
 //! naive path (three projections, composed RoPE and softmax over materialised scores) give the
 //! same loss and the same gradient for every parameter, in every family's structure.
 
-use std::collections::HashMap;
-use std::path::Path;
+mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
-use lmforge::config::{apply_overrides, presets, ModelConfig};
-use lmforge::model::{init_weights, Model};
-
-/// The loss of one batch and the gradient of every parameter.
-fn loss_and_grads(
-    preset: &str,
-    settings: &[&str],
-    inputs: &Tensor,
-    targets: &Tensor,
-) -> (f32, HashMap<String, Tensor>) {
-    let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
-    let mut config: ModelConfig = apply_overrides(&presets::get(preset).unwrap(), &settings).unwrap();
-    config.vocab_size = 97;
-    let vars: HashMap<String, Var> = init_weights(&config, 7, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| (name, Var::from_tensor(&t).unwrap()))
-        .collect();
-    let weights = vars.iter().map(|(name, v)| (name.clone(), v.as_tensor().clone())).collect();
-    let model = Model::new(&config, &weights, Path::new("test")).unwrap();
-    let loss = model.loss(inputs, targets).unwrap();
-    let grads = loss.backward().unwrap();
-    let grads = vars
-        .iter()
-        .map(|(name, v)| {
-            (name.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).clone())
-        })
-        .collect();
-    (loss.to_scalar().unwrap(), grads)
-}
+use candle_core::{Device, Tensor};
+use common::{assert_same_grads, loss_and_grads};
 
 #[test]
 fn flash_and_naive_attention_give_the_same_gradients() {
@@ -56,17 +26,6 @@ fn flash_and_naive_attention_give_the_same_gradients() {
         let naive_settings = [settings, &["attention.implementation=naive"]].concat();
         let (naive_loss, naive) = loss_and_grads(preset, &naive_settings, &inputs, &targets);
         assert!((flash_loss - naive_loss).abs() <= 1e-5 * naive_loss.abs(), "{preset} {settings:?}: loss");
-        for (name, want) in &naive {
-            let got = &flash[name];
-            let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            // The absolute floor is for gradients that are zero in exact arithmetic (a key bias
-            // shifts every score of a row alike, which softmax ignores): both sides are noise.
-            assert!(
-                diff <= 1e-4 * scale + 1e-7,
-                "{preset} {settings:?}: {name} differs by {diff:e} (max |grad| {scale:e})"
-            );
-            assert_eq!(got.dtype(), DType::F32);
-        }
+        assert_same_grads(&flash, &naive, &format!("{preset} {settings:?}"));
     }
 }

@@ -1,9 +1,10 @@
 //! An optional CBLAS library (MKL, OpenBLAS) for the `f32` matrix products, loaded at run time.
 //!
-//! Why: measured in one training step of `bench train` (each product alternating between the
-//! two paths call by call, so both see the same machine), MKL's `sgemm` runs the linear
-//! layers' products at 230–260 GFLOP/s where lmforge's own kernel ([`super::gemm`]) runs them
-//! at 170–205, and the whole step takes ~15% less time (about PyTorch's, which uses MKL too).
+//! Why: MKL's `sgemm` is still faster than lmforge's own kernel ([`super::gemm`]) on the
+//! linear layers' products. Measured inside one training step of `bench train`, the two
+//! alternating call by call so both see the same machine: MKL 230–260 GFLOP/s against
+//! 190–245 for lmforge's kernel (the weight gradients, k = 2048, trail most). The whole step
+//! then takes 0.97× PyTorch's time (which uses MKL too) against 1.15× on lmforge's kernel.
 //!
 //! Why loaded at run time rather than linked behind a cargo feature: the build and the binary
 //! stay pure Rust, with nothing to find at link time, and the same binary uses a BLAS wherever
