@@ -4,7 +4,8 @@
 //! linear layers' products. Measured inside one training step of `bench train`, the two
 //! alternating call by call so both see the same machine: MKL 230–260 GFLOP/s against
 //! 190–245 for lmforge's kernel (the weight gradients, k = 2048, trail most). The whole step
-//! then takes 0.97× PyTorch's time (which uses MKL too) against 1.15× on lmforge's kernel.
+//! then takes 0.97–1.02× PyTorch's time (which uses MKL too) against 1.11–1.15× on lmforge's
+//! kernel (two runs of 5 rounds each, PyTorch in the same run).
 //!
 //! Why loaded at run time rather than linked behind a cargo feature: the build and the binary
 //! stay pure Rust, with nothing to find at link time, and the same binary uses a BLAS wherever
@@ -24,7 +25,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::gemm::MatRef;
+use super::gemm::{MatRef, PARALLEL_FLOPS};
 use super::parallel;
 use crate::error::{Error, Result};
 
@@ -242,8 +243,7 @@ impl Blas {
         }
         self.products.fetch_add(1, Ordering::Relaxed);
         let beta = if accumulate { 1.0 } else { 0.0 };
-        // The same threshold as lmforge's kernel: below ~4 MFLOP a fork costs more than it saves.
-        let threads = if 2 * m * n * k >= 1 << 22 { parallel::threads() } else { 1 };
+        let threads = if 2 * m * n * k >= PARALLEL_FLOPS { parallel::threads() } else { 1 };
         let by_rows = m >= n;
         let extent = if by_rows { m } else { n };
         // Parts in multiples of 16 so column parts start on a 64-byte boundary of each row.

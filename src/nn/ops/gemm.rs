@@ -97,6 +97,10 @@ pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumu
     builtin_gemm(a, b, c, ldc, accumulate)
 }
 
+/// Products of fewer FLOPs run on one thread: below ~4 MFLOP one takes well under a
+/// millisecond, and a fork would cost more than it saves.
+pub(super) const PARALLEL_FLOPS: usize = 1 << 22;
+
 /// What runs the products: the loaded BLAS, or which of lmforge's kernels.
 pub fn backend() -> String {
     match super::blas::loaded() {
@@ -137,8 +141,7 @@ pub fn builtin_gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize
     }
     let s = kernel_shape::<T>();
     let (row_panels, col_panels) = (m.div_ceil(s.mr), n.div_ceil(s.nr));
-    // Below ~4 MFLOP the product takes well under a millisecond: not worth a fork.
-    let in_parallel = 2 * m * n * k >= 1 << 22;
+    let in_parallel = 2 * m * n * k >= PARALLEL_FLOPS;
     let threads = if in_parallel { parallel::threads() } else { 1 };
     // Work is handed out in units of row panels of A (each thread packs its own rows against
     // the shared packed B), or of column panels of B when A has too few rows to share.
