@@ -35,6 +35,10 @@ if ! { [ -f "$DIR/$WHEEL" ] && echo "$SHA256  $DIR/$WHEEL" | sha256sum --check -
     rm -f "$DIR/$WHEEL"
     "$PYTHON" -m pip download --no-deps --only-binary :all: --platform manylinux_2_28_x86_64 \
         --dest "$DIR" "mkl==$VERSION" >&2
+    if [ ! -f "$DIR/$WHEEL" ]; then
+        echo "fetch_mkl: pip did not produce $DIR/$WHEEL (is this an x86-64 Linux machine?)" >&2
+        exit 1
+    fi
     if ! echo "$SHA256  $DIR/$WHEEL" | sha256sum --check --status; then
         echo "fetch_mkl: $DIR/$WHEEL: sha256 $(sha256sum "$DIR/$WHEEL" | cut -d' ' -f1), expected $SHA256" >&2
         exit 1

@@ -3,8 +3,9 @@
 //!
 //! The library: `LMFORGE_TEST_BLAS` (a path or a name the dynamic loader finds), else Debian's
 //! OpenBLAS (`libopenblas.so.0`) if installed. Without either the product test is skipped,
-//! unless `LMFORGE_REQUIRE_BLAS` is set (CI sets it and installs OpenBLAS). Loading is once per
-//! process, which is why these tests have a test binary of their own.
+//! unless `LMFORGE_REQUIRE_BLAS` is set (CI sets it and installs OpenBLAS); a library named in
+//! `LMFORGE_TEST_BLAS` must load. Loading is once per process, which is why this test has a
+//! binary of its own and runs its parts in order.
 
 mod common;
 
@@ -15,16 +16,18 @@ use candle_core::{Device, Tensor};
 use lmforge::nn::ops::blas;
 use lmforge::nn::ops::gemm::{backend, builtin_gemm, gemm, MatRef};
 
-#[test]
-fn a_missing_or_wrong_library_is_a_clear_error() {
+/// Loading a missing file, or a shared library that is not a BLAS, is an error naming it,
+/// and leaves nothing loaded.
+#[cfg(target_os = "linux")]
+fn check_load_errors() {
     let missing = blas::load(Path::new("/nonexistent/libnothing.so")).err().expect("loading a missing file");
     let message = missing.to_string();
     assert!(message.contains("/nonexistent/libnothing.so"), "{message}");
 
-    // A real shared library that is not a BLAS.
     let not_blas = blas::load(Path::new("libm.so.6")).err().expect("loading libm as a BLAS");
     let message = not_blas.to_string();
     assert!(message.contains("libm.so.6") && message.contains("cblas_sgemm"), "{message}");
+    assert!(blas::loaded().is_none(), "a failed load left a library loaded");
 }
 
 /// The loss of one batch of a small Llama-style model and the gradient of every parameter.
@@ -71,23 +74,27 @@ fn check_product(a: MatRef<f32>, b: MatRef<f32>, ldc: usize, accumulate: bool, f
     }
 }
 
+/// One test, in this order, because loading is once per process: errors first (nothing
+/// loaded), the builtin kernel's training step, then the BLAS and everything it must match.
 #[test]
+#[cfg(target_os = "linux")]
 fn a_loaded_blas_runs_the_f32_products_with_the_same_results() {
-    let library = match std::env::var("LMFORGE_TEST_BLAS") {
-        Ok(library) => library,
-        Err(_) => "libopenblas.so.0".to_string(),
-    };
+    check_load_errors();
     // Before loading: the builtin kernel's training step, the reference for the one after.
     let (builtin_loss, builtin_grads) = loss_and_grads();
+    let requested = std::env::var("LMFORGE_TEST_BLAS").ok();
+    let library = requested.clone().unwrap_or_else(|| "libopenblas.so.0".to_string());
     let loaded = match blas::load(Path::new(&library)) {
         Ok(loaded) => loaded,
-        Err(e) if std::env::var_os("LMFORGE_REQUIRE_BLAS").is_none() => {
+        Err(e) if requested.is_none() && std::env::var_os("LMFORGE_REQUIRE_BLAS").is_none() => {
             eprintln!("skipping: no BLAS to test ({e}); set LMFORGE_TEST_BLAS=/path/to/libopenblas.so.0");
             return;
         }
-        Err(e) => panic!("LMFORGE_REQUIRE_BLAS is set but the BLAS did not load: {e}"),
+        Err(e) => panic!("the BLAS to test did not load: {e}"),
     };
     assert!(backend().starts_with("BLAS: "), "{}", backend());
+    let again = blas::load(Path::new(&library)).err().expect("a second load");
+    assert!(again.to_string().contains("already loaded"), "{again}");
 
     // Shapes around CBLAS's edge cases and both ways of cutting C among threads: tall (by
     // rows) and wide (by columns), each large enough (≥ 4 MFLOP) to be cut.

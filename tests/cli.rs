@@ -195,10 +195,16 @@ fn export_writes_a_loadable_hugging_face_directory() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn an_unusable_blas_library_is_a_clear_error() {
+    // LC_ALL=C: the first message is the dynamic loader's, in the user's language.
     for (library, expected) in [("/nonexistent/libcblas.so", "No such file"), ("libm.so.6", "cblas_sgemm")] {
-        let out =
-            Command::new(env!("CARGO_BIN_EXE_lmforge")).env("LMFORGE_BLAS", library).arg("presets").output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_lmforge"))
+            .env("LMFORGE_BLAS", library)
+            .env("LC_ALL", "C")
+            .arg("presets")
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "LMFORGE_BLAS={library} should fail");
         assert!(out.stdout.is_empty(), "LMFORGE_BLAS={library}: the command ran anyway");

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
     name = "lmforge",
     version,
     about = "Define, adopt, adapt and train LLM architectures",
-    after_help = "Environment:\n  LMFORGE_BLAS=LIBRARY  run the f32 matrix products on a CBLAS library (MKL's libmkl_rt.so, \
+    after_help = "Environment:\n  LMFORGE_BLAS=LIBRARY  run the f32 matrix products on a CBLAS library (MKL's libmkl_rt.so.3, \
                   OpenBLAS's libopenblas.so.0) instead of lmforge's own kernel; scripts/fetch_mkl.sh fetches MKL"
 )]
 pub struct Cli {

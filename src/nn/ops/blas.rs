@@ -51,8 +51,11 @@ type Sgemm = unsafe extern "C" fn(
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
-/// `MKL_THREADING_SEQUENTIAL` (mkl_service.h).
+/// `MKL_THREADING_SEQUENTIAL` and `MKL_INTERFACE_LP64` (mkl_service.h).
 const MKL_SEQUENTIAL: c_int = 1;
+const MKL_LP64: c_int = 0;
+/// What `openblas_get_parallel` returns for an OpenMP build (openblas_config.h).
+const OPENBLAS_OPENMP: c_int = 2;
 
 /// A loaded CBLAS library.
 pub struct Blas {
@@ -72,18 +75,19 @@ pub fn loaded() -> Option<&'static Blas> {
 }
 
 /// Load a CBLAS library (a path, or a file name the dynamic loader searches for) and route
-/// every later `f32` product of the process through it. Once per process: a second call with
-/// another library is an error, since products already run on the first.
+/// every later `f32` product of the process through it. Once per process: any second call is
+/// an error, since products already run on the first library.
 pub fn load(library: &Path) -> Result<&'static Blas> {
     let fail = |reason: String| Error::Input(format!("BLAS library {}: {reason}", library.display()));
+    let already = |blas: &Blas| fail(format!("a BLAS is already loaded ({})", blas.description));
     if let Some(blas) = loaded() {
-        return Err(fail(format!("a BLAS is already loaded ({})", blas.description)));
+        return Err(already(blas));
     }
     let blas = open(library).map_err(fail)?;
     blas.self_check().map_err(fail)?;
-    // Two threads racing to load: the first wins, the second's handle stays open (harmless).
-    let _ = LOADED.set(blas);
-    Ok(LOADED.get().expect("set above"))
+    // Two threads racing to load: the first wins; the second's handle stays open (harmless).
+    LOADED.set(blas).map_err(|_| already(loaded().expect("set by the winner")))?;
+    Ok(loaded().expect("set above"))
 }
 
 #[cfg(unix)]
@@ -106,9 +110,20 @@ fn open(library: &Path) -> std::result::Result<Blas, String> {
         let sgemm = symbol(c"cblas_sgemm")
             .ok_or("exports no `cblas_sgemm`; expected a CBLAS library such as MKL's libmkl_rt or OpenBLAS")?;
         let mut description = library.display().to_string();
+        // MKL's single dynamic library picks its integer width and threading at run time from
+        // MKL_INTERFACE_LAYER / MKL_THREADING_LAYER; fix both before the first call. (An
+        // ILP64 `cblas_sgemm` would read our 32-bit integers as 64-bit ones.)
+        if let Some(set_interface) = symbol(c"MKL_Set_Interface_Layer") {
+            let set_interface: unsafe extern "C" fn(c_int) -> c_int = std::mem::transmute(set_interface);
+            if set_interface(MKL_LP64) != MKL_LP64 {
+                return Err("MKL refused its 32-bit-integer (LP64) interface".into());
+            }
+        }
         if let Some(set_layer) = symbol(c"MKL_Set_Threading_Layer") {
             let set_layer: unsafe extern "C" fn(c_int) -> c_int = std::mem::transmute(set_layer);
-            set_layer(MKL_SEQUENTIAL);
+            if set_layer(MKL_SEQUENTIAL) != MKL_SEQUENTIAL {
+                return Err("MKL refused its sequential threading layer".into());
+            }
         }
         if let Some(version) = symbol(c"MKL_Get_Version_String") {
             let version: unsafe extern "C" fn(*mut c_char, c_int) = std::mem::transmute(version);
@@ -120,6 +135,17 @@ fn open(library: &Path) -> std::result::Result<Blas, String> {
         if let Some(set_threads) = symbol(c"openblas_set_num_threads") {
             let set_threads: unsafe extern "C" fn(c_int) = std::mem::transmute(set_threads);
             set_threads(1);
+        }
+        if let Some(parallel) = symbol(c"openblas_get_parallel") {
+            // An OpenMP build takes its thread count from OpenMP on every call, whatever
+            // `openblas_set_num_threads` said: each of our threads would start a full team.
+            let parallel: unsafe extern "C" fn() -> c_int = std::mem::transmute(parallel);
+            let one_omp_thread = std::env::var("OMP_NUM_THREADS").is_ok_and(|v| v.trim() == "1");
+            if parallel() == OPENBLAS_OPENMP && !one_omp_thread {
+                return Err("is OpenBLAS built with OpenMP, which would start a thread team per lmforge thread; \
+                            use the pthreads build (Debian: libopenblas0-pthread) or set OMP_NUM_THREADS=1"
+                    .into());
+            }
         }
         if let (Some(config), Some(core)) = (symbol(c"openblas_get_config"), symbol(c"openblas_get_corename")) {
             let config: unsafe extern "C" fn() -> *const c_char = std::mem::transmute(config);
@@ -134,7 +160,8 @@ fn open(library: &Path) -> std::result::Result<Blas, String> {
             // The core matters: a build too old to know the CPU falls back to a generic one
             // (Debian 12's OpenBLAS 0.3.21 picks "Prescott", SSE3, on Sapphire Rapids; set
             // OPENBLAS_CORETYPE=SkylakeX).
-            description = format!("{} (core {})", text(config()), text(core()));
+            let (config, core) = (text(config()), text(core()));
+            description = if config.contains(&core) { config } else { format!("{config} (core {core})") };
         }
         Ok(Blas { description, sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sgemm), products: AtomicU64::new(0) })
     }
@@ -229,8 +256,8 @@ impl Blas {
         self.products.load(Ordering::Relaxed)
     }
 
-    /// `C = A·B` (or `C += A·B`), `C` row-major with row stride `ldc`, cut into one part per
-    /// thread (rows of C, or columns when C is wider than tall). Returns false, having done
+    /// `C = A·B` (or `C += A·B`), `C` row-major with row stride `ldc`, cut into at most one
+    /// part per thread (rows of C, or columns when C is wider than tall). Returns false, having done
     /// nothing, when a view does not fit CBLAS: the caller then uses its own kernel. The
     /// caller has checked the shapes and bounds.
     pub(super) fn sgemm(&self, a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32], ldc: usize, accumulate: bool) -> bool {
@@ -246,7 +273,7 @@ impl Blas {
         let threads = if 2 * m * n * k >= PARALLEL_FLOPS { parallel::threads() } else { 1 };
         let by_rows = m >= n;
         let extent = if by_rows { m } else { n };
-        // Parts in multiples of 16 so column parts start on a 64-byte boundary of each row.
+        // Parts in multiples of 16 values (whole 64-byte lines of C when C is aligned).
         let part = extent.div_ceil(threads).next_multiple_of(16);
         let c_start = SharedC(c.as_mut_ptr());
         let run = |index: usize| {

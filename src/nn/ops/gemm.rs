@@ -667,7 +667,7 @@ mod avx512 {
         let full_steps = kc / 16 * 16;
         for l0 in (0..width).step_by(16) {
             let lines = 16.min(width - l0);
-            // Lanes kept of each transposed vector: all 16, or the first 12 (MR = 12).
+            // Lanes kept of each transposed vector: all 16, or the first `lines` (8 for an A panel, MR = 8).
             let keep: __mmask16 = if lines == 16 { 0xFFFF } else { (1u16 << lines) - 1 };
             for p0 in (0..full_steps).step_by(16) {
                 let mut block = [_mm512_setzero_ps(); 16];
