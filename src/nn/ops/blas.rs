@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::gemm::{MatRef, PARALLEL_FLOPS};
+use super::gemm::{MatRef, SendPtr, PARALLEL_FLOPS};
 use super::parallel;
 use crate::error::{Error, Result};
 
@@ -198,22 +198,6 @@ fn cblas_layout(v: &MatRef<f32>) -> Option<(c_int, c_int)> {
     Some((trans, c_int::try_from(ld).ok()?))
 }
 
-/// Pointer to C's first element, shared by the threads that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SharedC(*mut f32);
-// SAFETY: each thread writes only its own rows (or columns) of C.
-unsafe impl Send for SharedC {}
-unsafe impl Sync for SharedC {}
-
-impl SharedC {
-    /// # Safety
-    /// `offset` lies inside C.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: the caller's contract.
-        unsafe { self.0.add(offset) }
-    }
-}
-
 impl Blas {
     /// One small product with a known answer, so that a library that only looks like CBLAS
     /// (64-bit integers, another signature) is refused at load time rather than corrupting a
@@ -275,7 +259,7 @@ impl Blas {
         let extent = if by_rows { m } else { n };
         // Parts in multiples of 16 values (whole 64-byte lines of C when C is aligned).
         let part = extent.div_ceil(threads).next_multiple_of(16);
-        let c_start = SharedC(c.as_mut_ptr());
+        let c_start = SendPtr(c.as_mut_ptr());
         let run = |index: usize| {
             let first = index * part;
             let len = part.min(extent - first);
@@ -284,9 +268,9 @@ impl Blas {
             // disjoint, and every dimension and leading dimension fits CBLAS (checked above).
             unsafe {
                 let (rows, cols, a_part, b_part, c_part) = if by_rows {
-                    (len, n, a.data.as_ptr().add(first * a.row_stride), b.data.as_ptr(), c_start.at(first * ldc))
+                    (len, n, a.data.as_ptr().add(first * a.row_stride), b.data.as_ptr(), c_start.get().add(first * ldc))
                 } else {
-                    (m, len, a.data.as_ptr(), b.data.as_ptr().add(first * b.col_stride), c_start.at(first))
+                    (m, len, a.data.as_ptr(), b.data.as_ptr().add(first * b.col_stride), c_start.get().add(first))
                 };
                 let [rows, cols, k, ldc] = [rows, cols, k, ldc].map(|d| d as c_int);
                 (self.sgemm)(

@@ -94,7 +94,7 @@ pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumu
             return;
         }
     }
-    builtin_gemm(a, b, c, ldc, accumulate)
+    builtin_gemm_checked(a, b, c, ldc, accumulate)
 }
 
 /// Products of fewer FLOPs run on one thread: below ~4 MFLOP one takes well under a
@@ -122,6 +122,11 @@ fn check_shapes<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &[T], ldc: usize) {
 /// [`gemm`] on lmforge's own kernel, whether or not a BLAS is loaded (benchmarks compare the two).
 pub fn builtin_gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
     check_shapes(a, b, c, ldc);
+    builtin_gemm_checked(a, b, c, ldc, accumulate)
+}
+
+/// [`builtin_gemm`] once [`check_shapes`] has passed.
+fn builtin_gemm_checked<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
@@ -361,13 +366,15 @@ fn row_times_transposed<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], accumu
     });
 }
 
+/// A buffer's start, shared by the pool's threads that each write their own disjoint part of
+/// it (here and in [`super::blas`]).
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: only used to hand disjoint parts of one buffer to the pool's threads (see `gemm`).
+pub(super) struct SendPtr<T>(pub(super) *mut T);
+// SAFETY: only used to hand disjoint parts of one buffer to the pool's threads.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }
