@@ -32,7 +32,7 @@ mod tile;
 #[cfg(test)]
 mod testing;
 
-pub use cross_entropy::softmax_cross_entropy;
+pub use cross_entropy::{label_smoothed_cross_entropy, softmax_cross_entropy};
 pub use flash_attention::{flash_attention, flash_attention_qkv, flash_attention_tokens, AttentionMask};
 pub use linear::{linear, linear_then};
 pub use norm::{layer_norm, rms_norm};
