@@ -3,6 +3,7 @@
 mod arch;
 mod bench;
 mod data;
+mod eval;
 mod export;
 mod run;
 mod show;
@@ -66,6 +67,9 @@ enum Command {
     Data(data::DataCommand),
     /// Train a model from scratch or continue pretraining; restarts itself after a crash.
     Train(Box<train::TrainArgs>),
+    /// Evaluate a model on held-out data.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 #[derive(Subcommand)]
@@ -105,6 +109,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Memory(args)) => bench::bench_memory(args),
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
+        Command::Eval(command) => eval::eval(command),
     }
 }
 

@@ -69,6 +69,9 @@ struct Trainer {
 /// checkpoint of `config.run_dir`.
 pub fn train(config: &RunConfig, resume: bool, faults: Vec<Fault>) -> Result<TrainSummary> {
     config.validate()?;
+    if let Some(parallel) = &config.data.parallel {
+        return super::seq2seq::train(config, parallel, resume);
+    }
     let prepared = prepare_run(config, resume)?;
     let mut trainer = Trainer::start(config.clone(), prepared, faults)?;
     trainer.run()
