@@ -2,8 +2,8 @@
 //! implementation, train it, and run it.
 //!
 //! Layers, from the bottom: [`config`] (pure data) → [`nn`] (layers and fused ops) →
-//! [`model`] (blocks composed from a config) → [`generate`] / training loops; [`io`] is the one
-//! place that knows file formats and checkpoint tensor names.
+//! [`model`] (blocks composed from a config) → [`generate`] / training loops / [`eval`]; [`io`]
+//! is the one place that knows file formats and checkpoint tensor names.
 
 pub mod config;
 pub mod data;
