@@ -63,6 +63,12 @@ impl BookSplit {
                 "every book is held out for test or validation; nothing is left to train on\nHINT: hold out fewer books with --books / --val-books",
             ));
         }
+        if !roles.contains(&SplitRole::Validation) {
+            return Err(Error::data(
+                &corpus.path,
+                "only one book is left besides the test books: there is none to validate on\nHINT: hold out fewer test books (--books), or name validation books with --val-books",
+            ));
+        }
         Ok(BookSplit { books: corpus.books.clone(), roles })
     }
 

@@ -179,6 +179,9 @@ fn bad_book_choices_are_errors() {
     assert!(err.contains("held out twice"), "{err}");
     let all: Vec<String> = corpus.books.clone();
     assert!(BookSplit::new(&corpus, &all, &[], 0.02).unwrap_err().to_string().contains("nothing is left to train on"));
+    let all_but_one: Vec<String> = corpus.books[1..].to_vec();
+    let err = BookSplit::new(&corpus, &all_but_one, &[], 0.02).unwrap_err().to_string();
+    assert!(err.contains("none to validate on"), "{err}");
 }
 
 #[test]
@@ -307,7 +310,9 @@ fn length_bucketing_keeps_padding_small_on_real_verses() {
     let padded: usize = batches.iter().map(|b| b.rows * (b.source_len + b.target_len)).sum();
     let rows: usize = batches.iter().map(|b| b.rows).sum();
     assert_eq!(rows, pairs.pairs.len());
-    // Sorted by the longer side only, so the other side still pads; random batches pad ~45%.
+    // Sorted by the longer side only, so the other side still pads a little. (Measured on the
+    // whole training split, 8000-token BPE: 5% padding at 4096 tokens per batch, 57% with
+    // batches of the same size drawn at random.)
     let padding = 1.0 - real as f64 / padded as f64;
     assert!(padding < 0.2, "padding {padding:.3} over {} batches", batches.len());
 }
