@@ -48,8 +48,9 @@ pub struct TranslateArgs {
     /// Beam width (1 = greedy).
     #[arg(long, default_value_t = 4)]
     beams: usize,
-    /// Length penalty α: a finished hypothesis scores log p / length^α.
-    #[arg(long, default_value_t = 0.6)]
+    /// Length penalty α: a finished hypothesis scores log p / length^α (as in Hugging Face's
+    /// `generate`, whose default is also 1).
+    #[arg(long, default_value_t = 1.0)]
     length_penalty: f64,
     /// Longest translation in tokens (default: the model's positions).
     #[arg(long)]

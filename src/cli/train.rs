@@ -239,23 +239,14 @@ fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> an
     if let Some(v) = args.beta2 {
         c.optimizer.beta2 = v;
     }
+    if let Some(v) = args.label_smoothing {
+        c.train.label_smoothing = v;
+    }
     let t = &mut c.train;
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { t.$field = v; } )* };
     }
-    set!(
-        steps,
-        batch_size,
-        seq_len,
-        grad_accum,
-        lr,
-        warmup_steps,
-        seed,
-        eval_every,
-        checkpoint_every,
-        sample_every,
-        label_smoothing
-    );
+    set!(steps, batch_size, seq_len, grad_accum, lr, warmup_steps, seed, eval_every, checkpoint_every, sample_every);
     Ok(c)
 }
 

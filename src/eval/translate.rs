@@ -94,7 +94,8 @@ pub fn score_translations<H: AsRef<str>, R: AsRef<str>>(
 pub struct DecodeOptions {
     /// Beam width; 1 is greedy decoding.
     pub beams: usize,
-    /// GNMT's length penalty exponent α: a finished beam scores `log p / length^α`.
+    /// Length penalty α as in Hugging Face's `generate`: a finished beam scores
+    /// `log p / length^α` (0 = raw log-probability, which favours short output).
     pub length_penalty: f64,
     /// Longest translation in tokens; `None` = the model's positions.
     pub max_new_tokens: Option<usize>,
