@@ -79,7 +79,7 @@ fn import_tensors(
     let contradicted = shapes::contradictions(&table, file, &specs, family.optional_prefix, json);
     if !contradicted.is_empty() {
         let reason = format!(
-            "config.json contradicts the weights:{}\nHINT: set these fields to what the weights hold (is this config.json from another model?)",
+            "these fields contradict the weights:{}\nHINT: set these fields to what the weights hold (is this config.json from another model?)",
             bullet_list(&contradicted, 12)
         );
         return Err(Error::checkpoint(&json.path, reason));

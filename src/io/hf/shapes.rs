@@ -71,13 +71,13 @@ impl Witness {
         } else {
             format!("`{field}` (not set, so {value})")
         };
-        let implied = match want.checked_div(value) {
-            Some(unit) if unit > 1 && unit * value == want => format!("{want} ({value} × {unit})"),
-            _ => want.to_string(),
-        };
         let dim = if self.axis == 0 { "rows" } else { "columns" };
+        let implied = match want.checked_div(value) {
+            Some(unit) if unit > 1 && unit * value == want => format!("{want} {dim} ({value} × {unit})"),
+            _ => format!("{want} {dim}"),
+        };
         let have = actual[self.axis];
-        format!("{stated} implies {implied} {dim} in `{tensor}`, which has {have} (shape {actual:?})")
+        format!("{stated} implies {implied} in `{tensor}`, which has {have} (shape {actual:?})")
     }
 }
 
