@@ -6,15 +6,15 @@ implementation loads `config.json` + `model.safetensors` from each fixture
 directory, runs `input_ids`, and must reproduce `logits` (to ~1e-4) and the
 greedy continuation `greedy` (exactly).
 
-Usage (see tests/fixtures/README.md for the environment):
+Usage (the pinned venv; see tests/fixtures/README.md):
 
-    python -m venv /root/.cache/lmforge/venv-fixtures
-    /root/.cache/lmforge/venv-fixtures/bin/pip install torch transformers safetensors numpy
-    /root/.cache/lmforge/venv-fixtures/bin/python scripts/make_fixtures.py [--out tests/fixtures]
+    PYTHON=$(scripts/setup_python.sh)
+    $PYTHON scripts/make_fixtures.py [--out tests/fixtures] [--only NAME...] [--listing FILE]
 
 Every fixture directory `<out>/<name>/` contains
 
-    config.json          written by `save_pretrained`
+    config.json          written by `save_pretrained` (transformers 5 layout), or for
+                         the `layout="v4"` fixtures rewritten into the 4.x layout
     model.safetensors    written by `save_pretrained(..., safe_serialization=True)`,
                          always a single, non-sharded file
     expected.safetensors reference outputs:
