@@ -232,6 +232,14 @@ impl Ffn {
             dense => dense,
         }
     }
+
+    /// The hidden width of the dense block inside.
+    pub fn hidden(&self) -> usize {
+        match self {
+            Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
+            Ffn::Moe { expert, .. } => expert.hidden(),
+        }
+    }
 }
 
 impl ModelConfig {
@@ -312,8 +320,8 @@ impl ModelConfig {
             limit("layout.encoder_layers", encoder_layers, 1 << 12);
         }
         let (hidden, experts) = match &self.ffn {
-            Ffn::Moe { experts, expert, .. } => (ffn_hidden(expert), *experts),
-            dense => (ffn_hidden(dense), 1),
+            Ffn::Moe { experts, expert, .. } => (expert.hidden(), *experts),
+            dense => (dense.hidden(), 1),
         };
         limit("ffn.hidden", hidden, 1 << 22);
         limit("ffn.experts", experts, 1 << 10);
@@ -393,14 +401,6 @@ impl ModelConfig {
 
     fn validate_as(&self, origin: &str) -> Result<()> {
         Error::check_problems(origin, self.problems())
-    }
-}
-
-/// The hidden width of a dense block (0 for a nested mixture, which validation rejects).
-fn ffn_hidden(ffn: &Ffn) -> usize {
-    match ffn {
-        Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
-        Ffn::Moe { .. } => 0,
     }
 }
 

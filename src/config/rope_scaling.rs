@@ -134,3 +134,70 @@ impl RopeScaling {
         problems
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{presets, ModelConfig, Positions};
+
+    #[test]
+    fn configs_with_a_scaling_round_trip_and_configs_without_one_still_parse() {
+        let mut config = presets::get("tiny-llama").unwrap();
+        let yarn = RopeScaling::Yarn {
+            factor: 4.0,
+            original_context_length: 64,
+            beta_fast: 16.0,
+            beta_slow: 2.0,
+            attention_factor: None,
+            mscale: Some(0.8),
+            mscale_all_dim: Some(0.6),
+            truncate: false,
+        };
+        config.positions = Positions::Rope { theta: 30_000.0, fraction: 1.0, scaling: Some(yarn) };
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(ModelConfig::from_text(&json, "json").unwrap(), config);
+        let toml = toml::to_string(&config).unwrap();
+        assert_eq!(ModelConfig::from_text(&toml, "toml").unwrap(), config);
+
+        // A config written before scalings existed.
+        let mut value = serde_json::to_value(&config).unwrap();
+        value["positions"] = serde_json::json!({"kind": "rope", "theta": 10000.0, "fraction": 1.0});
+        let old = ModelConfig::from_text(&value.to_string(), "old").unwrap();
+        assert_eq!(old.positions, Positions::Rope { theta: 10_000.0, fraction: 1.0, scaling: None });
+    }
+
+    #[test]
+    fn problems_name_the_field_path() {
+        let llama3 = RopeScaling::Llama3 {
+            factor: 0.0,
+            low_freq_factor: 4.0,
+            high_freq_factor: 1.0,
+            original_context_length: 0,
+        };
+        let problems = llama3.problems("positions.scaling");
+        assert_eq!(
+            problems,
+            [
+                "positions.scaling.factor = 0, expected a positive number",
+                "positions.scaling.high_freq_factor = 1 must exceed positions.scaling.low_freq_factor = 4",
+                "positions.scaling.original_context_length = 0, expected a positive number",
+            ]
+        );
+        let yarn = RopeScaling::Yarn {
+            factor: 2.0,
+            original_context_length: 1 << 25,
+            beta_fast: f64::NAN,
+            beta_slow: 1.0,
+            attention_factor: Some(-1.0),
+            mscale: Some(f64::INFINITY),
+            mscale_all_dim: None,
+            truncate: true,
+        };
+        let problems = yarn.problems("positions.scaling");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        for field in ["beta_fast", "attention_factor", "mscale", "original_context_length"] {
+            assert!(problems.iter().any(|p| p.starts_with(&format!("positions.scaling.{field} = "))), "{problems:?}");
+        }
+        assert!(RopeScaling::Linear { factor: 2.0 }.problems("positions.scaling").is_empty());
+    }
+}

@@ -296,10 +296,7 @@ fn gpt2_tensors(c: &ModelConfig) -> Vec<HfTensor> {
             .cols("n_embd", c.d_model),
         HfTensor::new("transformer.wpe.weight", "pos_embeddings.weight").rows("n_positions", c.context_length),
     ];
-    let hidden = match c.ffn {
-        Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => hidden,
-        Ffn::Moe { .. } => 0,
-    };
+    let hidden = c.ffn.hidden();
     out.extend(layer_tensors(c, |i, l, out| {
         let h = format!("transformer.h.{i}");
         linear(out, &format!("{h}.ln_1"), &format!("{l}.attn_norm"), true);
@@ -430,10 +427,7 @@ fn llama_tensors(c: &ModelConfig) -> Vec<HfTensor> {
         .rows("vocab_size", c.vocab_size)
         .cols("hidden_size", c.d_model)];
     let att = &c.attention;
-    let hidden = match c.ffn.dense() {
-        Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
-        Ffn::Moe { .. } => 0,
-    };
+    let hidden = c.ffn.hidden();
     out.extend(layer_tensors(c, |i, l, out| {
         let h = format!("model.layers.{i}");
         out.push(HfTensor::new(format!("{h}.input_layernorm.weight"), format!("{l}.attn_norm.weight")));
@@ -541,10 +535,7 @@ fn phi_tensors(c: &ModelConfig) -> Vec<HfTensor> {
     let mut out = vec![HfTensor::new("model.embed_tokens.weight", "tok_embeddings.weight")
         .rows("vocab_size", c.vocab_size)
         .cols("hidden_size", c.d_model)];
-    let hidden = match c.ffn {
-        Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => hidden,
-        Ffn::Moe { .. } => 0,
-    };
+    let hidden = c.ffn.hidden();
     out.extend(layer_tensors(c, |i, l, out| {
         let h = format!("model.layers.{i}");
         linear(out, &format!("{h}.input_layernorm"), &format!("{l}.attn_norm"), true);

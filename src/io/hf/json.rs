@@ -41,7 +41,7 @@ impl HfJson {
     }
 
     /// `key` as the file spells it, e.g. `rope_parameters.factor`.
-    pub fn name(&self, key: &str) -> String {
+    fn name(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
