@@ -193,10 +193,11 @@ def fixture_specs() -> list[Spec]:
     specs = []
 
     # GPT-2: 3 heads (odd), n_inner 80 (not 4*n_embd), exact GELU (not gelu_new), eps 1e-4,
-    # UNTIED head (GPT-2's default is tied). Conv1D weights stored [in, out], fused c_attn.
+    # UNTIED head (GPT-2's default is tied), reorder_and_upcast_attn (the same math in f32).
+    # Conv1D weights stored [in, out], fused c_attn.
     specs.append(Spec("gpt2", GPT2LMHeadModel, GPT2Config(
         vocab_size=96, n_positions=64, n_embd=36, n_layer=2, n_head=3, n_inner=80,
-        activation_function="gelu", layer_norm_epsilon=1e-4,
+        activation_function="gelu", layer_norm_epsilon=1e-4, reorder_and_upcast_attn=True,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         tie_word_embeddings=False, eos_token_id=95, **common_ids), 1001))
 
@@ -247,7 +248,8 @@ def fixture_specs() -> list[Spec]:
         tie_word_embeddings=False, eos_token_id=127, **common_ids), 1011))
 
     # Mistral: sliding_window 6 < T = 12, 30 greedy tokens; heads 4 / kv 2, explicit head_dim
-    # 16 (hidden / heads = 8), theta 1e6, eps 1e-5, YaRN with an explicit attention_factor.
+    # 16 (hidden / heads = 8), theta 1e6, eps 1e-5, YaRN with an explicit attention_factor,
+    # gelu_pytorch_tanh, TIED head.
     # Window semantics in this transformers version (masking_utils.py):
     #     sliding_window_overlay:  `return kv_idx > q_idx - sliding_window`
     #     causal_mask_function:    `return kv_idx <= q_idx`
@@ -257,18 +259,19 @@ def fixture_specs() -> list[Spec]:
     specs.append(Spec("mistral", MistralForCausalLM, MistralConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-        rms_norm_eps=1e-5, hidden_act="silu", sliding_window=6,
+        rms_norm_eps=1e-5, hidden_act="gelu_pytorch_tanh", sliding_window=6,
         rope_parameters=rope(1.0e6, "yarn", factor=2.0, original_max_position_embeddings=32,
                              attention_factor=1.2),
-        tie_word_embeddings=False, eos_token_id=127, **common_ids), 1005, n_greedy=30))
+        tie_word_embeddings=True, eos_token_id=127, **common_ids), 1005, n_greedy=30))
 
     # Mixtral: 5 experts (default 8), top-3 (default 2), sliding_window 7 (default none),
-    # heads 4 / kv 1, theta 20000 (Mixtral's default is 1e6), eps 1e-6, TIED head.
+    # heads 4 / kv 1 (default 8), explicit head_dim 12 (hidden / heads = 8), theta 20000
+    # (Mixtral's default is 1e6), eps 1e-6 (default 1e-5), exact GELU, TIED head.
     # Router std is larger so the top-k choice is never a near-tie.
     specs.append(Spec("mixtral", MixtralForCausalLM, MixtralConfig(
         vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-        rms_norm_eps=1e-6, rope_parameters=rope(20000.0), hidden_act="silu",
+        num_attention_heads=4, num_key_value_heads=1, head_dim=12, max_position_embeddings=64,
+        rms_norm_eps=1e-6, rope_parameters=rope(20000.0), hidden_act="gelu",
         num_local_experts=5, num_experts_per_tok=3, sliding_window=7,
         router_jitter_noise=0.0, tie_word_embeddings=True, eos_token_id=127, **common_ids),
         1006, overrides={"mlp.gate.weight": 0.6}))
@@ -293,21 +296,23 @@ def fixture_specs() -> list[Spec]:
         attention_dropout=0.0, tie_word_embeddings=False, eos_token_id=95, **common_ids), 1012, layout="v4"))
 
     # MPT: transformers builds one architecture whatever `expansion_ratio`, `alibi_bias_max`,
-    # `no_bias` and `learned_pos_emb` say (4*d FFN, ALiBi max 8, no biases, no positions);
-    # they are set away from that here so a loader that reads them fails. eps 1e-4.
-    def mpt_cfg(d_model, n_heads, vocab, expansion_ratio, tied):
+    # `no_bias`, `learned_pos_emb`, `attn_config.alibi` and `qk_ln` say (4*d FFN, ALiBi max 8,
+    # no biases, no positions, no query/key norm); they are set away from that here so a loader
+    # that reads them fails. eps 1e-4.
+    def mpt_cfg(d_model, n_heads, vocab, expansion_ratio, tied, alibi=True, qk_ln=False):
         return MptConfig(
             d_model=d_model, n_heads=n_heads, n_layers=2, expansion_ratio=expansion_ratio, max_seq_len=64,
             vocab_size=vocab, layer_norm_epsilon=1e-4, no_bias=False, learned_pos_emb=True,
-            attn_config={"alibi": True, "alibi_bias_max": 4, "attn_pdrop": 0,
-                         "clip_qkv": None, "softmax_scale": None, "qk_ln": False},
+            attn_config={"alibi": alibi, "alibi_bias_max": 4, "attn_pdrop": 0,
+                         "clip_qkv": None, "softmax_scale": None, "qk_ln": qk_ln},
             resid_pdrop=0.0, emb_pdrop=0.0, tie_word_embeddings=tied,
             eos_token_id=vocab - 1, bos_token_id=0, pad_token_id=None)
 
     # expansion_ratio 3 (the issue's case: transformers still builds 4*d), UNTIED head.
     specs.append(Spec("mpt", MptForCausalLM, mpt_cfg(32, 4, 128, 3, tied=False), 1008))
-    # 5 heads: odd, not a power of two -> the interleaved-slope rule; tied (MPT's default).
-    specs.append(Spec("mpt_heads5", MptForCausalLM, mpt_cfg(40, 5, 96, 2, tied=True), 1009))
+    # 5 heads: odd, not a power of two -> the interleaved-slope rule; tied (MPT's default);
+    # `alibi` false and `qk_ln` true, both unread by transformers' MPT.
+    specs.append(Spec("mpt_heads5", MptForCausalLM, mpt_cfg(40, 5, 96, 2, tied=True, alibi=False, qk_ln=True), 1009))
     return specs
 
 

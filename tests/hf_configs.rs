@@ -73,6 +73,24 @@ fn defaults_are_the_config_classes_own() {
         c.as_object_mut().unwrap().remove("rope_parameters");
     });
     assert_eq!(rope(&read_hf_config(mixtral.path()).unwrap()).0, 1_000_000.0);
+    // MixtralConfig's other defaults: 8 experts, top-2, 8 KV heads, eps 1e-5.
+    let bare = edited_fixture("mixtral", |c| {
+        for key in ["num_local_experts", "num_experts_per_tok", "num_key_value_heads", "rms_norm_eps"] {
+            c.as_object_mut().unwrap().remove(key);
+        }
+        c["num_attention_heads"] = json!(16);
+    });
+    let config = read_hf_config(bare.path()).unwrap();
+    assert!(matches!(config.ffn, Ffn::Moe { experts: 8, top_k: 2, .. }), "{:?}", config.ffn);
+    assert_eq!((config.attention.kv_heads, config.norm_eps), (8, 1e-5));
+    // LlamaConfig reads no experts (a stray key builds a dense model, as in transformers), and
+    // its KV heads default to the query heads.
+    let llama = edited_fixture("llama_mqa", |c| {
+        c.as_object_mut().unwrap().remove("num_key_value_heads");
+        c["num_local_experts"] = json!(4);
+    });
+    let config = read_hf_config(llama.path()).unwrap();
+    assert!(matches!(config.ffn, Ffn::Gated { .. }) && config.attention.kv_heads == config.attention.heads);
     // MistralConfig.sliding_window is 4096 when absent; `null` means no window.
     let absent = edited_fixture("mistral", |c| {
         c.as_object_mut().unwrap().remove("sliding_window");
@@ -148,6 +166,14 @@ fn a_config_that_contradicts_its_weights_names_the_field_the_tensor_and_both_val
         ),
         "{err}"
     );
+}
+
+#[test]
+fn settings_transformers_honours_and_lmforge_cannot_are_refused() {
+    let dir = edited_fixture("gpt2", |c| c["scale_attn_weights"] = json!(false));
+    assert!(load_error(dir.path()).contains("field `scale_attn_weights`: false is not supported"));
+    let dir = edited_fixture("mpt", |c| c["attn_config"]["clip_qkv"] = json!(6.0));
+    assert!(load_error(dir.path()).contains("field `attn_config.clip_qkv`: 6.0 is not supported"));
 }
 
 #[test]

@@ -43,7 +43,23 @@ pub fn apply_overrides(config: &ModelConfig, settings: &[String]) -> Result<Mode
                     *locate(&mut value, &keys).map_err(fail)? = only_kind;
                 }
             }
-            (Value::Null, Value::String(kind)) => *slot = switch_variant(&Map::new(), &kind),
+            (Value::Null, Value::String(name)) => {
+                // An unset optional field: the bare name is a plain value
+                // (`attention.implementation=naive`) or the variant of an enum field
+                // (`positions.scaling=llama3`). Keep the plain value unless only the variant
+                // parses, or the variant comes closer (its error names a missing field rather
+                // than "invalid type: map", which says the field is no enum at all).
+                *slot = Value::String(name.clone());
+                if serde_json::from_value::<ModelConfig>(value.clone()).is_err() {
+                    let slot = locate(&mut value, &keys).map_err(fail)?;
+                    *slot = switch_variant(&Map::new(), &name);
+                    if let Err(e) = serde_json::from_value::<ModelConfig>(value.clone()) {
+                        if e.to_string().starts_with("invalid type: map") {
+                            *locate(&mut value, &keys).map_err(fail)? = Value::String(name);
+                        }
+                    }
+                }
+            }
             (_, new) => *slot = new,
         }
         serde_json::from_value::<ModelConfig>(value.clone()).map_err(|e| fail(e.to_string()))?;
@@ -130,6 +146,12 @@ mod tests {
         assert_eq!(rope(&c), Some(RopeScaling::Linear { factor: 2.0 }));
         let c = set("llama2-7b", &["positions.scaling=llama3", "positions.scaling=null"]).unwrap();
         assert_eq!(rope(&c), None);
+
+        // Plain values in unset optional fields are still plain values.
+        let c = set("llama2-7b", &["attention.implementation=naive", "attention.window=64"]).unwrap();
+        assert_eq!((c.attention.implementation, c.attention.window), (crate::config::AttentionImpl::Naive, Some(64)));
+        let err = set("llama2-7b", &["attention.window=wide"]).unwrap_err().to_string();
+        assert!(err.contains("invalid type: string \"wide\", expected usize"), "{err}");
 
         let err = set("llama2-7b", &["positions.scaling=linear"]).unwrap_err().to_string();
         assert!(err.contains("missing field `factor`"), "{err}");

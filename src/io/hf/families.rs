@@ -246,6 +246,11 @@ fn gpt2_read(json: &HfJson) -> Result<ModelConfig> {
     let d = json.usize("n_embd")?;
     let heads = json.usize("n_head")?;
     json.reject_if_set("scale_attn_by_inverse_layer_idx", "lmforge scales scores by 1/sqrt(head_dim) only")?;
+    if !json.bool_or("scale_attn_weights", true)? {
+        return Err(
+            json.error("scale_attn_weights", "false is not supported: lmforge scales scores by 1/sqrt(head_dim)")
+        );
+    }
     Ok(ModelConfig {
         vocab_size: json.usize("vocab_size")?,
         d_model: d,
@@ -327,7 +332,42 @@ fn gpt2_tensors(c: &ModelConfig) -> Vec<HfTensor> {
 // ---------------------------------------------------------------------------------------------
 // Llama, Mistral (sliding window), Mixtral (mixture of experts): RMSNorm, RoPE, SwiGLU.
 
+/// What transformers' `LlamaConfig`, `MistralConfig` and `MixtralConfig` assume for a key that
+/// `config.json` leaves out, and what each class reads at all.
+struct LlamaClass {
+    /// `None`: as many as the query heads.
+    kv_heads: Option<usize>,
+    /// `None`: the class has no window. `Some(default)`: it reads `sliding_window`, taking
+    /// `default` when the key is absent (`null` means no window).
+    window: Option<Option<usize>>,
+    theta: f64,
+    rms_norm_eps: f64,
+    /// `Some((experts, top_k))` defaults for the mixture-of-experts class.
+    experts: Option<(usize, usize)>,
+}
+
+fn llama_class(model_type: &str) -> LlamaClass {
+    match model_type {
+        "mistral" => LlamaClass {
+            kv_heads: Some(8),
+            window: Some(Some(4096)),
+            theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            experts: None,
+        },
+        "mixtral" => LlamaClass {
+            kv_heads: Some(8),
+            window: Some(None),
+            theta: 1_000_000.0,
+            rms_norm_eps: 1e-5,
+            experts: Some((8, 2)),
+        },
+        _ => LlamaClass { kv_heads: None, window: None, theta: 10_000.0, rms_norm_eps: 1e-6, experts: None },
+    }
+}
+
 fn llama_read(json: &HfJson) -> Result<ModelConfig> {
+    let class = llama_class(&json.str("model_type")?);
     let d = json.usize("hidden_size")?;
     let heads = json.usize("num_attention_heads")?;
     let attention_bias = json.bool_or("attention_bias", false)?;
@@ -340,20 +380,19 @@ fn llama_read(json: &HfJson) -> Result<ModelConfig> {
     let act = activation_from_hf(json, "hidden_act", "silu")?;
     let hidden = json.usize("intermediate_size")?;
     let dense = Ffn::Gated { hidden, act };
-    let ffn = match json.opt_usize("num_local_experts")? {
-        Some(experts) => Ffn::Moe { experts, top_k: json.usize("num_experts_per_tok")?, expert: Box::new(dense) },
+    let ffn = match class.experts {
+        Some((experts, top_k)) => Ffn::Moe {
+            experts: json.usize_or("num_local_experts", experts)?,
+            top_k: json.usize_or("num_experts_per_tok", top_k)?,
+            expert: Box::new(dense),
+        },
         None => dense,
     };
-    let model_type = json.str("model_type")?;
-    // The config classes' own defaults: MistralConfig's `sliding_window` is 4096 when the key is
-    // absent (`null` means none) and MixtralConfig's is none; MixtralConfig's `default_theta`
-    // is 1e6. Llama has no window.
-    let window = match model_type.as_str() {
-        "llama" => None,
-        "mistral" if !json.contains("sliding_window") => Some(4096),
-        _ => json.opt_usize("sliding_window")?,
+    let window = match class.window {
+        Some(default) if !json.contains("sliding_window") => default,
+        Some(_) => json.opt_usize("sliding_window")?,
+        None => None,
     };
-    let theta = if model_type == "mixtral" { 1_000_000.0 } else { 10_000.0 };
     let context_length = json.usize("max_position_embeddings")?;
     Ok(ModelConfig {
         vocab_size: json.usize("vocab_size")?,
@@ -361,11 +400,11 @@ fn llama_read(json: &HfJson) -> Result<ModelConfig> {
         layers: json.usize("num_hidden_layers")?,
         context_length,
         norm: Norm::RmsNorm,
-        norm_eps: json.f64_or("rms_norm_eps", 1e-6)?,
-        positions: read_rope(json, RopeDefaults { theta, fraction: None }, context_length)?,
+        norm_eps: json.f64_or("rms_norm_eps", class.rms_norm_eps)?,
+        positions: read_rope(json, RopeDefaults { theta: class.theta, fraction: None }, context_length)?,
         attention: Attention {
             heads,
-            kv_heads: json.usize_or("num_key_value_heads", heads)?,
+            kv_heads: json.usize_or("num_key_value_heads", class.kv_heads.unwrap_or(heads))?,
             head_dim: json.opt_usize("head_dim")?.filter(|hd| hd * heads != d),
             window,
             layer_windows: None,
