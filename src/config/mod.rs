@@ -10,10 +10,12 @@ mod overrides;
 mod params;
 pub mod presets;
 mod report;
+mod rope_scaling;
 
 pub use overrides::{apply_overrides, parse_override};
 pub use params::{ParamKind, ParamSpec};
 pub use report::{ArchReport, LayerRow};
+pub use rope_scaling::RopeScaling;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,12 +61,15 @@ pub enum Positions {
     Learned,
     /// Fixed sine/cosine vectors added to the token embeddings (Vaswani et al. 2017).
     Sinusoidal,
-    /// Rotary embeddings on queries and keys; `fraction` of each head's dims rotate (Phi-2: 0.4).
+    /// Rotary embeddings on queries and keys; `fraction` of each head's dims rotate (Phi-2: 0.4),
+    /// optionally with their frequencies rescaled for a longer context (Llama 3.1: `llama3`).
     Rope {
         #[serde(default = "default_rope_theta")]
         theta: f64,
         #[serde(default = "default_rope_fraction")]
         fraction: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scaling: Option<RopeScaling>,
     },
     /// Linear biases on attention scores, one slope per head (MPT, BLOOM); extrapolates.
     Alibi {
@@ -227,6 +232,14 @@ impl Ffn {
             dense => dense,
         }
     }
+
+    /// The hidden width of the dense block inside.
+    pub fn hidden(&self) -> usize {
+        match self {
+            Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
+            Ffn::Moe { expert, .. } => expert.hidden(),
+        }
+    }
 }
 
 impl ModelConfig {
@@ -307,8 +320,8 @@ impl ModelConfig {
             limit("layout.encoder_layers", encoder_layers, 1 << 12);
         }
         let (hidden, experts) = match &self.ffn {
-            Ffn::Moe { experts, expert, .. } => (ffn_hidden(expert), *experts),
-            dense => (ffn_hidden(dense), 1),
+            Ffn::Moe { experts, expert, .. } => (expert.hidden(), *experts),
+            dense => (dense.hidden(), 1),
         };
         limit("ffn.hidden", hidden, 1 << 22);
         limit("ffn.experts", experts, 1 << 10);
@@ -350,7 +363,10 @@ impl ModelConfig {
             problems.push(format!("norm_eps = {}, expected a small positive number", self.norm_eps));
         }
         match self.positions {
-            Positions::Rope { theta, fraction } => {
+            Positions::Rope { theta, fraction, scaling } => {
+                if let Some(scaling) = scaling {
+                    problems.extend(scaling.problems("positions.scaling"));
+                }
                 if !(theta > 1.0 && theta.is_finite()) {
                     problems.push(format!("positions.theta = {theta}, expected a number > 1"));
                 }
@@ -385,14 +401,6 @@ impl ModelConfig {
 
     fn validate_as(&self, origin: &str) -> Result<()> {
         Error::check_problems(origin, self.problems())
-    }
-}
-
-/// The hidden width of a dense block (0 for a nested mixture, which validation rejects).
-fn ffn_hidden(ffn: &Ffn) -> usize {
-    match ffn {
-        Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
-        Ffn::Moe { .. } => 0,
     }
 }
 

@@ -24,7 +24,9 @@ pub fn parse_override(text: &str) -> Result<(String, Value)> {
 ///
 /// Setting an enum field (one whose JSON has a `kind`) to a bare name switches the variant,
 /// keeping the fields the new variant shares with the old one: `ffn=gated` keeps `hidden` and
-/// `act`; `positions=alibi` drops RoPE's `theta` and takes ALiBi's defaults.
+/// `act`; `positions=alibi` drops RoPE's `theta` and takes ALiBi's defaults. An unset optional
+/// field set to a bare name becomes that variant with its defaults
+/// (`positions.scaling=llama3`).
 pub fn apply_overrides(config: &ModelConfig, settings: &[String]) -> Result<ModelConfig> {
     let mut value = serde_json::to_value(config).expect("a config always serialises");
     for setting in settings {
@@ -39,6 +41,23 @@ pub fn apply_overrides(config: &ModelConfig, settings: &[String]) -> Result<Mode
                 *slot = keep_fields;
                 if serde_json::from_value::<ModelConfig>(value.clone()).is_err() {
                     *locate(&mut value, &keys).map_err(fail)? = only_kind;
+                }
+            }
+            (Value::Null, Value::String(name)) => {
+                // An unset optional field: the bare name is a plain value
+                // (`attention.implementation=naive`) or the variant of an enum field
+                // (`positions.scaling=llama3`). Keep the plain value unless only the variant
+                // parses, or the variant comes closer (its error names a missing field rather
+                // than "invalid type: map", which says the field is no enum at all).
+                *slot = Value::String(name.clone());
+                if serde_json::from_value::<ModelConfig>(value.clone()).is_err() {
+                    let slot = locate(&mut value, &keys).map_err(fail)?;
+                    *slot = switch_variant(&Map::new(), &name);
+                    if let Err(e) = serde_json::from_value::<ModelConfig>(value.clone()) {
+                        if e.to_string().starts_with("invalid type: map") {
+                            *locate(&mut value, &keys).map_err(fail)? = Value::String(name);
+                        }
+                    }
                 }
             }
             (_, new) => *slot = new,
@@ -91,7 +110,7 @@ fn locate<'v>(mut value: &'v mut Value, keys: &[&str]) -> std::result::Result<&'
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{presets, Ffn, Positions};
+    use crate::config::{presets, Ffn, Positions, RopeScaling};
 
     fn set(preset: &str, settings: &[&str]) -> Result<ModelConfig> {
         let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
@@ -106,6 +125,47 @@ mod tests {
         assert_eq!(c.positions, Positions::Alibi { max_bias: 8.0 });
         assert!(matches!(c.ffn, Ffn::Mlp { hidden: 11008, .. }));
         assert_eq!(c.name, "llama2-7b*");
+    }
+
+    #[test]
+    fn rope_scaling_is_set_by_name_json_or_field() {
+        let rope = |c: &ModelConfig| match c.positions {
+            Positions::Rope { scaling, .. } => scaling,
+            _ => panic!("not rope"),
+        };
+        let llama31 = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context_length: 8192,
+        };
+        assert_eq!(rope(&set("llama2-7b", &["positions.scaling=llama3"]).unwrap()), Some(llama31));
+        let c = set("llama2-7b", &["positions.scaling=llama3", "positions.scaling.factor=32"]).unwrap();
+        assert_eq!(rope(&c).map(|s| s.factor()), Some(32.0));
+        let c = set("llama2-7b", &[r#"positions.scaling={"kind":"linear","factor":2}"#]).unwrap();
+        assert_eq!(rope(&c), Some(RopeScaling::Linear { factor: 2.0 }));
+        let c = set("llama2-7b", &["positions.scaling=llama3", "positions.scaling=null"]).unwrap();
+        assert_eq!(rope(&c), None);
+
+        // Plain values in unset optional fields are still plain values.
+        let c = set("llama2-7b", &["attention.implementation=naive", "attention.window=64"]).unwrap();
+        assert_eq!((c.attention.implementation, c.attention.window), (crate::config::AttentionImpl::Naive, Some(64)));
+        let err = set("llama2-7b", &["attention.window=wide"]).unwrap_err().to_string();
+        assert!(err.contains("invalid type: string \"wide\", expected usize"), "{err}");
+
+        let err = set("llama2-7b", &["positions.scaling=linear"]).unwrap_err().to_string();
+        assert!(err.contains("missing field `factor`"), "{err}");
+        let err = set("llama2-7b", &["positions.scaling=ntk"]).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `ntk`") && err.contains("`yarn`"), "{err}");
+        let err = set("llama2-7b", &["positions.scaling=llama3", "positions.scaling.high_freq_factor=0.5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("positions.scaling.high_freq_factor = 0.5 must exceed"), "{err}");
+        let err = set("llama2-7b", &[r#"positions.scaling={"kind":"yarn","factor":-4,"original_context_length":0}"#])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("positions.scaling.factor = -4, expected a positive number"), "{err}");
+        assert!(err.contains("positions.scaling.original_context_length = 0"), "{err}");
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn llama2(d_model: usize, layers: usize, heads: usize, kv_heads: usize, hidden: 
         norm: Norm::RmsNorm,
         norm_placement: NormPlacement::Pre,
         norm_eps: 1e-5,
-        positions: Positions::Rope { theta: 10_000.0, fraction: 1.0 },
+        positions: Positions::Rope { theta: 10_000.0, fraction: 1.0, scaling: None },
         attention: Attention::new(heads, kv_heads),
         ffn: Ffn::Gated { hidden, act: Activation::Silu },
         residual: Residual::Sequential,
@@ -148,7 +148,7 @@ fn mistral_7b() -> ModelConfig {
 fn mixtral_8x7b() -> ModelConfig {
     let mut config = llama2(4096, 32, 32, 8, 14336);
     config.context_length = 32768;
-    config.positions = Positions::Rope { theta: 1_000_000.0, fraction: 1.0 };
+    config.positions = Positions::Rope { theta: 1_000_000.0, fraction: 1.0, scaling: None };
     config.ffn =
         Ffn::Moe { experts: 8, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 14336, act: Activation::Silu }) };
     config
@@ -159,7 +159,7 @@ fn phi_2() -> ModelConfig {
         vocab_size: 51200,
         context_length: 2048,
         norm: Norm::LayerNorm,
-        positions: Positions::Rope { theta: 10_000.0, fraction: 0.4 },
+        positions: Positions::Rope { theta: 10_000.0, fraction: 0.4, scaling: None },
         ffn: Ffn::Mlp { hidden: 10240, act: Activation::GeluTanh },
         residual: Residual::Parallel,
         bias: true,

@@ -288,7 +288,7 @@ impl GgufFile {
             norm: Norm::RmsNorm,
             norm_placement: NormPlacement::Pre,
             norm_eps: self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
-            positions: Positions::Rope { theta, fraction },
+            positions: Positions::Rope { theta, fraction, scaling: None },
             attention: Attention {
                 heads,
                 kv_heads,
@@ -771,7 +771,7 @@ mod tests {
             norm: Norm::RmsNorm,
             norm_placement: NormPlacement::Pre,
             norm_eps: 1e-5,
-            positions: Positions::Rope { theta: 10_000.0, fraction: 1.0 },
+            positions: Positions::Rope { theta: 10_000.0, fraction: 1.0, scaling: None },
             attention: Attention::new(4, 2),
             ffn: Ffn::Gated { hidden: 96, act: Activation::Silu },
             residual: Residual::Sequential,
@@ -961,7 +961,7 @@ mod tests {
         let got = GgufFile::open(&path).unwrap().config().unwrap();
         assert!(got.tie_embeddings, "no output.weight means a tied head");
         assert_eq!(got.attention.kv_heads, 4);
-        assert_eq!(got.positions, Positions::Rope { theta: 100_000.0, fraction: 0.5 });
+        assert_eq!(got.positions, Positions::Rope { theta: 100_000.0, fraction: 0.5, scaling: None });
         assert_eq!(got.norm_eps, 1e-5, "f32 1e-5 is read as the decimal it was written as");
         assert_eq!(got.vocab_size, 264, "vocab from tokenizer.ggml.tokens when llama.vocab_size is absent");
         assert_eq!(got.name, "tied", "blank general.name falls back to the file name");
@@ -1176,7 +1176,7 @@ mod tests {
             (30, 576, 9, 3, 64)
         );
         assert_eq!(config.ffn, Ffn::Gated { hidden: 1536, act: Activation::Silu });
-        assert_eq!(config.positions, Positions::Rope { theta: 100_000.0, fraction: 1.0 });
+        assert_eq!(config.positions, Positions::Rope { theta: 100_000.0, fraction: 1.0, scaling: None });
         assert_eq!((config.norm_eps, config.vocab_size, config.context_length), (1e-5, 49152, 8192));
         assert!(config.tie_embeddings && !config.bias && config.norm == Norm::RmsNorm);
         // Every name and shape agrees with param_specs (the plan checks both, and nothing extra).

@@ -129,7 +129,7 @@ impl Model {
         let tok = params.get("tok_embeddings.weight");
         let device = tok.device().clone();
         let rope = match config.positions {
-            Positions::Rope { theta, .. } => Some(Rope::new(theta, config.rotary_dims())),
+            Positions::Rope { theta, scaling, .. } => Some(Rope::new(theta, config.rotary_dims(), scaling.as_ref())),
             _ => None,
         };
         let head_weight = if config.tie_embeddings { tok.clone() } else { params.get("lm_head.weight") };
