@@ -2,13 +2,15 @@
 //!
 //! A GGUF file holds three things: metadata (the architecture's hyper-parameters under
 //! `{arch}.*` keys, and the tokenizer under `tokenizer.*`), tensor infos (name, GGML type, shape,
-//! offset) and the tensor data. candle parses the container and dequantizes; this
+//! offset) and the tensor data. candle parses and writes the container and (de)quantizes; this
 //! module decides what the numbers mean for lmforge:
 //! - `names`: one table of lmforge ↔ GGUF tensor names ([`LLAMA_TENSOR_NAMES`]) and the list of
 //!   GGUF tensors a config has ([`gguf_tensors`]), used in both directions, plus the one layout
 //!   change llama.cpp makes to the weights (see [`unpermute_rope_rows`]);
 //! - [`GgufFile`] (reading): a [`ModelConfig`](crate::config::ModelConfig) from the metadata, every name and shape checked
 //!   against the config *before* any data is read, each tensor dequantized to f32;
+//! - [`export_gguf`] (writing): the config as `llama.*` keys, the tokenizer as `tokenizer.ggml.*`
+//!   keys, the weights quantized as llama.cpp's own tools would ([`Quant`]).
 //!
 //! Only `general.architecture = llama` is mapped (Llama 1/2/3, Mistral, Mixtral, SmolLM,
 //! TinyLlama and the many other models llama.cpp stores under that name). Every other input is
@@ -20,6 +22,8 @@ mod header;
 mod metadata;
 mod names;
 mod reader;
+mod vocab;
+mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -31,6 +35,8 @@ pub use names::{
     TensorName, LLAMA_TENSOR_NAMES,
 };
 pub use reader::GgufFile;
+pub use vocab::tokenizer_metadata;
+pub use writer::{export_gguf, gguf_problems, ExportOptions, Quant};
 
 use std::path::Path;
 
