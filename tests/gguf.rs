@@ -20,7 +20,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use lmforge::config::{presets, Ffn};
 use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
-use lmforge::io::gguf::{export_gguf, gguf_problems, to_gguf_name, ExportOptions, Quant};
+use lmforge::io::gguf::{export_gguf, gguf_problems, to_gguf_name, tokenizer_metadata, ExportOptions, Quant};
 use lmforge::io::{load_model, LoadedModel};
 
 fn fixture(name: &str) -> PathBuf {
@@ -176,6 +176,35 @@ fn quantized_exports_read_back_within_rounding() {
                 bound * scale
             );
         }
+    }
+}
+
+/// SmolLM2's tokenizer, read from its GGUF (written by llama.cpp's converter from the original
+/// tokenizer.json) and written back: the same vocabulary, types, merges, special ids, flags
+/// and chat template.
+#[test]
+fn smollm2_tokenizer_is_written_back_as_llama_cpp_wrote_it() {
+    let Some(path) = smollm2() else {
+        assert!(std::env::var_os("LMFORGE_REQUIRE_SMOLLM2").is_none(), "LMFORGE_REQUIRE_SMOLLM2 is set");
+        eprintln!("skipped: SmolLM2 not found (run scripts/fetch_smollm2.sh)");
+        return;
+    };
+    let file = lmforge::io::gguf::GgufFile::open(&path).unwrap();
+    let tokenizer = file.tokenizer().unwrap().unwrap();
+    let written: HashMap<String, Value> = tokenizer_metadata(&tokenizer, 49152).unwrap().into_iter().collect();
+    let original = &file.content().metadata;
+    for key in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template",
+    ] {
+        assert_eq!(format!("{:?}", written[key]), format!("{:?}", original[key]), "`{key}`");
     }
 }
 
