@@ -301,6 +301,16 @@ fn architectures_gguf_llama_cannot_hold_are_refused_by_name() {
             assert!(problems.contains(needle), "{preset}: missing {needle:?} in\n{problems}");
         }
     }
+    let mut gelu_gate = presets::get("tiny-mixtral").unwrap();
+    gelu_gate.ffn = Ffn::Moe {
+        experts: 4,
+        top_k: 2,
+        expert: Box::new(Ffn::Gated { hidden: 256, act: lmforge::config::Activation::Gelu }),
+    };
+    assert_eq!(
+        gguf_problems(&gelu_gate, &strict),
+        ["ffn.expert.act = gelu: its gated feed-forward uses SiLU (SwiGLU)"]
+    );
     for preset in ["tiny-llama", "tiny-mixtral", "llama2-7b", "mistral-7b", "mixtral-8x7b"] {
         let config = presets::get(preset).unwrap();
         let dropped = ExportOptions { drop_sliding_window: true, ..Default::default() };

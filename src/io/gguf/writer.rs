@@ -155,7 +155,9 @@ pub fn gguf_problems(config: &ModelConfig, options: &ExportOptions) -> Vec<Strin
     match dense {
         Ffn::Gated { act: Activation::Silu, .. } => {}
         Ffn::Gated { act, .. } => {
-            refuse(format!("{path}.act = {}", activation_name(*act)), "its gated feed-forward uses SiLU (SwiGLU)")
+            // The activation as a config file spells it (its serde name).
+            let act = serde_json::to_value(act).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            refuse(format!("{path}.act = {act}"), "its gated feed-forward uses SiLU (SwiGLU)")
         }
         Ffn::Mlp { .. } => refuse(format!("{path} = mlp"), "its feed-forward is gated (SwiGLU)"),
         Ffn::Moe { .. } => {} // nested mixtures do not validate
@@ -170,10 +172,10 @@ pub fn gguf_problems(config: &ModelConfig, options: &ExportOptions) -> Vec<Strin
         refuse("head_bias = true".into(), "its output head has no bias");
     }
     if !options.drop_sliding_window {
-        let binding: Vec<(usize, usize)> = (0..config.layers)
-            .filter_map(|layer| config.window(layer).filter(|&w| w < config.context_length).map(|w| (layer, w)))
-            .collect();
-        if let Some(&(layer, window)) = binding.first() {
+        // The first layer whose window binds: one that cuts off earlier tokens within the context.
+        let binding = (0..config.layers)
+            .find_map(|layer| config.window(layer).filter(|&w| w < config.context_length).map(|w| (layer, w)));
+        if let Some((layer, window)) = binding {
             let field = match config.attention.layer_windows {
                 Some(_) => format!("attention.layer_windows[{layer}] = {window}"),
                 None => format!("attention.window = {window}"),
@@ -186,15 +188,6 @@ pub fn gguf_problems(config: &ModelConfig, options: &ExportOptions) -> Vec<Strin
         }
     }
     problems
-}
-
-fn activation_name(act: Activation) -> &'static str {
-    match act {
-        Activation::Gelu => "gelu",
-        Activation::GeluTanh => "gelu_tanh",
-        Activation::Silu => "silu",
-        Activation::Relu => "relu",
-    }
 }
 
 /// What an export wrote: each tensor's GGUF name and stored type, in file order.
