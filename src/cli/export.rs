@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use lmforge::io::gguf::{export_gguf, type_name, ExportOptions, Quant};
 
@@ -46,7 +47,8 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         }
         Format::Gguf => {
             let options = ExportOptions { quant: args.quant, drop_sliding_window: args.drop_sliding_window };
-            let tensors = export_gguf(&loaded.config, &loaded.weights, loaded.tokenizer.as_ref(), &args.out, &options)?;
+            let tensors = export_gguf(&loaded.config, &loaded.weights, loaded.tokenizer.as_ref(), &args.out, &options)
+                .with_context(|| format!("exporting {} to {}", args.model.display(), args.out.display()))?;
             let mut by_type = BTreeMap::new();
             for (_, dtype) in &tensors {
                 *by_type.entry(type_name(*dtype)).or_insert(0) += 1;

@@ -213,9 +213,9 @@ pub fn export_gguf(
         } else {
             ""
         };
+        let name = if config.name.is_empty() { String::new() } else { format!(" ({})", config.name) };
         return Err(Error::Unsupported(format!(
-            "GGUF `llama` cannot hold this architecture ({}):{}{hint}",
-            if config.name.is_empty() { "unnamed" } else { &config.name },
+            "GGUF `llama` cannot hold this architecture{name}:{}{hint}",
             bullet_list(&problems, 20)
         )));
     }
