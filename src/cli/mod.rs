@@ -46,7 +46,7 @@ enum Command {
     Score(run::ScoreArgs),
     /// Generate text (streamed) or token ids from a model.
     Generate(run::GenerateArgs),
-    /// Convert a model to another format (Hugging Face directory).
+    /// Convert a model to another format (Hugging Face directory, GGUF file).
     Export(export::ExportArgs),
     /// Draw a run's training/validation loss, learning rate and rollbacks to a PNG.
     Plot {

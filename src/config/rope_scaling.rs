@@ -78,6 +78,15 @@ impl RopeScaling {
     /// The names of the variants, as config files and `rope_type` spell them.
     pub const KINDS: [&'static str; 3] = ["linear", "llama3", "yarn"];
 
+    /// This variant's name, as config files and `rope_type` spell it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RopeScaling::Linear { .. } => Self::KINDS[0],
+            RopeScaling::Llama3 { .. } => Self::KINDS[1],
+            RopeScaling::Yarn { .. } => Self::KINDS[2],
+        }
+    }
+
     pub fn factor(&self) -> f64 {
         match *self {
             RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } | RopeScaling::Yarn { factor, .. } => {
