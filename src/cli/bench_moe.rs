@@ -36,13 +36,13 @@ pub struct BenchMoeArgs {
     #[arg(long)]
     gated: bool,
     /// Timed steps of each model per round.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 2)]
     steps: usize,
     /// Untimed steps of each model before the first round.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// Rounds; each times the dense model, then the mixture, and the medians are compared.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds; each times both models (in alternating order), and the medians are compared.
+    #[arg(long, default_value_t = 9)]
     rounds: usize,
 }
 
@@ -137,25 +137,34 @@ pub fn bench_moe(a: BenchMoeArgs) -> anyhow::Result<()> {
     }
     let (mut dense_ms, mut moe_ms, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..a.rounds.max(1) {
-        let d = dense.time(a.steps, &inputs, &targets)?;
-        let m = moe.time(a.steps, &inputs, &targets)?;
+        // Alternate which goes first, so a trend in the machine's speed favours neither.
+        let (d, m) = if round % 2 == 0 {
+            let d = dense.time(a.steps, &inputs, &targets)?;
+            (d, moe.time(a.steps, &inputs, &targets)?)
+        } else {
+            let m = moe.time(a.steps, &inputs, &targets)?;
+            (dense.time(a.steps, &inputs, &targets)?, m)
+        };
         println!("round {round}: dense {d:.1} ms/step, mixture {m:.1} ms/step, ratio {:.3}", m / d);
         dense_ms.push(d);
         moe_ms.push(m);
         ratios.push(m / d);
     }
-    let (lo, hi) = ratios.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     let spread = |v: &[f64]| {
         let (lo, hi) = v.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-        100.0 * (hi - lo) / lo
+        (lo, hi, 100.0 * (hi - lo) / lo)
     };
-    let (dense_spread, moe_spread) = (spread(&dense_ms), spread(&moe_ms));
-    let (d, m) = (median(&mut dense_ms), median(&mut moe_ms));
+    let (lo, hi, _) = spread(&ratios);
+    let (dense_spread, moe_spread) = (spread(&dense_ms).2, spread(&moe_ms).2);
+    let (d, m, ratio) = (median(&mut dense_ms), median(&mut moe_ms), median(&mut ratios));
     println!(
-        "median over {} rounds: dense {d:.1} ms/step ({:.0} tok/s), mixture {m:.1} ms/step ({:.0} tok/s): the mixture's step takes {:.3}x the dense step's time (per-round ratios {lo:.3}–{hi:.3}; step times varied by {dense_spread:.0}% dense, {moe_spread:.0}% mixture across rounds)",
+        "median over {} rounds: dense {d:.1} ms/step ({:.0} tok/s), mixture {m:.1} ms/step ({:.0} tok/s)",
         a.rounds.max(1),
         n as f64 / d * 1e3,
         n as f64 / m * 1e3,
+    );
+    println!(
+        "the mixture's step takes {ratio:.3}x the dense step's time (median of the per-round ratios, which ranged {lo:.3}–{hi:.3}; {:.3}x between the medians); step times ranged {dense_spread:.0}% (dense) and {moe_spread:.0}% (mixture) across rounds",
         m / d
     );
     Ok(())
