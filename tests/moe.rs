@@ -129,8 +129,9 @@ fn moe_gradients_match_finite_differences() {
     }
 }
 
-/// A run config for a tiny mixture on Austen; `extra` are more `--set`s.
-fn write_run_config(dir: &Path, run: &Path, steps: u64, extra: &[&str]) -> PathBuf {
+/// A run config for a tiny mixture on Austen; `extra` are more `--set`s, `train_extra` more
+/// lines of its `[train]` table.
+fn write_run_config(dir: &Path, run: &Path, steps: u64, extra: &[&str], train_extra: &str) -> PathBuf {
     let set: Vec<String> = [
         "layers=2",
         "d_model=64",
@@ -164,6 +165,7 @@ eval_batches = 4
 sample_every = 0
 checkpoint_every = 40
 log_every = 100
+{train_extra}
 "#,
         run = run.display(),
         set = set.join(", "),
@@ -181,8 +183,9 @@ log_every = 100
 fn a_tiny_mixture_trains_with_balanced_experts() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("moe");
-    let config = write_run_config(tmp.path(), &run, 80, &["ffn.router.capacity_factor=1.5"]);
-    ok(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    let config = write_run_config(tmp.path(), &run, 80, &["ffn.router.capacity_factor=1.5"], "");
+    let stderr = ok(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    assert!(!stderr.contains("warning:"), "{stderr}");
     let lines = metrics(&run);
     let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("val_loss").is_some()).collect();
     let (first, last) = (evals[0], evals.last().unwrap());
@@ -209,6 +212,14 @@ fn a_tiny_mixture_trains_with_balanced_experts() {
     ok(&["plot", run.to_str().unwrap(), "--out", png.to_str().unwrap()]);
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 800, "the expert-load panel is drawn");
+
+    // With a limit just above the uniform share, some expert exceeds it: a warning, logged too.
+    let strict = tmp.path().join("strict");
+    let config = write_run_config(tmp.path(), &strict, 6, &[], "max_expert_share = 0.26");
+    let stderr = ok(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    assert!(stderr.contains("warning: step 0: layer") && stderr.contains("limit 0.26"), "{stderr}");
+    assert!(stderr.contains("HINT: a larger ffn.router.balance_loss_coef (now 0.01)"), "{stderr}");
+    assert!(metrics(&strict).iter().any(|l| l.get("expert_warning").is_some()));
 }
 
 /// A tiny dense model upcycled from the command line: the same logits at noise 0, a model

@@ -330,8 +330,12 @@ impl Trainer {
         if !load.is_empty() {
             record["expert_load"] = load.to_json();
             if let Some(warning) = load.warning(self.config.train.max_expert_share) {
+                let coef = match &self.prepared.model_config.ffn {
+                    Ffn::Moe { router, .. } => router.balance_loss_coef,
+                    _ => 0.0,
+                };
                 eprintln!(
-                    "warning: step {}: {warning}\nHINT: raise ffn.router.balance_loss_coef, or set ffn.router.jitter",
+                    "warning: step {}: {warning}\nHINT: a larger ffn.router.balance_loss_coef (now {coef}) spreads the load",
                     self.step
                 );
                 record["expert_warning"] = json!(warning);
