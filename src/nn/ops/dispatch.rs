@@ -537,6 +537,11 @@ impl Grouped {
                     |i, dw, db| {
                         let (g, features) = tasks[i].clone();
                         let (start, size) = (offsets[g], d.group_sizes[g]);
+                        if size == 0 {
+                            // No rows: a zero gradient (and no view into `dy`, which may end here).
+                            dw.fill(T::ZERO);
+                            return;
+                        }
                         let dy_t = MatRef {
                             data: &dy[start * fan_out + features.start..],
                             rows: features.len(),
@@ -698,7 +703,8 @@ mod tests {
         }
     }
 
-    /// A group with no rows still gets a weight gradient, of zeros.
+    /// A group with no rows still gets a weight gradient, of zeros: first, in the middle or
+    /// last, with more output features than one task takes.
     #[test]
     fn an_empty_group_has_a_zero_weight_gradient() {
         let d = small();
@@ -707,6 +713,20 @@ mod tests {
         let (_, grads) = crate::nn::ops::testing::value_and_grads(&f, &inputs);
         let group1: Vec<f64> = grads[1].narrow(0, 4, 4).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert!(group1.iter().all(|&g| g == 0.0), "{group1:?}");
+
+        let fan_out = TASK_FEATURES + 44;
+        for groups_of in [[1u32, 1, 2, 1, 2], [0, 1, 0, 1, 0], [1, 2, 1, 2, 2]] {
+            let d = Arc::new(Dispatch::sort(5, 3, &[0, 1, 2, 3, 4], &groups_of).unwrap());
+            let inputs = [
+                rand_tensor(&[5, 4], 1, DType::F32),
+                rand_tensor(&[3 * fan_out, 4], 2, DType::F32),
+                rand_tensor(&[3 * fan_out], 3, DType::F32),
+            ];
+            let fused = |t: &[Tensor]| grouped_linear(&t[0], &t[1], Some(&t[2]), &d, Some(Epilogue::SwiGlu));
+            let composed =
+                |t: &[Tensor]| composed_grouped_linear(&t[0], &t[1], Some(&t[2]), &d, Some(Epilogue::SwiGlu));
+            check_against_composed(&format!("groups {groups_of:?}"), &fused, &composed, &inputs, 1e-5);
+        }
     }
 
     #[test]
