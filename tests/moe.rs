@@ -252,6 +252,23 @@ fn upcycle_from_the_command_line() {
     };
     let diff: f32 = (logits("moe") - logits("dense")).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     assert!(diff <= 1e-5, "upcycled logits differ by {diff}");
+    // From a Hugging Face directory too (transformers' tiny Llama fixture, 2 experts, top-1).
+    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let hf = hf.to_str().unwrap();
+    ok(&["upcycle", "--model", hf, "--experts", "2", "--top-k", "1", "--out", &path("hf-moe")]);
+    let ids = "5,17,91,3,44,2,60,7";
+    ok(&["score", "--model", hf, "--ids", ids, "--out", &path("hf.safetensors")]);
+    ok(&["score", "--model", &path("hf-moe"), "--ids", ids, "--out", &path("hf-moe.safetensors")]);
+    let load = |name: &str| candle_core::safetensors::load(path(name), &Device::Cpu).unwrap()["logits"].clone();
+    let diff: f32 = (load("hf-moe.safetensors") - load("hf.safetensors"))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff <= 1e-5, "upcycled HF fixture's logits differ by {diff}");
 
     // Continued training from the upcycled directory, with a router setting changed.
     let run = path("run");
