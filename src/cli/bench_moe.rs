@@ -1,8 +1,9 @@
 //! `lmforge bench moe`: a mixture-of-experts training step against a dense step with the same
-//! active parameters, in one process, the two taking turns round by round.
+//! active parameters (or any two given models, e.g. a checkpoint and its upcycled mixture), in
+//! one process, the two taking turns round by round.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
@@ -12,6 +13,7 @@ use lmforge::model::{init_weights, Model};
 use lmforge::train::optim::{AdamW, AdamWConfig};
 use lmforge::train::TrainRng;
 
+use super::arch::load;
 use super::bench::median;
 
 #[derive(Args)]
@@ -44,6 +46,12 @@ pub struct BenchMoeArgs {
     /// Rounds; each times both models (in alternating order), and the medians are compared.
     #[arg(long, default_value_t = 9)]
     rounds: usize,
+    /// Time these two models instead (HF directory, .gguf, lmforge checkpoint or run), e.g. a
+    /// dense checkpoint and its `lmforge upcycle`d mixture; the shape flags are then unused.
+    #[arg(long, requires = "mixture")]
+    dense: Option<PathBuf>,
+    #[arg(long, requires = "dense")]
+    mixture: Option<PathBuf>,
 }
 
 /// One model with its optimizer, stepping on a fixed batch.
@@ -55,11 +63,9 @@ struct Stepper {
 }
 
 impl Stepper {
-    fn new(config: ModelConfig) -> anyhow::Result<Self> {
-        let vars: HashMap<String, Var> = init_weights(&config, 0, &Device::Cpu)?
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?)))
-            .collect::<anyhow::Result<_>>()?;
+    fn new(config: ModelConfig, weights: HashMap<String, Tensor>) -> anyhow::Result<Self> {
+        let vars: HashMap<String, Var> =
+            weights.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<anyhow::Result<_>>()?;
         let tensors: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         let model = Model::new(&config, &tensors, Path::new("bench"))?;
         let optimizer = AdamW::for_model(AdamWConfig::default(), &config, &vars)?;
@@ -107,18 +113,30 @@ pub fn bench_moe(a: BenchMoeArgs) -> anyhow::Result<()> {
         r#"ffn={{"kind":"moe","experts":{},"top_k":{},"expert":{{"kind":"{kind}","hidden":{expert_hidden},"act":"{act}"}}}}"#,
         a.experts, a.top_k
     );
-    let mut dense = Stepper::new(with(dense_ffn)?)?;
-    let mut moe = Stepper::new(with(moe_ffn)?)?;
-    println!(
-        "dense: {} parameters ({} FFN hidden {}); mixture: {} parameters, {} active ({} experts of hidden {expert_hidden}, top-{})",
-        dense.config.params_total(),
-        kind,
-        a.top_k * expert_hidden,
-        moe.config.params_total(),
-        moe.config.params_active(),
-        a.experts,
-        a.top_k
-    );
+    let (mut dense, mut moe) = match (&a.dense, &a.mixture) {
+        (Some(dense), Some(mixture)) => {
+            let (dense, mixture) = (load(dense)?, load(mixture)?);
+            (Stepper::new(dense.config, dense.weights)?, Stepper::new(mixture.config, mixture.weights)?)
+        }
+        _ => {
+            let fresh = |config: ModelConfig| -> anyhow::Result<Stepper> {
+                let weights = init_weights(&config, 0, &Device::Cpu)?;
+                Stepper::new(config, weights)
+            };
+            (fresh(with(dense_ffn)?)?, fresh(with(moe_ffn)?)?)
+        }
+    };
+    for (label, stepper) in [("dense", &dense), ("mixture", &moe)] {
+        let c = &stepper.config;
+        let ffn = serde_json::to_string(&c.ffn)?;
+        println!(
+            "{label}: {}, {} parameters, {} active per token, ffn {ffn}",
+            c.name,
+            c.params_total(),
+            c.params_active()
+        );
+    }
+    let vocab = dense.config.vocab_size.min(moe.config.vocab_size);
     println!(
         "threads={}, gemm: {}, batch {} × seq {}",
         lmforge::nn::ops::parallel::threads(),
@@ -127,8 +145,8 @@ pub fn bench_moe(a: BenchMoeArgs) -> anyhow::Result<()> {
         a.seq_len
     );
     let n = a.batch_size * a.seq_len;
-    let ids: Vec<u32> = (0..n).map(|i| (i * 7919 % a.vocab) as u32).collect();
-    let targets: Vec<u32> = (0..n).map(|i| (i * 104_729 % a.vocab) as u32).collect();
+    let ids: Vec<u32> = (0..n).map(|i| (i * 7919 % vocab) as u32).collect();
+    let targets: Vec<u32> = (0..n).map(|i| (i * 104_729 % vocab) as u32).collect();
     let inputs = Tensor::from_vec(ids, (a.batch_size, a.seq_len), &Device::Cpu)?;
     let targets = Tensor::from_vec(targets, (a.batch_size, a.seq_len), &Device::Cpu)?;
     for _ in 0..a.warmup {
