@@ -326,6 +326,7 @@ fn architectures_gguf_llama_cannot_hold_are_refused_by_name() {
         experts: 4,
         top_k: 2,
         expert: Box::new(Ffn::Gated { hidden: 256, act: lmforge::config::Activation::Gelu }),
+        router: Default::default(),
     };
     assert_eq!(
         gguf_problems(&gelu_gate, &strict),

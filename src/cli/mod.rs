@@ -2,12 +2,14 @@
 
 mod arch;
 mod bench;
+mod bench_moe;
 mod data;
 mod eval;
 mod export;
 mod run;
 mod show;
 mod train;
+mod upcycle;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +50,8 @@ enum Command {
     Generate(run::GenerateArgs),
     /// Convert a model to another format (Hugging Face directory, GGUF file).
     Export(export::ExportArgs),
+    /// Turn a dense model into a mixture of experts whose experts start as copies of its FFN.
+    Upcycle(upcycle::UpcycleArgs),
     /// Draw a run's training/validation loss, learning rate and rollbacks to a PNG.
     Plot {
         /// The run directory.
@@ -80,6 +84,8 @@ enum BenchCommand {
     Matmul(bench::BenchMatmulArgs),
     /// Peak memory of one training step per sequence length, flash against naive attention.
     Memory(bench::BenchMemoryArgs),
+    /// A mixture-of-experts training step against a dense one with the same active parameters.
+    Moe(bench_moe::BenchMoeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -97,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(args) => run::score(args),
         Command::Generate(args) => run::generate(args),
         Command::Export(args) => export::export(args),
+        Command::Upcycle(args) => upcycle::upcycle(args),
         Command::Train(args) => train::train(*args),
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("loss.png"));
@@ -107,6 +114,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Train(args)) => bench::bench_train(args),
         Command::Bench(BenchCommand::Matmul(args)) => bench::bench_matmul(args),
         Command::Bench(BenchCommand::Memory(args)) => bench::bench_memory(args),
+        Command::Bench(BenchCommand::Moe(args)) => bench_moe::bench_moe(args),
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
         Command::Eval(command) => eval::eval(command),

@@ -11,11 +11,13 @@ mod params;
 pub mod presets;
 mod report;
 mod rope_scaling;
+mod router;
 
 pub use overrides::{apply_overrides, parse_override};
 pub use params::{ParamKind, ParamSpec};
 pub use report::{ArchReport, LayerRow};
 pub use rope_scaling::RopeScaling;
+pub use router::{Gating, Router};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,8 +115,15 @@ pub enum Ffn {
     /// `down(act(gate(x)) * up(x))`: SwiGLU when `act = silu` (Llama, Mistral).
     Gated { hidden: usize, act: Activation },
     /// Sparse mixture of experts (Mixtral): a linear router picks `top_k` of `experts` copies of
-    /// `expert` per token and mixes their outputs with the renormalised router probabilities.
-    Moe { experts: usize, top_k: usize, expert: Box<Ffn> },
+    /// `expert` per token and mixes their outputs with weights from its probabilities; `router`
+    /// says how (see [`Router`]).
+    Moe {
+        experts: usize,
+        top_k: usize,
+        expert: Box<Ffn>,
+        #[serde(default, skip_serializing_if = "Router::is_default")]
+        router: Router,
+    },
 }
 
 /// How attention and feed-forward combine with the residual stream.
@@ -411,13 +420,13 @@ fn check_ffn(ffn: &Ffn, path: &str, problems: &mut Vec<String>) {
                 problems.push(format!("{path}.hidden = 0, expected a positive number"));
             }
         }
-        Ffn::Moe { experts, top_k, expert } => {
+        Ffn::Moe { experts, top_k, expert, router } => {
             if *experts == 0 {
                 problems.push(format!("{path}.experts = 0, expected a positive number"));
-            }
-            if *top_k == 0 || top_k > experts {
+            } else if *top_k == 0 || top_k > experts {
                 problems.push(format!("{path}.top_k = {top_k}, expected 1..={experts} (the number of experts)"));
             }
+            problems.extend(router.problems(&format!("{path}.router")));
             if matches!(**expert, Ffn::Moe { .. }) {
                 problems.push(format!("{path}.expert is itself a mixture; nested mixtures are not supported"));
             }

@@ -4,7 +4,7 @@
 //! count, which the tests pin to the published figure. Small `tiny-*` variants keep each family's
 //! structure at a size that trains on a laptop CPU.
 
-use super::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual};
+use super::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual, Router};
 use crate::error::{Error, Result};
 
 /// A named, documented configuration.
@@ -149,8 +149,13 @@ fn mixtral_8x7b() -> ModelConfig {
     let mut config = llama2(4096, 32, 32, 8, 14336);
     config.context_length = 32768;
     config.positions = Positions::Rope { theta: 1_000_000.0, fraction: 1.0, scaling: None };
-    config.ffn =
-        Ffn::Moe { experts: 8, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 14336, act: Activation::Silu }) };
+    config.ffn = Ffn::Moe {
+        experts: 8,
+        top_k: 2,
+        expert: Box::new(Ffn::Gated { hidden: 14336, act: Activation::Silu }),
+        // `router_aux_loss_coef: 0.02`, which weighs a loss k = 2 times lmforge's (see Router).
+        router: Router { balance_loss_coef: 0.04, ..Router::default() },
+    };
     config
 }
 
@@ -221,7 +226,12 @@ fn mpt_7b_shape(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
 
 fn tiny_mixtral() -> ModelConfig {
     let mut config = tiny_llama();
-    config.ffn = Ffn::Moe { experts: 4, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 256, act: Activation::Silu }) };
+    config.ffn = Ffn::Moe {
+        experts: 4,
+        top_k: 2,
+        expert: Box::new(Ffn::Gated { hidden: 256, act: Activation::Silu }),
+        router: Router::default(),
+    };
     config
 }
 

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod corpus;
+pub mod expert_load;
 pub mod guard;
 pub mod inject;
 mod manifest;

@@ -142,6 +142,10 @@ pub struct TrainSpec {
     /// Print a progress line every this many steps.
     #[serde(default = "d_log")]
     pub log_every: u64,
+    /// Warn at an evaluation when one expert of a mixture-of-experts layer takes more than this
+    /// share of the layer's routed tokens; unset: twice the uniform share (2 / experts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_expert_share: Option<f64>,
 }
 
 fn d_steps() -> u64 {
@@ -242,6 +246,11 @@ impl RunConfig {
         }
         if t.grad_clip.is_nan() || t.grad_clip < 0.0 {
             problems.push(format!("train.grad_clip = {}, expected >= 0", t.grad_clip));
+        }
+        if let Some(share) = t.max_expert_share {
+            if !(share > 0.0 && share <= 1.0) {
+                problems.push(format!("train.max_expert_share = {share}, expected 0 < share <= 1"));
+            }
         }
         if let Some(f) = self.data.val_fraction {
             if !(0.0..1.0).contains(&f) {

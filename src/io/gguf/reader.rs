@@ -13,7 +13,9 @@ use super::header::{check_magic, explain_header_error, type_name, unsupported_ty
 use super::metadata::{describe, value_as_f64, value_as_usize, value_kind};
 use super::names::{from_gguf_name, gguf_tensors, unpermute_rope_rows, GgufTensor};
 use super::SUPPORTED_ARCHITECTURES;
-use crate::config::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual};
+use crate::config::{
+    Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual, Router,
+};
 use crate::error::{bullet_list, without_backtrace, Error, Result};
 use crate::io::tokenizer::TextTokenizer;
 
@@ -157,9 +159,13 @@ impl GgufFile {
         let dense = Ffn::Gated { hidden: self.meta_usize(&key("feed_forward_length"))?, act: Activation::Silu };
         match self.meta_usize_opt(&key("expert_count"))? {
             None | Some(0) => Ok(dense),
-            Some(experts) => {
-                Ok(Ffn::Moe { experts, top_k: self.meta_usize(&key("expert_used_count"))?, expert: Box::new(dense) })
-            }
+            // The file holds no training settings: the router takes lmforge's defaults.
+            Some(experts) => Ok(Ffn::Moe {
+                experts,
+                top_k: self.meta_usize(&key("expert_used_count"))?,
+                expert: Box::new(dense),
+                router: Router::default(),
+            }),
         }
     }
 

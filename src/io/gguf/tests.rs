@@ -152,7 +152,12 @@ fn experts_map_to_slices_of_one_stacked_tensor() {
     assert_eq!(to_gguf_name("layers.2.ffn.experts.x.up.weight"), None);
 
     let mut config = tiny_config();
-    config.ffn = Ffn::Moe { experts: 3, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 96, act: Activation::Silu }) };
+    config.ffn = Ffn::Moe {
+        experts: 3,
+        top_k: 2,
+        expert: Box::new(Ffn::Gated { hidden: 96, act: Activation::Silu }),
+        router: Default::default(),
+    };
     let tensors = gguf_tensors(&config).unwrap();
     // Per layer: 2 norms, q, k, v, o, the router and three stacks; plus embedding, norm, head.
     assert_eq!(tensors.len(), 2 * 10 + 3);

@@ -263,7 +263,7 @@ fn model_metadata(config: &ModelConfig, quant: Quant, path: &Path) -> Vec<(Strin
     };
     let (hidden, experts) = match &config.ffn {
         Ffn::Gated { hidden, .. } => (*hidden, None),
-        Ffn::Moe { experts, top_k, expert } => match **expert {
+        Ffn::Moe { experts, top_k, expert, .. } => match **expert {
             Ffn::Gated { hidden, .. } => (hidden, Some((*experts, *top_k))),
             _ => unreachable!("gguf_problems admits gated experts only"),
         },

@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use super::rope::{read_rope, write_rope, RopeDefaults};
 use super::shapes::Witness;
 use super::HfJson;
-use crate::config::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual};
+use crate::config::{
+    Activation, Attention, Ffn, Gating, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual, Router,
+};
 use crate::error::{Error, Result};
 
 /// One tensor of a Hugging Face checkpoint and the canonical tensors it holds.
@@ -381,11 +383,15 @@ fn llama_read(json: &HfJson) -> Result<ModelConfig> {
     let hidden = json.usize("intermediate_size")?;
     let dense = Ffn::Gated { hidden, act };
     let ffn = match class.experts {
-        Some((experts, top_k)) => Ffn::Moe {
-            experts: json.usize_or("num_local_experts", experts)?,
-            top_k: json.usize_or("num_experts_per_tok", top_k)?,
-            expert: Box::new(dense),
-        },
+        Some((experts, top_k)) => {
+            let top_k = json.usize_or("num_experts_per_tok", top_k)?;
+            Ffn::Moe {
+                experts: json.usize_or("num_local_experts", experts)?,
+                top_k,
+                expert: Box::new(dense),
+                router: mixtral_router_read(json, top_k)?,
+            }
+        }
         None => dense,
     };
     let window = match class.window {
@@ -454,11 +460,31 @@ fn llama_write(c: &ModelConfig) -> Option<Value> {
     if model_type != "llama" {
         v["sliding_window"] = json!(c.attention.window);
     }
-    if let Ffn::Moe { experts, top_k, .. } = c.ffn {
+    if let Ffn::Moe { experts, top_k, router, .. } = &c.ffn {
+        if router.gating != Gating::Renormalized {
+            return None; // Mixtral always renormalises its top-k weights.
+        }
         v["num_local_experts"] = json!(experts);
         v["num_experts_per_tok"] = json!(top_k);
+        v["router_aux_loss_coef"] = json!(router.balance_loss_coef / *top_k as f64);
+        v["router_jitter_noise"] = json!(router.jitter);
     }
     Some(v)
+}
+
+/// Mixtral's router settings. transformers' balance loss counts all k choices of a token, so
+/// it is k times lmforge's: its `router_aux_loss_coef` c is lmforge's `k · c`. Its
+/// `router_jitter_noise` multiplies the block's input, lmforge's the router's input only (as the
+/// Switch Transformer did); both are off in the published checkpoints. Mixtral has no z-loss and
+/// no capacity limit (dropless): those keep lmforge's defaults.
+fn mixtral_router_read(json: &HfJson, top_k: usize) -> Result<Router> {
+    let defaults = Router::default();
+    Ok(Router {
+        balance_loss_coef: json.f64_or("router_aux_loss_coef", defaults.balance_loss_coef / top_k as f64)?
+            * top_k as f64,
+        jitter: json.f64_or("router_jitter_noise", 0.0)?,
+        ..defaults
+    })
 }
 
 fn llama_tensors(c: &ModelConfig) -> Vec<HfTensor> {
