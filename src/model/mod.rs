@@ -1,12 +1,16 @@
-//! One decoder-only model for every family, composed from a [`ModelConfig`] alone.
+//! One model for every family, composed from a [`ModelConfig`] alone.
 //!
 //! Families differ only in config values: GPT-2 (learned positions, LayerNorm, GELU MLP, tied
 //! head), Llama/Mistral (RMSNorm, RoPE, SwiGLU, GQA, sliding window), Phi-2 (partial RoPE,
-//! parallel residual, biased head), MPT (ALiBi, no biases), Mixtral (mixture of experts).
+//! parallel residual, biased head), MPT (ALiBi, no biases), Mixtral (mixture of experts), and
+//! the original encoder–decoder Transformer and Marian (post-norm, sinusoids, an encoder stack
+//! whose output the decoder blocks attend to; [`seq2seq`]).
 
 mod init;
+pub mod seq2seq;
 
 pub use init::init_weights;
+pub use seq2seq::{Encoded, Seq2SeqBatch};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,17 +18,22 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Module};
 
-use crate::config::{Layout, ModelConfig, NormPlacement, Positions, Residual};
+use crate::config::{ModelConfig, NormPlacement, Positions, Residual};
 use crate::error::{Error, Result};
-use crate::nn::attention::RopeTables;
+use crate::nn::attention::{RopeTables, Step};
 use crate::nn::ops;
 use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope};
-use crate::nn::{Attention, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, RollingCache};
+use crate::nn::{
+    Attention, CrossKv, Dropout, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, RollingCache,
+};
 
-/// One transformer block.
+/// One transformer block: self-attention, cross-attention over an encoder's output (in the
+/// decoder of an encoder–decoder model), feed-forward.
 struct Block {
     attn_norm: Norm,
     attn: Attention,
+    /// The decoder blocks of an encoder–decoder model: attention over the encoder's output.
+    cross: Option<(Norm, Attention)>,
     /// Absent with a parallel residual, where one norm feeds both branches.
     ffn_norm: Option<Norm>,
     ffn: FeedForward,
@@ -33,23 +42,30 @@ struct Block {
 }
 
 impl Block {
-    fn new(config: &ModelConfig, layer: usize, params: &ParamSource) -> Self {
+    /// A decoder block (causal, with cross-attention when `cross`) or an encoder block.
+    fn new(config: &ModelConfig, layer: usize, params: &ParamSource, causal: bool, cross: bool) -> Self {
         let norm = |name: &str| Norm::new(config.norm, config.norm_eps, &params.pp(name));
+        let attention = |name: &str, causal: bool, window: Option<usize>, alibi: Option<Vec<f32>>| {
+            let att = &config.attention;
+            Attention::new(
+                &params.pp(name),
+                att.heads,
+                att.kv_heads,
+                config.head_dim(),
+                causal,
+                window,
+                alibi,
+                att.implementation,
+            )
+        };
         let alibi = match config.positions {
             Positions::Alibi { max_bias } => Some(alibi_slopes(config.attention.heads, max_bias)),
             _ => None,
         };
         Block {
             attn_norm: norm("attn_norm"),
-            attn: Attention::new(
-                &params.pp("attn"),
-                config.attention.heads,
-                config.attention.kv_heads,
-                config.head_dim(),
-                config.window(layer),
-                alibi,
-                config.attention.implementation,
-            ),
+            attn: attention("attn", causal, config.window(layer), alibi),
+            cross: cross.then(|| (norm("cross_attn_norm"), attention("cross_attn", false, None, None))),
             ffn_norm: (config.residual == Residual::Sequential).then(|| norm("ffn_norm")),
             ffn: FeedForward::new(&config.ffn, &params.pp("ffn")),
             residual: config.residual,
@@ -57,36 +73,78 @@ impl Block {
         }
     }
 
-    /// `(B, T, D)` → `(B, T, D)`.
+    /// `(B, T, D)` → `(B, T, D)`. `key_lengths`: real tokens per row of a right-padded batch
+    /// (self-attention keys); `memory`: this layer's view of the encoder output.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         start: usize,
         rope: Option<&RopeTables>,
         cache: Option<&mut dyn KvCache>,
+        key_lengths: Option<&[usize]>,
+        memory: Option<&CrossKv>,
+        dropout: &mut Option<&mut Dropout>,
     ) -> candle_core::Result<Tensor> {
+        let self_step = Step { key_lengths, dropout: attention_dropout(dropout)? };
+        let attend = |h: &Tensor| self.attn.forward(h, start, rope, cache, self_step);
         match (self.residual, &self.ffn_norm, self.placement) {
             (Residual::Parallel, _, _) | (_, None, _) => {
                 let h = self.attn_norm.forward(x)?;
-                let attn = self.attn.forward(&h, start, rope, cache)?;
-                x + attn + self.ffn.forward(&h)?
+                let attn = residual_dropout(dropout, attend(&h)?)?;
+                x + attn + residual_dropout(dropout, self.ffn.forward(&h)?)?
             }
             (Residual::Sequential, Some(ffn_norm), NormPlacement::Pre) => {
-                let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, start, rope, cache)?)?;
-                &x + self.ffn.forward(&ffn_norm.forward(&x)?)?
+                let x = (x + residual_dropout(dropout, attend(&self.attn_norm.forward(x)?)?)?)?;
+                let x = match (&self.cross, memory) {
+                    (Some((norm, cross)), Some(memory)) => {
+                        let y = cross.cross(&norm.forward(&x)?, memory, attention_dropout(dropout)?)?;
+                        (&x + residual_dropout(dropout, y)?)?
+                    }
+                    _ => x,
+                };
+                &x + residual_dropout(dropout, self.ffn.forward(&ffn_norm.forward(&x)?)?)?
             }
             (Residual::Sequential, Some(ffn_norm), NormPlacement::Post) => {
-                let x = self.attn_norm.forward(&(x + self.attn.forward(x, start, rope, cache)?)?)?;
-                ffn_norm.forward(&(&x + self.ffn.forward(&x)?)?)
+                let x = self.attn_norm.forward(&(x + residual_dropout(dropout, attend(x)?)?)?)?;
+                let x = match (&self.cross, memory) {
+                    (Some((norm, cross)), Some(memory)) => {
+                        let y = cross.cross(&x, memory, attention_dropout(dropout)?)?;
+                        norm.forward(&(&x + residual_dropout(dropout, y)?)?)?
+                    }
+                    _ => x,
+                };
+                ffn_norm.forward(&(&x + residual_dropout(dropout, self.ffn.forward(&x)?)?)?)
             }
         }
     }
 }
 
-/// Per-sequence decoding state: one KV cache per layer and the next absolute position.
+/// Residual dropout when training, the identity otherwise.
+fn residual_dropout(dropout: &mut Option<&mut Dropout>, x: Tensor) -> candle_core::Result<Tensor> {
+    match dropout {
+        Some(d) => d.residual(x),
+        None => Ok(x),
+    }
+}
+
+/// A dropout mask for one attention call when training.
+fn attention_dropout(dropout: &mut Option<&mut Dropout>) -> candle_core::Result<Option<ops::DropoutMask>> {
+    match dropout {
+        Some(d) => d.attention(),
+        None => Ok(None),
+    }
+}
+
+/// Per-sequence decoding state: one KV cache per layer and the next absolute position, and
+/// for an encoder–decoder model each decoder layer's cross-attention keys and values of the
+/// source, computed once ([`Model::start_decoding`]).
 pub struct Cache {
     layers: Vec<Box<dyn KvCache>>,
     next_position: usize,
+    /// One per decoder layer (empty for a decoder-only model).
+    cross: Vec<CrossKv>,
+    device: Device,
 }
 
 impl Cache {
@@ -99,16 +157,39 @@ impl Cache {
     pub fn layer_len(&self, layer: usize) -> usize {
         self.layers[layer].len()
     }
+
+    /// Keep batch rows `rows`: row `i` continues the sequence of old row `rows[i]` (beam search
+    /// after each step: hypotheses extended, copied or dropped).
+    pub fn reorder(&mut self, rows: &[u32]) -> Result<()> {
+        let index = Tensor::new(rows, &self.device)?;
+        for layer in &mut self.layers {
+            layer.reorder(&index)?;
+        }
+        self.cross = self.cross.iter().map(|kv| kv.select(rows)).collect::<candle_core::Result<_>>()?;
+        Ok(())
+    }
 }
 
-/// The decoder-only language model.
+/// The encoder of an encoder–decoder model: bidirectional blocks over the embedded source.
+struct Encoder {
+    /// Its own learned position table, when positions are learned.
+    pos_embeddings: Option<Embedding>,
+    blocks: Vec<Block>,
+    /// With pre-norm blocks only.
+    final_norm: Option<Norm>,
+}
+
+/// A language model: decoder-only, or an encoder–decoder ([`seq2seq`] has the source side).
 pub struct Model {
     config: ModelConfig,
+    /// Shared by the encoder, the decoder and (when tied) the output head.
     tok_embeddings: Embedding,
     pos_embeddings: Option<Embedding>,
     rope: Option<Rope>,
+    encoder: Option<Encoder>,
     blocks: Vec<Block>,
-    final_norm: Norm,
+    /// With pre-norm blocks only (a post-norm block's output is normalised already).
+    final_norm: Option<Norm>,
     /// Weight `(V, D)`: the token-embedding matrix itself when tied.
     head: Linear,
     device: Device,
@@ -119,12 +200,6 @@ impl Model {
     /// weights' file in errors.
     pub fn new(config: &ModelConfig, weights: &HashMap<String, Tensor>, origin: &Path) -> Result<Self> {
         config.validate()?;
-        if let Layout::EncoderDecoder { .. } = config.layout {
-            return Err(Error::Unsupported(format!(
-                "{}: encoder-decoder models can be described and counted (`lmforge show`) but not yet built",
-                origin.display()
-            )));
-        }
         let params = ParamSource::checked(config, weights, origin)?;
         let tok = params.get("tok_embeddings.weight");
         let device = tok.device().clone();
@@ -134,12 +209,32 @@ impl Model {
         };
         let head_weight = if config.tie_embeddings { tok.clone() } else { params.get("lm_head.weight") };
         let head = Linear::new(head_weight, params.get_opt("lm_head.bias"));
+        let final_norm = |params: &ParamSource| {
+            (config.norm_placement == NormPlacement::Pre)
+                .then(|| Norm::new(config.norm, config.norm_eps, &params.pp("final_norm")))
+        };
+        let positions =
+            |params: &ParamSource| params.get_opt("pos_embeddings.weight").map(|w| Embedding::new(w, config.d_model));
+        let encoder = config.layout.is_encoder_decoder().then(|| {
+            let params = params.pp("encoder");
+            Encoder {
+                pos_embeddings: positions(&params),
+                blocks: (0..config.layout.encoder_layers())
+                    .map(|i| Block::new(config, i, &params.pp(format!("layers.{i}")), false, false))
+                    .collect(),
+                final_norm: final_norm(&params),
+            }
+        });
+        let cross = encoder.is_some();
         Ok(Model {
             tok_embeddings: Embedding::new(tok, config.d_model),
-            pos_embeddings: params.get_opt("pos_embeddings.weight").map(|w| Embedding::new(w, config.d_model)),
+            pos_embeddings: positions(&params),
             rope,
-            blocks: (0..config.layers).map(|i| Block::new(config, i, &params.pp(format!("layers.{i}")))).collect(),
-            final_norm: Norm::new(config.norm, config.norm_eps, &params.pp("final_norm")),
+            encoder,
+            blocks: (0..config.layers)
+                .map(|i| Block::new(config, i, &params.pp(format!("layers.{i}")), true, cross))
+                .collect(),
+            final_norm: final_norm(&params),
             head,
             config: config.clone(),
             device,
@@ -163,7 +258,12 @@ impl Model {
                 None => Box::new(FullCache::default()),
             }
         };
-        Cache { layers: (0..self.config.layers).map(layer_cache).collect(), next_position: 0 }
+        Cache {
+            layers: (0..self.config.layers).map(layer_cache).collect(),
+            next_position: 0,
+            cross: Vec::new(),
+            device: self.device.clone(),
+        }
     }
 
     /// A cache that keeps every position even in windowed layers (for comparison and
@@ -172,6 +272,8 @@ impl Model {
         Cache {
             layers: (0..self.config.layers).map(|_| Box::new(FullCache::default()) as Box<dyn KvCache>).collect(),
             next_position: 0,
+            cross: Vec::new(),
+            device: self.device.clone(),
         }
     }
 
@@ -188,9 +290,18 @@ impl Model {
     }
 
     /// Logits `(B, T, V)` for token ids `(B, T)`. With a cache, the ids continue the cached
-    /// sequence and are appended to it.
+    /// sequence and are appended to it (for an encoder–decoder model, a cache from
+    /// [`start_decoding`](Self::start_decoding), which holds the source).
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let hidden = self.forward_hidden(ids, cache)?;
+        self.head(&hidden)
+    }
+
+    /// [`forward`](Self::forward) of a decoder-only model in training: dropout on, its masks
+    /// drawn from `rng` (see [`crate::nn::dropout`]).
+    pub fn forward_train(&self, ids: &Tensor, rng: &mut dyn rand::RngCore) -> Result<Tensor> {
+        let mut dropout = Dropout::new(self.config.dropout, rng);
+        let hidden = self.decode(ids, None, None, Some(&mut dropout))?;
         self.head(&hidden)
     }
 
@@ -207,23 +318,30 @@ impl Model {
     }
 
     /// Final hidden states `(B, T, D)` (after the final norm).
-    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+    pub fn forward_hidden(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        self.decode(ids, cache, None, None)
+    }
+
+    /// The decoder stack: ids `(B, T)` → final hidden states `(B, T, D)`. The cross-attention
+    /// of an encoder–decoder model reads the source from the cache when decoding, from
+    /// `encoded` otherwise. (Self-attention needs no padding lengths here: a causal query never
+    /// sees the right padding after it.)
+    fn decode(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+        encoded: Option<&Encoded>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let has_source = encoded.is_some() || cache.as_ref().is_some_and(|c| !c.cross.is_empty());
+        if self.encoder.is_some() && !has_source {
+            return Err(Error::Input(
+                "this is an encoder-decoder model: its decoder needs a source\nHINT: encode the source (Model::encode) and decode with Model::decoder_logits or Model::seq2seq_loss, or with a cache from Model::start_decoding".into(),
+            ));
+        }
         let (_, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.next_position);
-        self.check_ids(ids, start + t)?;
-        let mut x = self.tok_embeddings.forward(ids)?; // (B, T, D)
-        match self.config.positions {
-            Positions::Learned => {
-                let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
-                let table = self.pos_embeddings.as_ref().expect("learned positions have a table");
-                x = x.broadcast_add(&table.forward(&positions)?)?;
-            }
-            Positions::Sinusoidal => {
-                let table = sinusoidal_table(start, t, self.config.d_model, &self.device)?;
-                x = x.broadcast_add(&table.to_dtype(x.dtype())?)?;
-            }
-            _ => {}
-        }
+        let mut x = self.embed(ids, start, self.pos_embeddings.as_ref(), &mut dropout)?; // (B, T, D)
         let rope = match &self.rope {
             Some(rope) => {
                 let (cos, sin) = rope.tables(start, t, &self.device)?;
@@ -232,19 +350,60 @@ impl Model {
             None => None,
         };
         for (i, block) in self.blocks.iter().enumerate() {
+            let memory = match (&cache, encoded, &block.cross) {
+                (Some(cache), _, _) if !cache.cross.is_empty() => Some(cache.cross[i].clone()),
+                (_, Some(encoded), Some((_, cross))) => Some(cross.cross_kv(encoded.hidden(), encoded.lengths())?),
+                _ => None,
+            };
             let layer_cache = cache.as_mut().map(|c| c.layers[i].as_mut() as &mut dyn KvCache);
-            x = block.forward(&x, start, rope.as_ref(), layer_cache)?;
+            x = block.forward(&x, start, rope.as_ref(), layer_cache, None, memory.as_ref(), &mut dropout)?;
         }
         if let Some(cache) = cache {
             cache.next_position += t;
         }
-        Ok(match self.config.norm_placement {
-            NormPlacement::Pre => self.final_norm.forward(&x)?,
-            NormPlacement::Post => x,
+        Ok(match &self.final_norm {
+            Some(norm) => norm.forward(&x)?,
+            None => x,
         })
     }
 
-    /// Reject ids outside the vocabulary and sequences a learned position table cannot hold.
+    /// Token embeddings (scaled by √d_model when the config says so) plus positions
+    /// `start..start + T` from `table` or the sinusoids, with embedding dropout in training.
+    /// Checks the ids first. `(B, T)` → `(B, T, D)`.
+    fn embed(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        table: Option<&Embedding>,
+        dropout: &mut Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        self.check_ids(ids, start + t)?;
+        let mut x = self.tok_embeddings.forward(ids)?; // (B, T, D)
+        if self.config.scale_embeddings {
+            x = (x * (self.config.d_model as f64).sqrt())?;
+        }
+        match self.config.positions {
+            Positions::Learned => {
+                let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
+                let table = table.expect("learned positions have a table");
+                x = x.broadcast_add(&table.forward(&positions)?)?;
+            }
+            Positions::Sinusoidal { layout } => {
+                let table = sinusoidal_table(start, t, self.config.d_model, layout, &self.device)?;
+                x = x.broadcast_add(&table.to_dtype(x.dtype())?)?;
+            }
+            _ => {}
+        }
+        Ok(match dropout {
+            Some(d) => d.embeddings(x)?,
+            None => x,
+        })
+    }
+
+    /// Reject ids outside the vocabulary, and sequences longer than the model's positions: a
+    /// learned table's rows, or for an encoder–decoder model (trained on sequences of at most
+    /// `context_length`, as Marian's position table is) any kind.
     fn check_ids(&self, ids: &Tensor, end_position: usize) -> Result<()> {
         let vocab = self.config.vocab_size;
         if let Some(bad) =
@@ -252,9 +411,10 @@ impl Model {
         {
             return Err(Error::Input(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
         }
-        if self.config.positions == Positions::Learned && end_position > self.config.context_length {
+        let bounded = self.config.positions == Positions::Learned || self.encoder.is_some();
+        if bounded && end_position > self.config.context_length {
             return Err(Error::Input(format!(
-                "sequence reaches position {end_position}, but this model's learned position table holds context_length = {}",
+                "sequence reaches position {end_position}, but this model's positions end at context_length = {}",
                 self.config.context_length
             )));
         }

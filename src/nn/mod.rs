@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod dropout;
 pub mod ffn;
 pub mod kv_cache;
 pub mod linear;
@@ -11,7 +12,8 @@ pub mod ops;
 pub mod params;
 pub mod positions;
 
-pub use attention::Attention;
+pub use attention::{Attention, CrossKv};
+pub use dropout::Dropout;
 pub use ffn::FeedForward;
 pub use kv_cache::{FullCache, KvCache, LayerKv, RollingCache};
 pub use linear::Linear;

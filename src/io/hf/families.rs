@@ -181,6 +181,8 @@ fn decoder(json: &HfJson) -> ModelConfig {
         bias: true,
         head_bias: false,
         tie_embeddings: false,
+        scale_embeddings: false,
+        dropout: Default::default(),
     }
 }
 

@@ -19,6 +19,7 @@
 
 pub mod blas;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod flash_attention;
 pub mod gemm;
 pub mod linear;
@@ -33,6 +34,7 @@ mod tile;
 mod testing;
 
 pub use cross_entropy::softmax_cross_entropy;
+pub use dropout::{dropout, DropoutMask};
 pub use flash_attention::{flash_attention, flash_attention_qkv, flash_attention_tokens, AttentionMask};
 pub use linear::{linear, linear_then};
 pub use norm::{layer_norm, rms_norm};
