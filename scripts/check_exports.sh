@@ -14,8 +14,16 @@ for dir in tests/fixtures/*/; do
   name=$(basename "$dir")
   [ -f "$dir/model.safetensors" ] || continue
   target/release/lmforge export --model "$dir" --to hf --out "$out/$name"
-  target/release/lmforge score --model "$out/$name" --ids "$ids" --out "$out/$name.logits.safetensors"
+  # Encoder-decoder exports are scored on a source, with the decoder input after its start token.
+  source=()
+  if grep -q '"is_encoder_decoder": true' "$dir/config.json"; then
+    source=(--source-ids "$ids")
+    decoder_ids="$(sed -n 's/.*"decoder_start_token_id": \([0-9]*\).*/\1/p' "$out/$name/config.json"),$ids"
+  else
+    decoder_ids=$ids
+  fi
+  target/release/lmforge score --model "$out/$name" "${source[@]}" --ids "$decoder_ids" --out "$out/$name.logits.safetensors"
   echo -n "$name: "
-  "$PYTHON" scripts/check_export.py "$out/$name" "$ids" "$out/$name.logits.safetensors" | tail -n 2 | tr '\n' ' '
+  "$PYTHON" scripts/check_export.py "$out/$name" "$decoder_ids" "$out/$name.logits.safetensors" "${source[@]}" | tail -n 2 | tr '\n' ' '
   echo
 done

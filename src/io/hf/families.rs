@@ -16,15 +16,22 @@ pub struct HfTensor {
     pub parts: Vec<String>,
     /// Stored as `[in, out]` (GPT-2's `Conv1D`) rather than `[out, in]`.
     pub transpose: bool,
+    /// Stored with an extra leading dim of 1 (Marian's `final_logits_bias` `[1, V]`).
+    pub unit_dim: bool,
 }
 
 impl HfTensor {
-    fn new(hf: impl Into<String>, canonical: impl Into<String>) -> Self {
-        HfTensor { hf: hf.into(), parts: vec![canonical.into()], transpose: false }
+    pub(super) fn new(hf: impl Into<String>, canonical: impl Into<String>) -> Self {
+        HfTensor { hf: hf.into(), parts: vec![canonical.into()], transpose: false, unit_dim: false }
     }
 
     fn transposed(mut self) -> Self {
         self.transpose = true;
+        self
+    }
+
+    pub(super) fn with_unit_dim(mut self) -> Self {
+        self.unit_dim = true;
         self
     }
 
@@ -40,10 +47,14 @@ impl HfTensor {
         if self.transpose {
             expected.reverse();
         }
+        if self.unit_dim {
+            expected.insert(0, 1);
+        }
         if tensor.dims() != expected.as_slice() {
             return Err(format!("tensor `{}` has shape {:?}, expected {expected:?}", self.hf, tensor.dims()));
         }
-        let tensor = if self.transpose { tensor.t().and_then(|t| t.contiguous()) } else { Ok(tensor.clone()) };
+        let tensor = if self.unit_dim { tensor.squeeze(0).map_err(|e| e.to_string())? } else { tensor.clone() };
+        let tensor = if self.transpose { tensor.t().and_then(|t| t.contiguous()) } else { Ok(tensor) };
         let tensor = tensor.map_err(|e| e.to_string())?;
         let mut offset = 0;
         let mut parts = Vec::new();
@@ -63,7 +74,8 @@ impl HfTensor {
             .map(|p| weights.get(p).ok_or_else(|| Error::Input(format!("export: missing canonical tensor `{p}`"))))
             .collect::<Result<_>>()?;
         let joined = Tensor::cat(&parts, 0)?;
-        Ok(if self.transpose { joined.t()?.contiguous()? } else { joined })
+        let joined = if self.transpose { joined.t()?.contiguous()? } else { joined };
+        Ok(if self.unit_dim { joined.unsqueeze(0)? } else { joined })
     }
 }
 
@@ -81,7 +93,7 @@ pub struct Family {
     pub ignorable: fn(&str) -> bool,
 }
 
-pub static ALL: [Family; 4] = [
+pub static ALL: [Family; 5] = [
     Family {
         model_types: &["gpt2"],
         read_config: gpt2_read,
@@ -114,6 +126,7 @@ pub static ALL: [Family; 4] = [
         optional_prefix: None,
         ignorable: |_| false,
     },
+    super::marian::FAMILY,
 ];
 
 pub fn family_for_model_type(model_type: &str) -> Option<&'static Family> {
@@ -125,7 +138,7 @@ pub fn family_for_config(config: &ModelConfig) -> Option<&'static Family> {
     ALL.iter().find(|f| (f.write_config)(config).is_some())
 }
 
-fn activation_from_hf(json: &HfJson, key: &str, default: &str) -> Result<Activation> {
+pub(super) fn activation_from_hf(json: &HfJson, key: &str, default: &str) -> Result<Activation> {
     let name = json.str_or(key, default)?;
     match name.as_str() {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
@@ -139,7 +152,7 @@ fn activation_from_hf(json: &HfJson, key: &str, default: &str) -> Result<Activat
     }
 }
 
-fn activation_to_hf(act: Activation) -> &'static str {
+pub(super) fn activation_to_hf(act: Activation) -> &'static str {
     match act {
         Activation::GeluTanh => "gelu_new",
         Activation::Gelu => "gelu",
@@ -195,7 +208,7 @@ fn layer_tensors(config: &ModelConfig, mut per_layer: impl FnMut(usize, &str, &m
 }
 
 /// `name.weight` (and `name.bias` when `bias`) mapped one to one.
-fn linear(out: &mut Vec<HfTensor>, hf: &str, canonical: &str, bias: bool) {
+pub(super) fn linear(out: &mut Vec<HfTensor>, hf: &str, canonical: &str, bias: bool) {
     out.push(HfTensor::new(format!("{hf}.weight"), format!("{canonical}.weight")));
     if bias {
         out.push(HfTensor::new(format!("{hf}.bias"), format!("{canonical}.bias")));
@@ -262,7 +275,8 @@ fn gpt2_tensors(c: &ModelConfig) -> Vec<HfTensor> {
         linear(out, &format!("{h}.ln_1"), &format!("{l}.attn_norm"), true);
         for part in ["weight", "bias"] {
             let qkv = ["q", "k", "v"].iter().map(|p| format!("{l}.attn.{p}.{part}")).collect();
-            out.push(HfTensor { hf: format!("{h}.attn.c_attn.{part}"), parts: qkv, transpose: part == "weight" });
+            let transpose = part == "weight";
+            out.push(HfTensor { hf: format!("{h}.attn.c_attn.{part}"), parts: qkv, transpose, unit_dim: false });
         }
         out.push(HfTensor::new(format!("{h}.attn.c_proj.weight"), format!("{l}.attn.o.weight")).transposed());
         out.push(HfTensor::new(format!("{h}.attn.c_proj.bias"), format!("{l}.attn.o.bias")));
@@ -569,7 +583,7 @@ fn mpt_tensors(c: &ModelConfig) -> Vec<HfTensor> {
         let h = format!("transformer.blocks.{i}");
         out.push(HfTensor::new(format!("{h}.norm_1.weight"), format!("{l}.attn_norm.weight")));
         let qkv = ["q", "k", "v"].iter().map(|p| format!("{l}.attn.{p}.weight")).collect();
-        out.push(HfTensor { hf: format!("{h}.attn.Wqkv.weight"), parts: qkv, transpose: false });
+        out.push(HfTensor { hf: format!("{h}.attn.Wqkv.weight"), parts: qkv, transpose: false, unit_dim: false });
         out.push(HfTensor::new(format!("{h}.attn.out_proj.weight"), format!("{l}.attn.o.weight")));
         out.push(HfTensor::new(format!("{h}.norm_2.weight"), format!("{l}.ffn_norm.weight")));
         out.push(HfTensor::new(format!("{h}.ffn.up_proj.weight"), format!("{l}.ffn.up.weight")));
