@@ -156,3 +156,47 @@ fn tiny_transformer_initialises_generates_and_exports() {
     ]);
     assert!(err.contains("no Hugging Face family"), "{err}");
 }
+
+/// `--source TEXT` is encoded as translation pairs are: the tokenizer's tokens, closed by the
+/// model's end token (a model whose output depends on its source, so the test can tell).
+#[test]
+fn source_text_is_closed_by_the_end_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "In the beginning God created the heaven and the earth.\n".repeat(20)).unwrap();
+    let tokenizer_path = dir.path().join("tokenizer.json");
+    let special = ["--special", "<pad>", "--special", "<s>", "--special", "</s>"];
+    let train = ["tokenizer", "train", "--input", text.to_str().unwrap(), "--vocab-size", "300"];
+    ok(&[&train[..], &special, &["--out", tokenizer_path.to_str().unwrap()]].concat());
+    let tokenizer = lmforge::io::TextTokenizer::from_file(&tokenizer_path).unwrap();
+
+    let settings: Vec<String> =
+        ["vocab_size=300", "d_model=32", "layers=2", "layout.encoder_layers=2", "ffn.hidden=64"]
+            .iter()
+            .chain(&["layout.decoder_start_token_id=1", "layout.eos_token_id=2", "tie_embeddings=false"])
+            .map(|s| s.to_string())
+            .collect();
+    let config =
+        lmforge::config::apply_overrides(&lmforge::config::presets::get("tiny-transformer").unwrap(), &settings)
+            .unwrap();
+    let weights: std::collections::HashMap<String, Tensor> = lmforge::model::init_weights(&config, 3, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, w)| {
+            let w = if w.rank() == 2 && name != "tok_embeddings.weight" { (w * 8.0).unwrap() } else { w };
+            (name, w)
+        })
+        .collect();
+    let model_dir = dir.path().join("model");
+    lmforge::io::native::save_native_dir(&config, &weights, Some(&tokenizer), &model_dir).unwrap();
+    let model = model_dir.to_str().unwrap();
+
+    let tokens = tokenizer.encode("God created", false).unwrap();
+    let ids = |tail: &[u32]| tokens.iter().chain(tail).map(u32::to_string).collect::<Vec<_>>().join(",");
+    let decode = ["--greedy", "--max-new-tokens", "6", "--print-ids"];
+    let from_text = ok(&[&["generate", "--model", model, "--source", "God created"][..], &decode].concat());
+    let closed = ok(&[&["generate", "--model", model, "--source-ids", &ids(&[2])][..], &decode].concat());
+    let bare = ok(&[&["generate", "--model", model, "--source-ids", &ids(&[])][..], &decode].concat());
+    assert_eq!(from_text, closed);
+    assert_ne!(from_text, bare, "the end token changes the encoding, so the test can tell");
+}

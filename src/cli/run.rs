@@ -65,7 +65,8 @@ pub struct GenerateArgs {
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     ids: Option<Vec<u32>>,
-    /// Source text to translate, for an encoder-decoder model (needs a tokenizer with the model).
+    /// Source text to translate, for an encoder-decoder model (needs a tokenizer with the model;
+    /// encoded as translation pairs are, closed by the model's end token).
     #[arg(long, conflicts_with_all = ["source_ids", "prompt", "ids", "chat"])]
     source: Option<String>,
     /// Source as comma-separated token ids, for an encoder-decoder model.
@@ -209,8 +210,13 @@ fn translate(args: &GenerateArgs, model: &Model, tokenizer: Option<&lmforge::io:
             let Some(tokenizer) = tokenizer else {
                 bail!("{} has no tokenizer; pass --source-ids instead of --source", args.model.display())
             };
-            // With the tokenizer's special-token template, as the training pairs were encoded.
-            tokenizer.encode(text, true)?
+            // As translation pairs are encoded, by lmforge's parallel data and by Marian's
+            // tokenizer: the text's tokens, closed by the end token.
+            let mut ids = tokenizer.encode(text, true)?;
+            if let Some(eos) = model.eos_token_id().filter(|&eos| ids.last() != Some(&eos)) {
+                ids.push(eos);
+            }
+            ids
         }
         (None, None) => unreachable!("checked by the caller"),
     };

@@ -5,6 +5,19 @@
 //! The encoder runs once per source: [`Model::encode`] gives an [`Encoded`], and
 //! [`Model::start_decoding`] projects it into each decoder layer's cross-attention keys and
 //! values once, so a decoding step costs the decoder alone.
+//!
+//! Training uses the same entry points as any model plus one loss:
+//! - parameters: [`crate::model::init_weights`] (or a checkpoint) under the names of
+//!   [`ModelConfig::param_specs`](crate::config::ModelConfig::param_specs) (`encoder.…` for the
+//!   encoder), wrapped in `Var`s and given to [`Model::new`], as for a decoder-only model;
+//! - [`Model::seq2seq_loss`]`(&batch, label_smoothing, Some(rng))`: the mean cross-entropy over
+//!   the real target tokens of a right-padded [`Seq2SeqBatch`], dropout on. `rng` is the
+//!   dropout stream: each dropout site of the forward draws one `u64` from it, in a fixed order,
+//!   so restoring the stream's state on resume gives the same masks bit for bit;
+//! - `seq2seq_loss(&batch, ε, None)`: the evaluation loss (dropout off);
+//! - [`crate::generate::generate_seq2seq_batch`]: greedy or beam-search targets for a batch of
+//!   sources, from `decoder_start_token_id` to `eos_token_id` (the layout's fields, which a
+//!   training run sets from its tokenizer).
 
 use candle_core::{DType, Device, Tensor};
 use rand::RngCore;
