@@ -928,6 +928,8 @@ multiversion! {
         let mut vt = vec![T::ZERO; hd * KEY_TILE]; // Vᵀ of the tile
         let mut s = vec![T::ZERO; QUERY_TILE * KEY_TILE]; // scores, then P
         let mut dp = [T::ZERO; QUERY_TILE * KEY_TILE]; // dP, then dS
+        // P∘Z, with dropout only.
+        let mut pz = if p.dropout.is_some() { vec![T::ZERO; QUERY_TILE * KEY_TILE] } else { Vec::new() };
         let scale = T::of(p.scale);
         for key_tile in first_tile..first_tile + tiles {
             let len = p.keys_in_tile(b, key_tile);
@@ -967,31 +969,30 @@ multiversion! {
                             }
                         }
                     }
-                    let s = &mut s[..rows * KEY_TILE];
+                    let s = &s[..rows * KEY_TILE];
+                    let first = key_tile * KEY_TILE;
+                    // With dropout, v met P∘Z in the forward; dS below still uses P.
+                    let p_seen_by_v = match &p.dropout {
+                        None => s,
+                        Some(dropout) => {
+                            let pz = &mut pz[..rows * KEY_TILE];
+                            pz.copy_from_slice(s);
+                            drop_probabilities(p, dropout, bh, q0, first, rows, pz);
+                            pz
+                        }
+                    };
+                    gemm_acc(len, hd, rows, p_seen_by_v, 1, KEY_TILE, dout, hd, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
                     let dp = &mut dp[..rows * KEY_TILE];
                     dp.fill(T::ZERO);
                     gemm_acc(rows, KEY_TILE, hd, dout, hd, 1, &vt, KEY_TILE, dp, KEY_TILE); // dP = dO·Vᵀ
-                    match &p.dropout {
-                        None => {
-                            for ((dp_row, p_row), &d) in dp.chunks_exact_mut(KEY_TILE).zip(s.chunks_exact(KEY_TILE)).zip(d) {
-                                for (x, &pij) in dp_row.iter_mut().zip(p_row) {
-                                    *x = pij * (*x - d); // dS
-                                }
-                            }
-                        }
-                        Some(dropout) => {
-                            // dS = P ∘ (Z ∘ dP − D), then P ∘ Z for dv.
-                            let first = key_tile * KEY_TILE;
-                            drop_probabilities(p, dropout, bh, q0, first, rows, dp);
-                            for ((dp_row, p_row), &d) in dp.chunks_exact_mut(KEY_TILE).zip(s.chunks_exact(KEY_TILE)).zip(d) {
-                                for (x, &pij) in dp_row.iter_mut().zip(p_row) {
-                                    *x = pij * (*x - d);
-                                }
-                            }
-                            drop_probabilities(p, dropout, bh, q0, first, rows, s);
+                    if let Some(dropout) = &p.dropout {
+                        drop_probabilities(p, dropout, bh, q0, first, rows, dp); // Z∘dP
+                    }
+                    for ((dp_row, p_row), &d) in dp.chunks_exact_mut(KEY_TILE).zip(s.chunks_exact(KEY_TILE)).zip(d) {
+                        for (x, &pij) in dp_row.iter_mut().zip(p_row) {
+                            *x = pij * (*x - d); // dS
                         }
                     }
-                    gemm_acc(len, hd, rows, s, 1, KEY_TILE, dout, hd, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
                     let dq_tile = &mut dq[(member * t + q0) * hd..][..rows * hd];
                     gemm_acc(rows, hd, len, dp, KEY_TILE, 1, k_tile, hd, dq_tile, hd); // dq += dS·K
                     gemm_acc(len, hd, rows, dp, 1, KEY_TILE, q, hd, dk_tile, hd); // dk += dSᵀ·Q
