@@ -3,7 +3,7 @@
 and reproduces the logits lmforge computed.
 
 Usage:
-    python scripts/check_export.py EXPORT_DIR IDS_CSV LOGITS_SAFETENSORS [--tol 1e-4]
+    python scripts/check_export.py EXPORT_DIR IDS_CSV LOGITS_SAFETENSORS [--tol 1e-4] [--source-ids CSV]
 
     EXPORT_DIR          directory with config.json + model.safetensors (HF layout)
     IDS_CSV             token ids, comma separated, e.g. "5,17,3,99" -- or the path of
@@ -13,7 +13,9 @@ Usage:
 
 The model is loaded with
     AutoModelForCausalLM.from_pretrained(EXPORT_DIR, attn_implementation="eager")
-in float32 on CPU and run on the ids (batch 1, no padding, no KV cache).
+in float32 on CPU and run on the ids (batch 1, no padding, no KV cache). With --source-ids
+(an encoder-decoder export, e.g. Marian) it is loaded with AutoModelForSeq2SeqLM instead and run
+as model(input_ids=SOURCE, decoder_input_ids=IDS): the logits are the decoder's.
 Prints the max absolute difference; exit status 0 if it is <= tol (default
 1e-4), 1 if larger, 2 on a usage / shape error, or when config.json is not in the
 layout transformers 5 writes (RoPE settings at the top level instead of in
@@ -49,9 +51,10 @@ def main() -> int:
     ap.add_argument("ids_csv")
     ap.add_argument("logits_safetensors")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--source-ids", help="source ids (CSV or file) of an encoder-decoder model")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -76,7 +79,9 @@ def main() -> int:
     if expected.ndim == 3 and expected.shape[0] == 1:
         expected = expected[0]
 
-    model, info = AutoModelForCausalLM.from_pretrained(
+    source = parse_ids(args.source_ids) if args.source_ids else None
+    auto = AutoModelForSeq2SeqLM if source is not None else AutoModelForCausalLM
+    model, info = auto.from_pretrained(
         args.export_dir, attn_implementation="eager", dtype=torch.float32, output_loading_info=True
     )
     model.eval()
@@ -91,13 +96,18 @@ def main() -> int:
         print("error: checkpoint does not match the architecture", file=sys.stderr)
         return 2
     vocab = model.config.vocab_size
-    bad = [i for i in ids if not 0 <= i < vocab]
+    bad = [i for i in ids + (source or []) if not 0 <= i < vocab]
     if bad:
         print(f"error: ids out of range for vocab {vocab}: {bad[:10]}", file=sys.stderr)
         return 2
 
     with torch.no_grad():
-        got = model(input_ids=torch.tensor([ids], dtype=torch.int64), use_cache=False).logits[0].float()
+        ids_t = torch.tensor([ids], dtype=torch.int64)
+        if source is None:
+            got = model(input_ids=ids_t, use_cache=False).logits[0].float()
+        else:
+            src = torch.tensor([source], dtype=torch.int64)
+            got = model(input_ids=src, decoder_input_ids=ids_t, use_cache=False).logits[0].float()
 
     if tuple(got.shape) != tuple(expected.shape):
         print(f"error: shape mismatch: transformers {tuple(got.shape)} vs file {tuple(expected.shape)}",

@@ -31,9 +31,17 @@ for dir in tests/fixtures/*/; do
   [ -f "$dir/config.json" ] || continue
   checked=$((checked + 1))
   log="$out/$name.log"
+  # Encoder-decoder models are scored on a source, with the decoder input after its start token
+  # (one id fewer, so it fits the smallest position table, 40).
+  source=()
+  decoder_ids=$ids
+  if grep -q '"is_encoder_decoder": true' "$dir/config.json"; then
+    source=(--source-ids "$ids")
+    decoder_ids="$(sed -n 's/.*"decoder_start_token_id": \([0-9]*\).*/\1/p' "$dir/config.json"),${ids%,*}"
+  fi
   if "$LMFORGE" export --model "$dir" --to hf --out "$out/$name" >"$log" 2>&1 &&
-    "$LMFORGE" score --model "$dir" --ids "$ids" --out "$out/$name.logits.safetensors" >>"$log" 2>&1 &&
-    "$PYTHON" scripts/check_export.py "$out/$name" "$ids" "$out/$name.logits.safetensors" >>"$log" 2>&1; then
+    "$LMFORGE" score --model "$dir" "${source[@]}" --ids "$decoder_ids" --out "$out/$name.logits.safetensors" >>"$log" 2>&1 &&
+    "$PYTHON" scripts/check_export.py "$out/$name" "$decoder_ids" "$out/$name.logits.safetensors" "${source[@]}" >>"$log" 2>&1; then
     echo "$name: $(grep '^max abs diff' "$log")"
   else
     echo "$name: FAILED"

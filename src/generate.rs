@@ -1,4 +1,9 @@
-//! Token generation: greedy or sampled (temperature, top-k, top-p), with the KV cache.
+//! Token generation: greedy or sampled (temperature, top-k, top-p), with the KV cache; for
+//! encoder–decoder models also beam search, from a source ([`seq2seq`]).
+
+mod seq2seq;
+
+pub use seq2seq::{generate_seq2seq, generate_seq2seq_batch, Hypothesis, Search, Seq2SeqOptions};
 
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
@@ -132,6 +137,12 @@ pub fn generate(
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty: give at least one token".into()));
+    }
+    if model.is_encoder_decoder() {
+        return Err(Error::Input(
+            "this is an encoder-decoder model: it generates from a source\nHINT: pass --source TEXT or --source-ids"
+                .into(),
+        ));
     }
     let chunk = options.prefill_chunk.unwrap_or_else(|| model.default_prefill_chunk());
     if chunk == 0 {

@@ -7,7 +7,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use lmforge::generate::{generate as generate_ids, GenerateOptions, Sampler, Sampling};
+use lmforge::generate::{
+    generate as generate_ids, generate_seq2seq, GenerateOptions, Sampler, Sampling, Search, Seq2SeqOptions,
+};
+use lmforge::model::Model;
 
 use super::arch::load;
 
@@ -16,9 +19,13 @@ pub struct ScoreArgs {
     /// HF directory, .gguf file, or lmforge checkpoint/run directory.
     #[arg(long)]
     model: PathBuf,
-    /// Comma-separated token ids, e.g. `3,17,91`.
+    /// Comma-separated token ids, e.g. `3,17,91`; for an encoder-decoder model the decoder
+    /// input, starting with its decoder_start_token_id.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
+    /// Source token ids (comma-separated) for an encoder-decoder model.
+    #[arg(long, value_delimiter = ',')]
+    source_ids: Option<Vec<u32>>,
     /// Output safetensors file with one f32 tensor `logits` of shape [seq, vocab].
     #[arg(long)]
     out: PathBuf,
@@ -28,7 +35,19 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let loaded = load(&args.model)?;
     let model = loaded.build()?;
     let ids = Tensor::new(args.ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-    let logits = model.forward(&ids, None)?.squeeze(0)?; // (T, V)
+    let logits = match (&args.source_ids, model.decoder_start_token_id()) {
+        (None, None) => model.forward(&ids, None)?,
+        (Some(source), Some(_)) => {
+            let encoded = model.encode(&Tensor::new(source.as_slice(), &Device::Cpu)?.unsqueeze(0)?, None)?;
+            model.decoder_logits(&encoded, &ids)?
+        }
+        (Some(_), None) => bail!("--source-ids: {} is a decoder-only model, it has no source", args.model.display()),
+        (None, Some(start)) => bail!(
+            "{} is an encoder-decoder model: pass --source-ids, with --ids as the decoder input (starting with its decoder_start_token_id = {start})",
+            args.model.display()
+        ),
+    }
+    .squeeze(0)?; // (T, V)
     let tensors = std::collections::HashMap::from([("logits".to_string(), logits.contiguous()?)]);
     lmforge::io::hf::write_safetensors(&tensors, &args.out)?;
     eprintln!("wrote logits [{}, {}] to {}", args.ids.len(), loaded.config.vocab_size, args.out.display());
@@ -41,11 +60,25 @@ pub struct GenerateArgs {
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (needs a tokenizer with the model).
-    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    #[arg(long, conflicts_with = "ids", required_unless_present_any = ["ids", "source", "source_ids"])]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     ids: Option<Vec<u32>>,
+    /// Source text to translate, for an encoder-decoder model (needs a tokenizer with the model;
+    /// encoded as translation pairs are, closed by the model's end token).
+    #[arg(long, conflicts_with_all = ["source_ids", "prompt", "ids", "chat"])]
+    source: Option<String>,
+    /// Source as comma-separated token ids, for an encoder-decoder model.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "ids", "chat"])]
+    source_ids: Option<Vec<u32>>,
+    /// Beam search with N hypotheses per source (encoder-decoder models).
+    #[arg(long, value_name = "N", conflicts_with_all = ["greedy", "temperature", "top_k", "top_p"])]
+    beams: Option<usize>,
+    /// α in `Σ log p / length^α`, how beam search ranks finished hypotheses (transformers'
+    /// definition; above 0 favours longer ones).
+    #[arg(long, value_name = "ALPHA", default_value_t = 1.0, requires = "beams")]
+    length_penalty: f64,
     /// Wrap the prompt in the model's chat template (as a user message).
     #[arg(long, requires = "prompt")]
     chat: bool,
@@ -77,6 +110,25 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let loaded = load(&args.model)?;
     let model = loaded.build()?;
     let tokenizer = loaded.tokenizer.as_ref();
+    let given_source = args.source.is_some() || args.source_ids.is_some();
+    if model.is_encoder_decoder() {
+        if !given_source {
+            bail!(
+                "{} is an encoder-decoder model: it translates a source\nHINT: pass --source TEXT or --source-ids IDS instead of --prompt/--ids",
+                args.model.display()
+            );
+        }
+        return translate(&args, &model, tokenizer);
+    }
+    if given_source {
+        bail!(
+            "--source: {} is a decoder-only model, it has no source\nHINT: pass the text as --prompt (or --ids)",
+            args.model.display()
+        );
+    }
+    if args.beams.is_some() {
+        bail!("--beams: beam search is implemented for encoder-decoder models; use --greedy or sampling");
+    }
     let prompt_ids: Vec<u32> = match (&args.ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
@@ -88,12 +140,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("clap requires --prompt or --ids"),
     };
-    let sampling = if args.greedy {
-        Sampling::Greedy
-    } else {
-        Sampling::Random { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed }
-    };
-    let mut sampler = Sampler::new(sampling)?;
+    let mut sampler = Sampler::new(sampling(&args))?;
     let stop: Vec<u32> = tokenizer.map(|t| t.eos_ids().to_vec()).unwrap_or_default();
 
     let mut stdout = std::io::stdout().lock();
@@ -142,6 +189,74 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         new_ids.len(),
         elapsed,
         new_ids.len() as f64 / elapsed
+    );
+    Ok(())
+}
+
+fn sampling(args: &GenerateArgs) -> Sampling {
+    if args.greedy {
+        Sampling::Greedy
+    } else {
+        Sampling::Random { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed }
+    }
+}
+
+/// `generate` for an encoder-decoder model: the target of `--source` / `--source-ids`, from the
+/// decoder start token, greedy, sampled or by beam search.
+fn translate(args: &GenerateArgs, model: &Model, tokenizer: Option<&lmforge::io::TextTokenizer>) -> anyhow::Result<()> {
+    let source: Vec<u32> = match (&args.source_ids, &args.source) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let Some(tokenizer) = tokenizer else {
+                bail!("{} has no tokenizer; pass --source-ids instead of --source", args.model.display())
+            };
+            // As translation pairs are encoded, by lmforge's parallel data and by Marian's
+            // tokenizer: the text's tokens, closed by the end token.
+            let mut ids = tokenizer.encode(text, true)?;
+            if let Some(eos) = model.eos_token_id().filter(|&eos| ids.last() != Some(&eos)) {
+                ids.push(eos);
+            }
+            ids
+        }
+        (None, None) => unreachable!("checked by the caller"),
+    };
+    let mut sampler = Sampler::new(sampling(args))?;
+    let search = match args.beams {
+        Some(beams) => Search::Beam { beams, length_penalty: args.length_penalty },
+        None if args.greedy => Search::Greedy,
+        None => Search::Sample(&mut sampler),
+    };
+    let stop: Vec<u32> = tokenizer.map(|t| t.eos_ids().to_vec()).unwrap_or_default();
+    let options = Seq2SeqOptions { max_new_tokens: args.max_new_tokens, stop: stop.clone() };
+    let mut stdout = std::io::stdout().lock();
+    let mut stream = tokenizer.filter(|_| !args.print_ids).map(|t| t.stream_decoder());
+    let started = Instant::now();
+    let hypothesis = generate_seq2seq(model, &source, &options, search, |id| {
+        if let Some(stream) = stream.as_mut() {
+            if !stop.contains(&id) && Some(id) != model.eos_token_id() {
+                let text = stream.push(id)?;
+                write!(stdout, "{text}")
+                    .and_then(|_| stdout.flush())
+                    .map_err(|e| lmforge::Error::Input(e.to_string()))?;
+            }
+        }
+        Ok(())
+    })
+    .context("generation failed")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if args.print_ids || tokenizer.is_none() {
+        let line: Vec<String> = hypothesis.ids.iter().map(u32::to_string).collect();
+        writeln!(stdout, "{}", line.join(","))?;
+    } else {
+        writeln!(stdout)?;
+    }
+    eprintln!(
+        "[{} source tokens, {} new tokens in {:.2}s, {:.1} tokens/s, log p {:.3}]",
+        source.len(),
+        hypothesis.ids.len(),
+        elapsed,
+        hypothesis.ids.len() as f64 / elapsed,
+        hypothesis.log_prob
     );
     Ok(())
 }

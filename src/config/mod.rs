@@ -29,9 +29,41 @@ use crate::error::{Error, Result};
 pub enum Layout {
     /// A stack of `layers` causal blocks (GPT, Llama, Mistral, ...).
     DecoderOnly,
-    /// The original Transformer: `encoder_layers` bidirectional blocks, then `layers` decoder
-    /// blocks with cross-attention. Counted by `show`; not yet buildable as a model.
-    EncoderDecoder { encoder_layers: usize },
+    /// The original Transformer: `encoder_layers` bidirectional blocks read the source, then
+    /// `layers` causal decoder blocks, each with cross-attention over the encoder's output,
+    /// write the target. One token-embedding matrix serves both stacks (a shared vocabulary).
+    EncoderDecoder {
+        encoder_layers: usize,
+        /// The decoder's first input for every target (Marian: its pad id; lmforge's
+        /// translation runs: the tokenizer's start token). The model is trained to start
+        /// there, so it belongs to the model rather than to a generation setting.
+        #[serde(default)]
+        decoder_start_token_id: u32,
+        /// The token that ends a target: generation stops there and beam search finishes a
+        /// hypothesis there. Unset: targets end only at the length limit.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eos_token_id: Option<u32>,
+    },
+}
+
+impl Layout {
+    /// The original Transformer's layout with `encoder_layers` encoder blocks, decoding from
+    /// token 0 with no end token.
+    pub fn encoder_decoder(encoder_layers: usize) -> Self {
+        Layout::EncoderDecoder { encoder_layers, decoder_start_token_id: 0, eos_token_id: None }
+    }
+
+    /// Encoder blocks (0 for a decoder-only model).
+    pub fn encoder_layers(&self) -> usize {
+        match self {
+            Layout::DecoderOnly => 0,
+            Layout::EncoderDecoder { encoder_layers, .. } => *encoder_layers,
+        }
+    }
+
+    pub fn is_encoder_decoder(&self) -> bool {
+        matches!(self, Layout::EncoderDecoder { .. })
+    }
 }
 
 /// Normalisation layer. Whether LayerNorm has a bias follows [`ModelConfig::bias`].
@@ -62,7 +94,10 @@ pub enum Positions {
     /// A trained table of `context_length` vectors added to the token embeddings (GPT-2).
     Learned,
     /// Fixed sine/cosine vectors added to the token embeddings (Vaswani et al. 2017).
-    Sinusoidal,
+    Sinusoidal {
+        #[serde(default, skip_serializing_if = "SinusoidLayout::is_default")]
+        layout: SinusoidLayout,
+    },
     /// Rotary embeddings on queries and keys; `fraction` of each head's dims rotate (Phi-2: 0.4),
     /// optionally with their frequencies rescaled for a longer context (Llama 3.1: `llama3`).
     Rope {
@@ -80,6 +115,56 @@ pub enum Positions {
     },
     /// No position information at all (causal masking alone still orders tokens).
     None,
+}
+
+/// Where the sines and cosines of a sinusoidal position vector sit. Both use the frequencies
+/// `ω_i = 10000^(−2i/d)` for `i < d/2`; a model trained with one layout does not work with the
+/// other.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SinusoidLayout {
+    /// Dim `2i` holds `sin(pos·ω_i)`, dim `2i + 1` the cosine: the paper's formula.
+    #[default]
+    Interleaved,
+    /// Dims `0..d/2` hold the sines, `d/2..d` the cosines: Marian's table
+    /// (`MarianSinusoidalPositionalEmbedding`).
+    Halves,
+}
+
+impl SinusoidLayout {
+    fn is_default(&self) -> bool {
+        *self == SinusoidLayout::default()
+    }
+}
+
+/// Dropout probabilities, applied only in training (a forward given a random stream); 0 is off.
+/// Vaswani et al. (2017) use 0.1 on embeddings and residuals ("residual dropout");
+/// tensor2tensor's `transformer_base` also on the attention probabilities.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dropout {
+    /// On the sum of token and position embeddings, before the first block.
+    pub embeddings: f64,
+    /// On each sub-layer's output (attention, cross-attention, feed-forward) before it is
+    /// added to the residual stream.
+    pub residual: f64,
+    /// On the attention probabilities (self- and cross-attention).
+    pub attention: f64,
+}
+
+impl Dropout {
+    /// The same probability everywhere.
+    pub fn all(p: f64) -> Self {
+        Dropout { embeddings: p, residual: p, attention: p }
+    }
+
+    pub fn is_off(&self) -> bool {
+        *self == Dropout::default()
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_rope_theta() -> f64 {
@@ -227,6 +312,14 @@ pub struct ModelConfig {
     pub head_bias: bool,
     /// Output head shares the token-embedding matrix (GPT-2, MPT, small Llamas).
     pub tie_embeddings: bool,
+    /// Token embeddings are multiplied by `√d_model` before positions are added (Vaswani et al.
+    /// 2017 §3.4, Marian): with a tied head the embeddings are small, and the scale keeps them
+    /// from being drowned by the unit-sized sinusoids.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub scale_embeddings: bool,
+    /// Dropout in training.
+    #[serde(default, skip_serializing_if = "Dropout::is_off")]
+    pub dropout: Dropout,
 }
 
 fn default_layout() -> Layout {
@@ -308,7 +401,7 @@ impl ModelConfig {
         need_positive("context_length", self.context_length);
         need_positive("attention.heads", self.attention.heads);
         need_positive("attention.kv_heads", self.attention.kv_heads);
-        if let Layout::EncoderDecoder { encoder_layers } = self.layout {
+        if let Layout::EncoderDecoder { encoder_layers, .. } = self.layout {
             need_positive("layout.encoder_layers", encoder_layers);
         }
         // Far above any published model, low enough that every parameter count fits in 64 bits
@@ -325,7 +418,7 @@ impl ModelConfig {
         limit("attention.heads", self.attention.heads, 1 << 14);
         limit("attention.kv_heads", self.attention.kv_heads, 1 << 14);
         limit("attention.head_dim", self.attention.head_dim.unwrap_or(0), 1 << 14);
-        if let Layout::EncoderDecoder { encoder_layers } = self.layout {
+        if let Layout::EncoderDecoder { encoder_layers, .. } = self.layout {
             limit("layout.encoder_layers", encoder_layers, 1 << 12);
         }
         let (hidden, experts) = match &self.ffn {
@@ -391,7 +484,7 @@ impl ModelConfig {
             Positions::Alibi { max_bias } if !(max_bias > 0.0 && max_bias.is_finite()) => {
                 problems.push(format!("positions.max_bias = {max_bias}, expected a positive number"));
             }
-            Positions::Sinusoidal if !self.d_model.is_multiple_of(2) => {
+            Positions::Sinusoidal { .. } if !self.d_model.is_multiple_of(2) => {
                 problems.push(format!("positions = sinusoidal needs an even d_model, found {}", self.d_model));
             }
             _ => {}
@@ -400,7 +493,42 @@ impl ModelConfig {
         if self.residual == Residual::Parallel && self.norm_placement == NormPlacement::Post {
             problems.push("residual = parallel needs norm_placement = pre".into());
         }
+        for (path, p) in [
+            ("embeddings", self.dropout.embeddings),
+            ("residual", self.dropout.residual),
+            ("attention", self.dropout.attention),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                problems.push(format!("dropout.{path} = {p}, expected a probability 0 <= p < 1"));
+            }
+        }
+        if let Layout::EncoderDecoder { decoder_start_token_id, eos_token_id, .. } = self.layout {
+            self.encoder_decoder_problems(decoder_start_token_id, eos_token_id, &mut problems);
+        }
         problems
+    }
+
+    /// What an encoder–decoder model cannot combine with: position schemes without meaning
+    /// across two sequences, windows, a parallel residual; special tokens outside the vocabulary.
+    fn encoder_decoder_problems(&self, start: u32, eos: Option<u32>, problems: &mut Vec<String>) {
+        let vocab = self.vocab_size;
+        if start as usize >= vocab {
+            problems.push(format!("layout.decoder_start_token_id = {start} is outside the vocabulary (0..{vocab})"));
+        }
+        if let Some(eos) = eos.filter(|&e| e as usize >= vocab) {
+            problems.push(format!("layout.eos_token_id = {eos} is outside the vocabulary (0..{vocab})"));
+        }
+        if matches!(self.positions, Positions::Rope { .. } | Positions::Alibi { .. }) {
+            problems.push(
+                "positions: rope and alibi are not supported with layout = encoder_decoder (cross-attention relates two sequences without shared positions); use sinusoidal, learned or none".into(),
+            );
+        }
+        if self.attention.window.is_some() || self.attention.layer_windows.is_some() {
+            problems.push("attention.window: sliding windows are not supported with layout = encoder_decoder".into());
+        }
+        if self.residual == Residual::Parallel {
+            problems.push("residual = parallel is not supported with layout = encoder_decoder".into());
+        }
     }
 
     /// `Ok` when [`problems`](Self::problems) is empty; otherwise one error listing them all.

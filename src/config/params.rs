@@ -5,7 +5,7 @@
 //! reported against it), the exporters, initialisation, weight-decay grouping and the
 //! parameter/FLOP report. Linear weights are `[out, in]`, as in PyTorch.
 
-use super::{Ffn, Layout, ModelConfig, Norm, Positions, Residual};
+use super::{Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual};
 
 /// What a parameter is for; drives initialisation, weight decay and reporting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,23 +126,41 @@ impl Specs<'_> {
 }
 
 impl ModelConfig {
-    /// Every parameter of the model, in a stable order (embeddings, blocks, final norm, head).
+    /// Every parameter of the model, in a stable order (embeddings, encoder, decoder blocks,
+    /// final norm, head).
+    ///
+    /// The encoder of an encoder–decoder model shares the token embeddings and has its own
+    /// blocks (`encoder.layers.N`), its own learned position table if positions are learned,
+    /// and its own final norm. Final norms exist only with pre-norm blocks: post-norm blocks
+    /// end in a norm already (the original Transformer and Marian have none).
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         let mut out = Vec::new();
         let mut root = Specs { out: &mut out, prefix: String::new(), layer: None, expert: None };
+        let final_norm = self.norm_placement == NormPlacement::Pre;
+        let learned_positions = self.positions == Positions::Learned;
         root.push("tok_embeddings.weight", vec![self.vocab_size, self.d_model], ParamKind::Embedding);
-        if self.positions == Positions::Learned {
+        if learned_positions {
             root.push("pos_embeddings.weight", vec![self.context_length, self.d_model], ParamKind::Embedding);
         }
         let cross_attention = match self.layout {
             Layout::DecoderOnly => false,
-            Layout::EncoderDecoder { encoder_layers } => {
+            Layout::EncoderDecoder { encoder_layers, .. } => {
+                let mut encoder = root.sub("encoder");
+                if learned_positions {
+                    encoder.push(
+                        "pos_embeddings.weight",
+                        vec![self.context_length, self.d_model],
+                        ParamKind::Embedding,
+                    );
+                }
                 for i in 0..encoder_layers {
-                    let mut block = root.sub(&format!("encoder.layers.{i}"));
+                    let mut block = encoder.sub(&format!("layers.{i}"));
                     block.layer = Some(i);
                     block.block(self, false);
                 }
-                root.norm("encoder.final_norm", self);
+                if final_norm {
+                    encoder.norm("final_norm", self);
+                }
                 true
             }
         };
@@ -151,7 +169,9 @@ impl ModelConfig {
             block.layer = Some(i);
             block.block(self, cross_attention);
         }
-        root.norm("final_norm", self);
+        if final_norm {
+            root.norm("final_norm", self);
+        }
         if !self.tie_embeddings {
             root.push("lm_head.weight", vec![self.vocab_size, self.d_model], ParamKind::Weight);
         }

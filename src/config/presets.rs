@@ -4,7 +4,10 @@
 //! count, which the tests pin to the published figure. Small `tiny-*` variants keep each family's
 //! structure at a size that trains on a laptop CPU.
 
-use super::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual, Router};
+use super::{
+    Activation, Attention, Dropout, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual, Router,
+    SinusoidLayout,
+};
 use crate::error::{Error, Result};
 
 /// A named, documented configuration.
@@ -36,7 +39,7 @@ pub fn get(name: &str) -> Result<ModelConfig> {
     })
 }
 
-static PRESETS: [Preset; 17] = [
+static PRESETS: [Preset; 18] = [
     Preset {
         name: "gpt2",
         source: "openai-community/gpt2 config.json (GPT-2 small, 124M)",
@@ -82,6 +85,12 @@ static PRESETS: [Preset; 17] = [
         build: transformer_base,
     },
     Preset {
+        name: "tiny-transformer",
+        source: "the original Transformer at CPU scale (3 + 3 blocks, d_model 256, shared 8k vocabulary), in \
+                 Marian's variant (sinusoids in halves, output bias) so it exports to MarianMTModel",
+        build: tiny_transformer,
+    },
+    Preset {
         name: "tiny-llama",
         source: "Llama 2 structure (RMSNorm, RoPE, SwiGLU, GQA) at CPU scale; the default training model",
         build: tiny_llama,
@@ -114,6 +123,8 @@ fn gpt2(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
         bias: true,
         head_bias: false,
         tie_embeddings: true,
+        scale_embeddings: false,
+        dropout: Dropout::default(),
     }
 }
 
@@ -135,6 +146,8 @@ fn llama2(d_model: usize, layers: usize, heads: usize, kv_heads: usize, hidden: 
         bias: false,
         head_bias: false,
         tie_embeddings: false,
+        scale_embeddings: false,
+        dropout: Dropout::default(),
     }
 }
 
@@ -185,19 +198,44 @@ fn mpt_7b() -> ModelConfig {
     }
 }
 
+/// Post-norm blocks, ReLU, sinusoids, embeddings scaled by √d_model and shared by encoder,
+/// decoder and output; dropout 0.1 on embeddings and residuals (§5.4) and, as tensor2tensor's
+/// `transformer_base`, on the attention probabilities.
 fn transformer_base() -> ModelConfig {
     ModelConfig {
-        layout: Layout::EncoderDecoder { encoder_layers: 6 },
+        layout: Layout::encoder_decoder(6),
         vocab_size: 37000,
         context_length: 512,
         norm: Norm::LayerNorm,
         norm_placement: NormPlacement::Post,
         norm_eps: 1e-6,
-        positions: Positions::Sinusoidal,
+        positions: Positions::Sinusoidal { layout: SinusoidLayout::Interleaved },
         ffn: Ffn::Mlp { hidden: 2048, act: Activation::Relu },
         bias: true,
         tie_embeddings: true,
+        scale_embeddings: true,
+        dropout: Dropout::all(0.1),
         ..llama2(512, 6, 8, 8, 0)
+    }
+}
+
+/// `transformer_base` scaled down to train in minutes on two cores, with Marian's sinusoid
+/// layout, LayerNorm epsilon and output bias, so that a trained run exports to transformers'
+/// `MarianMTModel` and can be checked there. A training run sets the vocabulary size and the
+/// special tokens from its tokenizer.
+fn tiny_transformer() -> ModelConfig {
+    ModelConfig {
+        layout: Layout::encoder_decoder(3),
+        vocab_size: 8000,
+        d_model: 256,
+        layers: 3,
+        context_length: 256,
+        norm_eps: 1e-5,
+        positions: Positions::Sinusoidal { layout: SinusoidLayout::Halves },
+        attention: Attention::new(4, 4),
+        ffn: Ffn::Mlp { hidden: 1024, act: Activation::Relu },
+        head_bias: true,
+        ..transformer_base()
     }
 }
 
@@ -255,6 +293,21 @@ mod tests {
         }
         assert_eq!(get("mixtral-8x7b").unwrap().params_active(), 12_879_925_248);
         assert_eq!(get("llama2-7b").unwrap().params_active(), 6_738_415_616);
+    }
+
+    /// Vaswani et al.'s base model with a shared 37000-token vocabulary: the paper's "65M" is
+    /// rounded; this is the count of the model as built, and what transformers'
+    /// `MarianMTModel` has for the same shapes (512/2048/8 heads, 6 + 6 layers, tied; its
+    /// trainable parameters, without the frozen sinusoid tables). Post-norm blocks end in a
+    /// norm, so there is no final norm to count.
+    #[test]
+    fn transformer_base_counts_the_model_as_built() {
+        let config = get("transformer-base").unwrap();
+        assert_eq!(config.params_total(), 63_082_496);
+        let specs = config.param_specs();
+        assert_eq!(specs.iter().filter(|p| p.name.starts_with("encoder.layers.")).count(), 6 * 16);
+        assert_eq!(specs.iter().filter(|p| p.name.contains("cross_attn")).count(), 6 * 10);
+        assert!(!specs.iter().any(|p| p.name.contains("final_norm")), "post-norm has no final norm");
     }
 
     #[test]

@@ -64,10 +64,11 @@ impl ModelConfig {
         // The head is a matmul even when tied; the embedding lookups are not.
         let head_matmul = self.vocab_size * self.d_model;
         let matmul_params = params_active - params_embedding + head_matmul;
+        // Decoder self-attention, plus encoder self-attention and decoder cross-attention.
         let attn_layers = self.layers
             + match self.layout {
                 Layout::DecoderOnly => 0,
-                Layout::EncoderDecoder { encoder_layers } => encoder_layers + self.layers,
+                Layout::EncoderDecoder { encoder_layers, .. } => encoder_layers + self.layers,
             };
         let attention_width = self.attention.heads * self.head_dim();
         let flops_forward =

@@ -10,8 +10,10 @@ use crate::error::Result;
 
 /// GPT-2's initialisation: normal(0, 0.02) for matrices and embeddings, with the projections
 /// that write into the residual stream (`attn.o`, `ffn.down`) scaled by `1/sqrt(2·layers)` so the
-/// stream's variance does not grow with depth; norm gains one, biases zero. Deterministic in
-/// `seed`, independent of the device.
+/// stream's variance does not grow with depth; norm gains one, biases zero. Token embeddings
+/// that the model scales by `√d_model` are drawn with std `d_model^-1/2` instead (fairseq's and
+/// tensor2tensor's Transformer), so that the scaled embeddings have unit size next to the
+/// sinusoids. Deterministic in `seed`, independent of the device.
 pub fn init_weights(config: &ModelConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let residual_scale = 1.0 / (2.0 * config.layers as f64).sqrt();
@@ -23,7 +25,11 @@ pub fn init_weights(config: &ModelConfig, seed: u64, device: &Device) -> Result<
             ParamKind::Bias | ParamKind::NormBias => vec![0.0; n],
             ParamKind::Embedding | ParamKind::Weight => {
                 let writes_residual = spec.name.ends_with("attn.o.weight") || spec.name.ends_with("down.weight");
-                let std = 0.02 * if writes_residual { residual_scale } else { 1.0 };
+                let std = if config.scale_embeddings && spec.name == "tok_embeddings.weight" {
+                    (config.d_model as f64).powf(-0.5)
+                } else {
+                    0.02 * if writes_residual { residual_scale } else { 1.0 }
+                };
                 (0..n).map(|_| (standard_normal(&mut rng) * std) as f32).collect()
             }
         };

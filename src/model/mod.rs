@@ -1,15 +1,19 @@
-//! One decoder-only model for every family, composed from a [`ModelConfig`] alone.
+//! One model for every family, composed from a [`ModelConfig`] alone.
 //!
 //! Families differ only in config values: GPT-2 (learned positions, LayerNorm, GELU MLP, tied
 //! head), Llama/Mistral (RMSNorm, RoPE, SwiGLU, GQA, sliding window), Phi-2 (partial RoPE,
-//! parallel residual, biased head), MPT (ALiBi, no biases), Mixtral (mixture of experts).
+//! parallel residual, biased head), MPT (ALiBi, no biases), Mixtral (mixture of experts), and
+//! the original encoder–decoder Transformer and Marian (post-norm, sinusoids, an encoder stack
+//! whose output the decoder blocks attend to; [`seq2seq`]).
 
 mod init;
 mod objective;
+pub mod seq2seq;
 pub mod upcycle;
 
 pub use init::init_weights;
 pub use objective::TrainingLoss;
+pub use seq2seq::{Encoded, Seq2SeqBatch};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,82 +21,125 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Module};
 
-use crate::config::{Layout, ModelConfig, NormPlacement, Positions, Residual};
+use crate::config::{self, ModelConfig, NormPlacement, Positions, Residual};
 use crate::error::{Error, Result};
-use crate::nn::attention::RopeTables;
+use crate::nn::attention::{RopeTables, Step};
 use crate::nn::ops;
 use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope};
 use crate::nn::{
-    Attention, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, Pass, RollingCache, RouterReport,
+    Attention, CrossKv, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, Pass, RollingCache, RouterReport,
 };
 
-/// One transformer block.
+/// One transformer block: self-attention, cross-attention over an encoder's output (in the
+/// decoder of an encoder–decoder model), feed-forward.
 struct Block {
     attn_norm: Norm,
     attn: Attention,
+    /// The decoder blocks of an encoder–decoder model: attention over the encoder's output.
+    cross: Option<(Norm, Attention)>,
     /// Absent with a parallel residual, where one norm feeds both branches.
     ffn_norm: Option<Norm>,
     ffn: FeedForward,
     residual: Residual,
     placement: NormPlacement,
+    /// Applied in training passes only.
+    dropout: config::Dropout,
 }
 
 impl Block {
-    fn new(config: &ModelConfig, layer: usize, params: &ParamSource) -> Self {
+    /// A decoder block (causal, with cross-attention when `cross`) or an encoder block.
+    fn new(config: &ModelConfig, layer: usize, params: &ParamSource, causal: bool, cross: bool) -> Self {
         let norm = |name: &str| Norm::new(config.norm, config.norm_eps, &params.pp(name));
+        let attention = |name: &str, causal: bool, window: Option<usize>, alibi: Option<Vec<f32>>| {
+            let att = &config.attention;
+            Attention::new(
+                &params.pp(name),
+                att.heads,
+                att.kv_heads,
+                config.head_dim(),
+                causal,
+                window,
+                alibi,
+                att.implementation,
+            )
+        };
         let alibi = match config.positions {
             Positions::Alibi { max_bias } => Some(alibi_slopes(config.attention.heads, max_bias)),
             _ => None,
         };
         Block {
             attn_norm: norm("attn_norm"),
-            attn: Attention::new(
-                &params.pp("attn"),
-                config.attention.heads,
-                config.attention.kv_heads,
-                config.head_dim(),
-                config.window(layer),
-                alibi,
-                config.attention.implementation,
-            ),
+            attn: attention("attn", causal, config.window(layer), alibi),
+            cross: cross.then(|| (norm("cross_attn_norm"), attention("cross_attn", false, None, None))),
             ffn_norm: (config.residual == Residual::Sequential).then(|| norm("ffn_norm")),
             ffn: FeedForward::new(&config.ffn, &params.pp("ffn")),
             residual: config.residual,
             placement: config.norm_placement,
+            dropout: config.dropout,
         }
     }
 
-    /// `(B, T, D)` → `(B, T, D)`.
+    /// `(B, T, D)` → `(B, T, D)`. `key_lengths`: real tokens per row of a right-padded batch
+    /// (self-attention keys); `memory`: this layer's view of the encoder output. Dropout and a
+    /// router's jitter draw from `pass` when it is a training pass.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         start: usize,
         rope: Option<&RopeTables>,
         cache: Option<&mut dyn KvCache>,
+        key_lengths: Option<&[usize]>,
+        memory: Option<&CrossKv>,
         pass: &mut Pass,
     ) -> candle_core::Result<Tensor> {
+        let (p_residual, p_attention) = (self.dropout.residual, self.dropout.attention);
+        let self_step = Step { key_lengths, dropout: pass.dropout_mask(p_attention)? };
+        let attend = |h: &Tensor| self.attn.forward(h, start, rope, cache, self_step);
         match (self.residual, &self.ffn_norm, self.placement) {
             (Residual::Parallel, _, _) | (_, None, _) => {
                 let h = self.attn_norm.forward(x)?;
-                let attn = self.attn.forward(&h, start, rope, cache)?;
-                x + attn + self.ffn.forward(&h, pass)?
+                let attn = pass.dropout(attend(&h)?, p_residual)?;
+                let ffn = self.ffn.forward(&h, pass)?;
+                x + attn + pass.dropout(ffn, p_residual)?
             }
             (Residual::Sequential, Some(ffn_norm), NormPlacement::Pre) => {
-                let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, start, rope, cache)?)?;
-                &x + self.ffn.forward(&ffn_norm.forward(&x)?, pass)?
+                let x = (x + pass.dropout(attend(&self.attn_norm.forward(x)?)?, p_residual)?)?;
+                let x = match (&self.cross, memory) {
+                    (Some((norm, cross)), Some(memory)) => {
+                        let y = cross.cross(&norm.forward(&x)?, memory, pass.dropout_mask(p_attention)?)?;
+                        (&x + pass.dropout(y, p_residual)?)?
+                    }
+                    _ => x,
+                };
+                let ffn = self.ffn.forward(&ffn_norm.forward(&x)?, pass)?;
+                &x + pass.dropout(ffn, p_residual)?
             }
             (Residual::Sequential, Some(ffn_norm), NormPlacement::Post) => {
-                let x = self.attn_norm.forward(&(x + self.attn.forward(x, start, rope, cache)?)?)?;
-                ffn_norm.forward(&(&x + self.ffn.forward(&x, pass)?)?)
+                let x = self.attn_norm.forward(&(x + pass.dropout(attend(x)?, p_residual)?)?)?;
+                let x = match (&self.cross, memory) {
+                    (Some((norm, cross)), Some(memory)) => {
+                        let y = cross.cross(&x, memory, pass.dropout_mask(p_attention)?)?;
+                        norm.forward(&(&x + pass.dropout(y, p_residual)?)?)?
+                    }
+                    _ => x,
+                };
+                let ffn = self.ffn.forward(&x, pass)?;
+                ffn_norm.forward(&(&x + pass.dropout(ffn, p_residual)?)?)
             }
         }
     }
 }
 
-/// Per-sequence decoding state: one KV cache per layer and the next absolute position.
+/// Per-sequence decoding state: one KV cache per layer and the next absolute position, and
+/// for an encoder–decoder model each decoder layer's cross-attention keys and values of the
+/// source, computed once ([`Model::start_decoding`]).
 pub struct Cache {
     layers: Vec<Box<dyn KvCache>>,
     next_position: usize,
+    /// One per decoder layer (empty for a decoder-only model).
+    cross: Vec<CrossKv>,
+    device: Device,
 }
 
 impl Cache {
@@ -105,16 +152,39 @@ impl Cache {
     pub fn layer_len(&self, layer: usize) -> usize {
         self.layers[layer].len()
     }
+
+    /// Keep batch rows `rows`: row `i` continues the sequence of old row `rows[i]` (beam search
+    /// after each step: hypotheses extended, copied or dropped).
+    pub fn reorder(&mut self, rows: &[u32]) -> Result<()> {
+        let index = Tensor::new(rows, &self.device)?;
+        for layer in &mut self.layers {
+            layer.reorder(&index)?;
+        }
+        self.cross = self.cross.iter().map(|kv| kv.select(rows)).collect::<candle_core::Result<_>>()?;
+        Ok(())
+    }
 }
 
-/// The decoder-only language model.
+/// The encoder of an encoder–decoder model: bidirectional blocks over the embedded source.
+struct Encoder {
+    /// Its own learned position table, when positions are learned.
+    pos_embeddings: Option<Embedding>,
+    blocks: Vec<Block>,
+    /// With pre-norm blocks only.
+    final_norm: Option<Norm>,
+}
+
+/// A language model: decoder-only, or an encoder–decoder ([`seq2seq`] has the source side).
 pub struct Model {
     config: ModelConfig,
+    /// Shared by the encoder, the decoder and (when tied) the output head.
     tok_embeddings: Embedding,
     pos_embeddings: Option<Embedding>,
     rope: Option<Rope>,
+    encoder: Option<Encoder>,
     blocks: Vec<Block>,
-    final_norm: Norm,
+    /// With pre-norm blocks only (a post-norm block's output is normalised already).
+    final_norm: Option<Norm>,
     /// Weight `(V, D)`: the token-embedding matrix itself when tied.
     head: Linear,
     device: Device,
@@ -125,12 +195,6 @@ impl Model {
     /// weights' file in errors.
     pub fn new(config: &ModelConfig, weights: &HashMap<String, Tensor>, origin: &Path) -> Result<Self> {
         config.validate()?;
-        if let Layout::EncoderDecoder { .. } = config.layout {
-            return Err(Error::Unsupported(format!(
-                "{}: encoder-decoder models can be described and counted (`lmforge show`) but not yet built",
-                origin.display()
-            )));
-        }
         let params = ParamSource::checked(config, weights, origin)?;
         let tok = params.get("tok_embeddings.weight");
         let device = tok.device().clone();
@@ -140,12 +204,32 @@ impl Model {
         };
         let head_weight = if config.tie_embeddings { tok.clone() } else { params.get("lm_head.weight") };
         let head = Linear::new(head_weight, params.get_opt("lm_head.bias"));
+        let final_norm = |params: &ParamSource| {
+            (config.norm_placement == NormPlacement::Pre)
+                .then(|| Norm::new(config.norm, config.norm_eps, &params.pp("final_norm")))
+        };
+        let positions =
+            |params: &ParamSource| params.get_opt("pos_embeddings.weight").map(|w| Embedding::new(w, config.d_model));
+        let encoder = config.layout.is_encoder_decoder().then(|| {
+            let params = params.pp("encoder");
+            Encoder {
+                pos_embeddings: positions(&params),
+                blocks: (0..config.layout.encoder_layers())
+                    .map(|i| Block::new(config, i, &params.pp(format!("layers.{i}")), false, false))
+                    .collect(),
+                final_norm: final_norm(&params),
+            }
+        });
+        let cross = encoder.is_some();
         Ok(Model {
             tok_embeddings: Embedding::new(tok, config.d_model),
-            pos_embeddings: params.get_opt("pos_embeddings.weight").map(|w| Embedding::new(w, config.d_model)),
+            pos_embeddings: positions(&params),
             rope,
-            blocks: (0..config.layers).map(|i| Block::new(config, i, &params.pp(format!("layers.{i}")))).collect(),
-            final_norm: Norm::new(config.norm, config.norm_eps, &params.pp("final_norm")),
+            encoder,
+            blocks: (0..config.layers)
+                .map(|i| Block::new(config, i, &params.pp(format!("layers.{i}")), true, cross))
+                .collect(),
+            final_norm: final_norm(&params),
             head,
             config: config.clone(),
             device,
@@ -169,7 +253,12 @@ impl Model {
                 None => Box::new(FullCache::default()),
             }
         };
-        Cache { layers: (0..self.config.layers).map(layer_cache).collect(), next_position: 0 }
+        Cache {
+            layers: (0..self.config.layers).map(layer_cache).collect(),
+            next_position: 0,
+            cross: Vec::new(),
+            device: self.device.clone(),
+        }
     }
 
     /// A cache that keeps every position even in windowed layers (for comparison and
@@ -178,6 +267,8 @@ impl Model {
         Cache {
             layers: (0..self.config.layers).map(|_| Box::new(FullCache::default()) as Box<dyn KvCache>).collect(),
             next_position: 0,
+            cross: Vec::new(),
+            device: self.device.clone(),
         }
     }
 
@@ -194,7 +285,8 @@ impl Model {
     }
 
     /// Logits `(B, T, V)` for token ids `(B, T)`. With a cache, the ids continue the cached
-    /// sequence and are appended to it.
+    /// sequence and are appended to it (for an encoder–decoder model, a cache from
+    /// [`start_decoding`](Self::start_decoding), which holds the source).
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let hidden = self.forward_hidden(ids, cache)?;
         self.head(&hidden)
@@ -214,8 +306,8 @@ impl Model {
     }
 
     /// What a training step minimises, in parts: the language-model loss (the same function as
-    /// [`loss`](Self::loss)) and the routers' auxiliary losses with their weights. Noise the
-    /// layers draw (a router's jitter) comes from `rng`.
+    /// [`loss`](Self::loss), with dropout on) and the routers' auxiliary losses with their
+    /// weights. What the layers draw (dropout masks, a router's jitter) comes from `rng`.
     pub fn training_loss(
         &self,
         inputs: &Tensor,
@@ -228,7 +320,7 @@ impl Model {
     }
 
     fn lm_loss(&self, inputs: &Tensor, targets: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let logits = self.head(&self.forward_hidden_in(inputs, None, pass)?)?; // (B, T, V)
+        let logits = self.head(&self.decode(inputs, None, None, pass)?)?; // (B, T, V)
         let (b, t, v) = logits.dims3()?;
         Ok(ops::softmax_cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?, None)?)
     }
@@ -240,26 +332,29 @@ impl Model {
 
     /// Final hidden states `(B, T, D)` (after the final norm).
     pub fn forward_hidden(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        self.forward_hidden_in(ids, cache, &mut Pass::inference())
+        self.decode(ids, cache, None, &mut Pass::inference())
     }
 
-    fn forward_hidden_in(&self, ids: &Tensor, mut cache: Option<&mut Cache>, pass: &mut Pass) -> Result<Tensor> {
+    /// The decoder stack: ids `(B, T)` → final hidden states `(B, T, D)`. The cross-attention
+    /// of an encoder–decoder model reads the source from the cache when decoding, from
+    /// `encoded` otherwise. (Self-attention needs no padding lengths here: a causal query never
+    /// sees the right padding after it.)
+    fn decode(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+        encoded: Option<&Encoded>,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        let has_source = encoded.is_some() || cache.as_ref().is_some_and(|c| !c.cross.is_empty());
+        if self.encoder.is_some() && !has_source {
+            return Err(Error::Input(
+                "this is an encoder-decoder model: its decoder needs a source\nHINT: encode the source (Model::encode) and decode with Model::decoder_logits or Model::seq2seq_loss, or with a cache from Model::start_decoding".into(),
+            ));
+        }
         let (_, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.next_position);
-        self.check_ids(ids, start + t)?;
-        let mut x = self.tok_embeddings.forward(ids)?; // (B, T, D)
-        match self.config.positions {
-            Positions::Learned => {
-                let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
-                let table = self.pos_embeddings.as_ref().expect("learned positions have a table");
-                x = x.broadcast_add(&table.forward(&positions)?)?;
-            }
-            Positions::Sinusoidal => {
-                let table = sinusoidal_table(start, t, self.config.d_model, &self.device)?;
-                x = x.broadcast_add(&table.to_dtype(x.dtype())?)?;
-            }
-            _ => {}
-        }
+        let mut x = self.embed(ids, start, self.pos_embeddings.as_ref(), pass)?; // (B, T, D)
         let rope = match &self.rope {
             Some(rope) => {
                 let (cos, sin) = rope.tables(start, t, &self.device)?;
@@ -268,19 +363,51 @@ impl Model {
             None => None,
         };
         for (i, block) in self.blocks.iter().enumerate() {
+            let memory = match (&cache, encoded, &block.cross) {
+                (Some(cache), _, _) if !cache.cross.is_empty() => Some(cache.cross[i].clone()),
+                (_, Some(encoded), Some((_, cross))) => Some(cross.cross_kv(encoded.hidden(), encoded.lengths())?),
+                _ => None,
+            };
             let layer_cache = cache.as_mut().map(|c| c.layers[i].as_mut() as &mut dyn KvCache);
-            x = block.forward(&x, start, rope.as_ref(), layer_cache, pass)?;
+            x = block.forward(&x, start, rope.as_ref(), layer_cache, None, memory.as_ref(), pass)?;
         }
         if let Some(cache) = cache {
             cache.next_position += t;
         }
-        Ok(match self.config.norm_placement {
-            NormPlacement::Pre => self.final_norm.forward(&x)?,
-            NormPlacement::Post => x,
+        Ok(match &self.final_norm {
+            Some(norm) => norm.forward(&x)?,
+            None => x,
         })
     }
 
-    /// Reject ids outside the vocabulary and sequences a learned position table cannot hold.
+    /// Token embeddings (scaled by √d_model when the config says so) plus positions
+    /// `start..start + T` from `table` or the sinusoids, with embedding dropout in training.
+    /// Checks the ids first. `(B, T)` → `(B, T, D)`.
+    fn embed(&self, ids: &Tensor, start: usize, table: Option<&Embedding>, pass: &mut Pass) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        self.check_ids(ids, start + t)?;
+        let mut x = self.tok_embeddings.forward(ids)?; // (B, T, D)
+        if self.config.scale_embeddings {
+            x = (x * (self.config.d_model as f64).sqrt())?;
+        }
+        match self.config.positions {
+            Positions::Learned => {
+                let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
+                let table = table.expect("learned positions have a table");
+                x = x.broadcast_add(&table.forward(&positions)?)?;
+            }
+            Positions::Sinusoidal { layout } => {
+                let table = sinusoidal_table(start, t, self.config.d_model, layout, &self.device)?;
+                x = x.broadcast_add(&table.to_dtype(x.dtype())?)?;
+            }
+            _ => {}
+        }
+        Ok(pass.dropout(x, self.config.dropout.embeddings)?)
+    }
+
+    /// Reject ids outside the vocabulary, and sequences longer than the model's positions: a
+    /// learned table's rows, or for an encoder–decoder model (trained on sequences of at most
+    /// `context_length`, as Marian's position table is) any kind.
     fn check_ids(&self, ids: &Tensor, end_position: usize) -> Result<()> {
         let vocab = self.config.vocab_size;
         if let Some(bad) =
@@ -288,9 +415,10 @@ impl Model {
         {
             return Err(Error::Input(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
         }
-        if self.config.positions == Positions::Learned && end_position > self.config.context_length {
+        let bounded = self.config.positions == Positions::Learned || self.encoder.is_some();
+        if bounded && end_position > self.config.context_length {
             return Err(Error::Input(format!(
-                "sequence reaches position {end_position}, but this model's learned position table holds context_length = {}",
+                "sequence reaches position {end_position}, but this model's positions end at context_length = {}",
                 self.config.context_length
             )));
         }

@@ -1,9 +1,11 @@
-//! Multi-head self-attention with grouped KV heads, RoPE or ALiBi, causal and sliding-window
-//! masks, and an optional KV cache.
+//! Multi-head attention with grouped KV heads: causal self-attention (decoders, with RoPE or
+//! ALiBi, sliding windows and an optional KV cache), bidirectional self-attention (encoders),
+//! and cross-attention from a decoder onto an encoder's output. Right-padded batches pass
+//! per-sequence key lengths; training passes a dropout mask for the probabilities.
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
-use super::ops::{self, AttentionMask};
+use super::ops::{self, AttentionMask, DropoutMask};
 use super::positions::Rope;
 use super::{KvCache, LayerKv, Linear, ParamSource};
 use crate::config::AttentionImpl;
@@ -17,6 +19,15 @@ pub struct RopeTables<'a> {
     pub sin: Tensor,
 }
 
+/// What varies per call besides the input: which keys are padding, and dropout.
+#[derive(Clone, Copy, Default)]
+pub struct Step<'a> {
+    /// Right padding: batch row `b` has `key_lengths[b]` real keys. `None`: no padding.
+    pub key_lengths: Option<&'a [usize]>,
+    /// Dropout on the attention probabilities (training only).
+    pub dropout: Option<DropoutMask>,
+}
+
 pub struct Attention {
     q: Linear,
     k: Linear,
@@ -25,6 +36,8 @@ pub struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// A query sees only keys at or before its position (decoders); an encoder sees all.
+    causal: bool,
     /// A token sees itself and the `window - 1` tokens before it.
     window: Option<usize>,
     /// Per-head ALiBi slopes, when positions are ALiBi.
@@ -32,12 +45,36 @@ pub struct Attention {
     implementation: AttentionImpl,
 }
 
+/// One layer's keys and values of an encoder output, projected once per source and reused by
+/// every decoding step (token-major, as the projections produce them).
+#[derive(Clone)]
+pub struct CrossKv {
+    /// `(B, S, KV·hd)`
+    k: Tensor,
+    /// `(B, S, KV·hd)`
+    v: Tensor,
+    /// Real source tokens per batch row (`None`: all `S`).
+    lengths: Option<Vec<usize>>,
+}
+
+impl CrossKv {
+    /// The same keys and values for batch rows `rows` (row `i` of the result is row
+    /// `rows[i]` of this one): beam search reorders its hypotheses with this.
+    pub fn select(&self, rows: &[u32]) -> Result<CrossKv> {
+        let index = Tensor::new(rows, self.k.device())?;
+        let lengths = self.lengths.as_ref().map(|l| rows.iter().map(|&r| l[r as usize]).collect());
+        Ok(CrossKv { k: self.k.index_select(&index, 0)?, v: self.v.index_select(&index, 0)?, lengths })
+    }
+}
+
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         params: &ParamSource,
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
+        causal: bool,
         window: Option<usize>,
         alibi_slopes: Option<Vec<f32>>,
         implementation: AttentionImpl,
@@ -50,28 +87,37 @@ impl Attention {
             heads,
             kv_heads,
             head_dim,
+            causal,
             window,
             alibi_slopes,
             implementation,
         }
     }
 
-    /// `x`: `(B, T, D)` holding absolute positions `start..start + T` → `(B, T, D)`.
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// Self-attention. `x`: `(B, T, D)` holding absolute positions `start..start + T` →
+    /// `(B, T, D)`.
     pub fn forward(
         &self,
         x: &Tensor,
         start: usize,
         rope: Option<&RopeTables>,
         cache: Option<&mut dyn KvCache>,
+        step: Step,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.scale();
         let mask = |key_positions: Vec<usize>| AttentionMask {
             query_start: start,
             key_positions,
-            causal: true,
+            causal: self.causal,
             window: self.window,
             alibi_slopes: self.alibi_slopes.clone(),
+            key_lengths: step.key_lengths.map(<[usize]>::to_vec),
+            dropout: step.dropout,
         };
         let positions = || (start..start + t).collect();
         // Training and cache-free prefill take the token-major flash path.
@@ -120,33 +166,46 @@ impl Attention {
             Some(cache) => cache.append(&k, &v, start)?,
             None => LayerKv { k, v, positions: positions() },
         };
+        let mask = mask(visible.positions);
         let y = match self.implementation {
-            AttentionImpl::Flash => ops::flash_attention(&q, &visible.k, &visible.v, scale, &mask(visible.positions))?,
-            AttentionImpl::Naive => {
-                let query_positions: Vec<usize> = (start..start + t).collect();
-                let bias = self.score_bias(&query_positions, &visible.positions, x.device())?;
-                grouped_attention(&q, &visible.k, &visible.v, &bias, self.head_dim)?
-            }
+            AttentionImpl::Flash => ops::flash_attention(&q, &visible.k, &visible.v, scale, &mask)?,
+            AttentionImpl::Naive => ops::flash_attention::composed_attention(&q, &visible.k, &visible.v, scale, &mask)?,
         }; // (B, H, T, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&y)
     }
 
-    /// Additive score bias `(H or 1, T, S)`: `-inf` where a query may not see a key (future, or
-    /// outside the window), ALiBi's `slope_h · (key_pos − query_pos)` elsewhere.
-    fn score_bias(&self, queries: &[usize], keys: &[usize], device: &Device) -> Result<Tensor> {
-        let (t, s) = (queries.len(), keys.len());
-        let slopes: &[f32] = self.alibi_slopes.as_deref().unwrap_or(&[0.0]);
-        let mut bias = Vec::with_capacity(slopes.len() * t * s);
-        for &slope in slopes {
-            for &qp in queries {
-                for &kp in keys {
-                    let visible = kp <= qp && self.window.is_none_or(|w| qp - kp < w);
-                    bias.push(if visible { slope * (kp as f32 - qp as f32) } else { f32::NEG_INFINITY });
-                }
+    /// Keys and values of an encoder output `memory` `(B, S, D)` for [`cross`](Self::cross),
+    /// with the real length of each source when the batch is right-padded.
+    pub fn cross_kv(&self, memory: &Tensor, lengths: Option<&[usize]>) -> Result<CrossKv> {
+        Ok(CrossKv { k: self.k.forward(memory)?, v: self.v.forward(memory)?, lengths: lengths.map(<[usize]>::to_vec) })
+    }
+
+    /// Cross-attention: queries from the decoder stream `x` `(B, T, D)`, keys and values from
+    /// the encoder output → `(B, T, D)`. Every query sees every real source token.
+    pub fn cross(&self, x: &Tensor, memory: &CrossKv, dropout: Option<DropoutMask>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let s = memory.k.dim(1)?;
+        let mask = AttentionMask::bidirectional(s).with_key_lengths(memory.lengths.clone()).with_dropout(dropout);
+        let q = self.q.forward(x)?; // (B, T, H·hd)
+        let y = match self.implementation {
+            AttentionImpl::Flash => {
+                ops::flash_attention_tokens(&q, &memory.k, &memory.v, self.heads, self.kv_heads, self.scale(), &mask)?
             }
-        }
-        Tensor::from_vec(bias, (slopes.len(), t, s), device)
+            AttentionImpl::Naive => {
+                let split = |y: &Tensor, len: usize, n: usize| {
+                    y.reshape((b, len, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+                };
+                let (q, k, v) = (
+                    split(&q, t, self.heads)?,
+                    split(&memory.k, s, self.kv_heads)?,
+                    split(&memory.v, s, self.kv_heads)?,
+                );
+                let y = ops::flash_attention::composed_attention(&q, &k, &v, self.scale(), &mask)?;
+                y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?
+            }
+        };
+        self.o.forward(&y)
     }
 }
 
@@ -162,6 +221,6 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, head
     let q = (q.reshape((b, kv, group * t, hd))? * (1.0 / (head_dim as f64).sqrt()))?;
     let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, h, t, s))?; // (B, H, T, S)
     let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
     probs.reshape((b, kv, group * t, s))?.matmul(&v.contiguous()?)?.reshape((b, h, t, hd))
 }

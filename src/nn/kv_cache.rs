@@ -27,6 +27,10 @@ pub trait KvCache: Send {
     /// Positions currently held.
     fn len(&self) -> usize;
 
+    /// Keep batch rows `rows` (u32 `(N,)`): row `i` becomes the old row `rows[i]`. Beam search
+    /// calls this after each step, when hypotheses are extended, copied or dropped.
+    fn reorder(&mut self, rows: &Tensor) -> Result<()>;
+
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -47,6 +51,12 @@ impl Buffers {
 
     fn capacity(&self) -> usize {
         self.k.dim(2).expect("buffers are 4-d")
+    }
+
+    fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        self.k = self.k.index_select(rows, 0)?;
+        self.v = self.v.index_select(rows, 0)?;
+        Ok(())
     }
 
     /// Write `len` positions of `k`/`v` starting at `from` into slots starting at `slot`.
@@ -87,6 +97,10 @@ impl KvCache for FullCache {
 
     fn len(&self) -> usize {
         self.len
+    }
+
+    fn reorder(&mut self, rows: &Tensor) -> Result<()> {
+        self.buffers.as_mut().map_or(Ok(()), |b| b.select_rows(rows))
     }
 }
 
@@ -159,5 +173,9 @@ impl KvCache for RollingCache {
 
     fn len(&self) -> usize {
         self.slot_positions.iter().filter(|p| p.is_some()).count()
+    }
+
+    fn reorder(&mut self, rows: &Tensor) -> Result<()> {
+        self.buffers.as_mut().map_or(Ok(()), |b| b.select_rows(rows))
     }
 }

@@ -14,7 +14,7 @@ pub mod pass;
 pub mod positions;
 pub mod router;
 
-pub use attention::Attention;
+pub use attention::{Attention, CrossKv};
 pub use ffn::FeedForward;
 pub use kv_cache::{FullCache, KvCache, LayerKv, RollingCache};
 pub use linear::Linear;

@@ -5,7 +5,7 @@ use std::f64::consts::PI;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use crate::config::RopeScaling;
+use crate::config::{RopeScaling, SinusoidLayout};
 
 /// Rotary position embedding in the Hugging Face layout ("rotate half": dim `i` pairs with
 /// `i + rot/2`), applied to the first `rot` dims of each head and leaving the rest untouched
@@ -152,15 +152,28 @@ pub fn alibi_slopes(heads: usize, max_bias: f64) -> Vec<f32> {
     all.iter().skip(1).step_by(2).chain(all.iter().step_by(2)).take(heads).copied().collect()
 }
 
-/// The fixed sine/cosine table of Vaswani et al. (2017), `(len, d_model)`: dim `2i` holds
-/// `sin(pos / 10000^(2i/d))` and dim `2i + 1` the matching cosine.
-pub fn sinusoidal_table(start: usize, len: usize, d_model: usize, device: &Device) -> Result<Tensor> {
-    let mut table = Vec::with_capacity(len * d_model);
-    for pos in start..start + len {
-        for i in 0..d_model / 2 {
+/// The fixed sine/cosine table of Vaswani et al. (2017) for positions `start..start + len`,
+/// `(len, d_model)`, with angles `pos / 10000^(2i/d)` for `i < d/2` (computed in f64, as
+/// Marian's numpy table is). `Interleaved`: dim `2i` holds the sine and `2i + 1` the cosine;
+/// `Halves`: the sines fill the first half and the cosines the second.
+pub fn sinusoidal_table(
+    start: usize,
+    len: usize,
+    d_model: usize,
+    layout: SinusoidLayout,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = d_model / 2;
+    let mut table = vec![0f32; len * d_model];
+    for (row, pos) in table.chunks_exact_mut(d_model).zip(start..) {
+        for i in 0..half {
             let angle = pos as f64 / 10_000f64.powf(2.0 * i as f64 / d_model as f64);
-            table.push(angle.sin() as f32);
-            table.push(angle.cos() as f32);
+            let (sin_dim, cos_dim) = match layout {
+                SinusoidLayout::Interleaved => (2 * i, 2 * i + 1),
+                SinusoidLayout::Halves => (i, half + i),
+            };
+            row[sin_dim] = angle.sin() as f32;
+            row[cos_dim] = angle.cos() as f32;
         }
     }
     Tensor::from_vec(table, (len, d_model), device)?.to_dtype(DType::F32)
@@ -239,5 +252,17 @@ mod tests {
         // 6 heads: slopes of 8 heads at odd indices (1,3,5,7), then even (0,2).
         let s6 = alibi_slopes(6, 8.0);
         assert_eq!(s6, vec![s8[1], s8[3], s8[5], s8[7], s8[0], s8[2]]);
+    }
+
+    #[test]
+    fn sinusoid_layouts_hold_the_same_values_in_different_dims() {
+        let dev = Device::Cpu;
+        let paper = sinusoidal_table(3, 2, 8, SinusoidLayout::Interleaved, &dev).unwrap().to_vec2::<f32>().unwrap();
+        let marian = sinusoidal_table(3, 2, 8, SinusoidLayout::Halves, &dev).unwrap().to_vec2::<f32>().unwrap();
+        // Position 4, frequency index 1: angle 4 / 10000^(2/8) = 0.4.
+        assert!((paper[1][2] - 0.4f32.sin()).abs() < 1e-7 && (paper[1][3] - 0.4f32.cos()).abs() < 1e-7);
+        assert_eq!((marian[1][1], marian[1][5]), (paper[1][2], paper[1][3]));
+        // Position 3 at frequency 0: sin 3, cos 3.
+        assert_eq!((paper[0][0], paper[0][1]), (3f64.sin() as f32, 3f64.cos() as f32));
     }
 }

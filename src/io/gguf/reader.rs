@@ -144,6 +144,8 @@ impl GgufFile {
             // Small llamas (SmolLM, Llama 3.2 1B) reuse the embedding as the head; llama.cpp
             // then stores no `output.weight`.
             tie_embeddings: self.tensor_info("output.weight").is_none(),
+            scale_embeddings: false,
+            dropout: Default::default(),
         };
         config.validate().map_err(|e| match e {
             Error::Config { problems, .. } => Error::Config { origin: self.path.display().to_string(), problems },

@@ -37,6 +37,8 @@ fn tiny_config() -> ModelConfig {
         bias: false,
         head_bias: false,
         tie_embeddings: false,
+        scale_embeddings: false,
+        dropout: Default::default(),
     }
 }
 

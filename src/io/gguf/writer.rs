@@ -151,7 +151,7 @@ pub fn gguf_problems(config: &ModelConfig, options: &ExportOptions) -> Vec<Strin
         Positions::Rope { .. } => {}
         Positions::Alibi { .. } => refuse("positions = alibi".into(), "its positions are rotary (RoPE) only"),
         Positions::Learned => refuse("positions = learned".into(), "its positions are rotary (RoPE) only"),
-        Positions::Sinusoidal => refuse("positions = sinusoidal".into(), "its positions are rotary (RoPE) only"),
+        Positions::Sinusoidal { .. } => refuse("positions = sinusoidal".into(), "its positions are rotary (RoPE) only"),
         Positions::None => refuse("positions = none".into(), "its positions are rotary (RoPE) only"),
     }
     let (dense, path) = match &config.ffn {
@@ -176,6 +176,9 @@ pub fn gguf_problems(config: &ModelConfig, options: &ExportOptions) -> Vec<Strin
     }
     if config.head_bias {
         refuse("head_bias = true".into(), "its output head has no bias");
+    }
+    if config.scale_embeddings {
+        refuse("scale_embeddings = true".into(), "its token embeddings are not scaled by √d_model");
     }
     if !options.drop_sliding_window {
         // The first layer whose window binds: one that cuts off earlier tokens within the context.

@@ -23,11 +23,19 @@ pub struct HfTensor {
     /// The `config.json` fields this tensor's dims state (its rows are `intermediate_size`,
     /// ...), so that a config contradicting its weights is reported by field.
     pub witnesses: Vec<Witness>,
+    /// Stored with an extra leading dim of 1 (Marian's `final_logits_bias` `[1, V]`).
+    pub unit_dim: bool,
 }
 
 impl HfTensor {
-    fn new(hf: impl Into<String>, canonical: impl Into<String>) -> Self {
-        HfTensor { hf: hf.into(), parts: vec![canonical.into()], transpose: false, witnesses: Vec::new() }
+    pub(super) fn new(hf: impl Into<String>, canonical: impl Into<String>) -> Self {
+        HfTensor {
+            hf: hf.into(),
+            parts: vec![canonical.into()],
+            transpose: false,
+            witnesses: Vec::new(),
+            unit_dim: false,
+        }
     }
 
     /// One checkpoint tensor holding several canonical ones stacked along dim 0 (a fused QKV).
@@ -61,7 +69,15 @@ impl HfTensor {
         if self.transpose {
             expected.reverse();
         }
+        if self.unit_dim {
+            expected.insert(0, 1);
+        }
         expected
+    }
+
+    pub(super) fn with_unit_dim(mut self) -> Self {
+        self.unit_dim = true;
+        self
     }
 
     /// Split (and un-transpose) a checkpoint tensor into its canonical parts.
@@ -75,7 +91,8 @@ impl HfTensor {
         if tensor.dims() != expected.as_slice() {
             return Err(format!("tensor `{}` has shape {:?}, expected {expected:?}", self.hf, tensor.dims()));
         }
-        let tensor = if self.transpose { tensor.t().and_then(|t| t.contiguous()) } else { Ok(tensor.clone()) };
+        let tensor = if self.unit_dim { tensor.squeeze(0).map_err(|e| e.to_string())? } else { tensor.clone() };
+        let tensor = if self.transpose { tensor.t().and_then(|t| t.contiguous()) } else { Ok(tensor) };
         let tensor = tensor.map_err(|e| e.to_string())?;
         let mut offset = 0;
         let mut parts = Vec::new();
@@ -95,7 +112,8 @@ impl HfTensor {
             .map(|p| weights.get(p).ok_or_else(|| Error::Input(format!("export: missing canonical tensor `{p}`"))))
             .collect::<Result<_>>()?;
         let joined = Tensor::cat(&parts, 0)?;
-        Ok(if self.transpose { joined.t()?.contiguous()? } else { joined })
+        let joined = if self.transpose { joined.t()?.contiguous()? } else { joined };
+        Ok(if self.unit_dim { joined.unsqueeze(0)? } else { joined })
     }
 }
 
@@ -113,7 +131,7 @@ pub struct Family {
     pub ignorable: fn(&str) -> bool,
 }
 
-pub static ALL: [Family; 4] = [
+pub static ALL: [Family; 5] = [
     Family {
         model_types: &["gpt2"],
         read_config: gpt2_read,
@@ -146,6 +164,7 @@ pub static ALL: [Family; 4] = [
         optional_prefix: None,
         ignorable: |_| false,
     },
+    super::marian::FAMILY,
 ];
 
 pub fn family_for_model_type(model_type: &str) -> Option<&'static Family> {
@@ -157,7 +176,7 @@ pub fn family_for_config(config: &ModelConfig) -> Option<&'static Family> {
     ALL.iter().find(|f| (f.write_config)(config).is_some())
 }
 
-fn activation_from_hf(json: &HfJson, key: &str, default: &str) -> Result<Activation> {
+pub(super) fn activation_from_hf(json: &HfJson, key: &str, default: &str) -> Result<Activation> {
     let name = json.str_or(key, default)?;
     match name.as_str() {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
@@ -171,7 +190,7 @@ fn activation_from_hf(json: &HfJson, key: &str, default: &str) -> Result<Activat
     }
 }
 
-fn activation_to_hf(act: Activation) -> &'static str {
+pub(super) fn activation_to_hf(act: Activation) -> &'static str {
     match act {
         Activation::GeluTanh => "gelu_new",
         Activation::Gelu => "gelu",
@@ -213,6 +232,8 @@ fn decoder(json: &HfJson) -> ModelConfig {
         bias: true,
         head_bias: false,
         tie_embeddings: false,
+        scale_embeddings: false,
+        dropout: Default::default(),
     }
 }
 
@@ -225,7 +246,7 @@ fn layer_tensors(config: &ModelConfig, mut per_layer: impl FnMut(usize, &str, &m
 }
 
 /// `name.weight` (and `name.bias` when `bias`) mapped one to one.
-fn linear(out: &mut Vec<HfTensor>, hf: &str, canonical: &str, bias: bool) {
+pub(super) fn linear(out: &mut Vec<HfTensor>, hf: &str, canonical: &str, bias: bool) {
     linear_stating(out, hf, canonical, bias, None);
 }
 

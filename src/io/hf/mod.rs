@@ -1,12 +1,13 @@
 //! Hugging Face checkpoints: `config.json` + `model.safetensors` (or shards with an index).
 //!
-//! Each family (`gpt2`, `llama`/`mistral`/`mixtral`, `phi`, `mpt`) supplies two conversions
+//! Each family (`gpt2`, `llama`/`mistral`/`mixtral`, `phi`, `mpt`, `marian`) supplies two conversions
 //! of `config.json` and one tensor table; the same table drives import and export, so the two
 //! directions cannot drift apart. `model_type` selects the file format's family, exactly as
 //! `transformers` does; the model itself never sees it.
 
 mod families;
 mod json;
+mod marian;
 mod rope;
 mod safetensors_io;
 mod shapes;

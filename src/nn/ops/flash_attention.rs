@@ -9,7 +9,8 @@
 //! fly instead of being read from a bias tensor.
 //!
 //! The math, per query row `i` (position `qpos_i`) and key `j` (position `kpos_j`), with
-//! `[vis]` the mask (causal: `kpos ≤ qpos`; window `W`: `qpos − kpos < W`):
+//! `[vis]` the mask (causal: `kpos ≤ qpos`; window `W`: `qpos − kpos < W`; key padding: `j` is
+//! one of its batch row's first `len_b` keys):
 //!
 //! ```text
 //! forward, over key tiles, keeping m, l, o per row     | backward (FlashAttention-2), per key tile
@@ -26,11 +27,23 @@
 //! (`D_i = Σ_j p_ij·dp_ij` because `dO_i·O_i = Σ_j p_ij dO_i·v_j`; it is the softmax
 //! Jacobian's correction term, computed from `O` and `dO` without any `p`.)
 //!
+//! Dropout on the probabilities (training) multiplies `p_ij` by `z_ij` (0, or `1/(1 − p)` when
+//! kept; [`DropoutMask`], recomputed from its seed in the backward) where it meets `v`, while
+//! `l_i` still sums the undropped `p`: `O_i = Σ_j p_ij z_ij v_j`. The backward then uses
+//! `dv_j += Σ_i p_ij z_ij dO_i` and `ds_ij = p_ij (z_ij dp_ij − D_i)`, and `D_i = dO_i·O_i` still
+//! holds because `O_i` already carries the `z`.
+//!
+//! The forms of attention this covers: causal self-attention (decoders), bidirectional
+//! self-attention (`causal = false`: encoders), cross-attention (`causal = false`, `T ≠ S`, keys
+//! from the encoder), and keys from a cache. Right-padded batches pass per-row key lengths:
+//! padding keys are hidden, and tiles holding only padding are skipped like masked ones.
+//!
 //! Grouped queries: query head `h` reads KV head `h / (H / KV)` straight from `k`/`v`; nothing
 //! is copied per query head, and the backward sums the group's `dk`/`dv` as it goes.
 //!
-//! A query that sees no key at all (possible only with keys from a cache that lie wholly in its
-//! future, or outside its window) gets output 0 and no gradient; the composed path gives NaN.
+//! A query that sees no key at all (keys from a cache that lie wholly in its future or outside
+//! its window, or a batch row whose key length is 0) gets output 0 and no gradient; the
+//! composed path gives NaN.
 //!
 //! Parallelism ([`parallel`]): the forward splits over `(batch, head, query tile)`; the backward over
 //! `(batch, KV head)` and, when that is fewer than four tasks per thread, also over chunks of
@@ -50,6 +63,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
+use super::dropout::DropoutMask;
 use super::parallel::{self, Split};
 use super::simd::{multiversion, Real};
 use super::tile::gemm_acc;
@@ -76,12 +90,30 @@ pub struct AttentionMask {
     pub window: Option<usize>,
     /// ALiBi: one slope per query head, adding `slope_h · (key_pos − query_pos)` to the score.
     pub alibi_slopes: Option<Vec<f32>>,
+    /// Right padding: batch row `b` holds only its first `key_lengths[b]` keys (in storage
+    /// order); the others are hidden from every query. `None`: every key is real.
+    pub key_lengths: Option<Vec<usize>>,
+    /// Dropout on the attention probabilities (training), mask element `((b·H + h)·T + i)·S + j`.
+    pub dropout: Option<DropoutMask>,
 }
 
 impl AttentionMask {
     /// Causal attention of queries at `query_start..` over keys at `key_positions`.
     pub fn causal(query_start: usize, key_positions: Vec<usize>) -> Self {
-        AttentionMask { query_start, key_positions, causal: true, window: None, alibi_slopes: None }
+        AttentionMask {
+            query_start,
+            key_positions,
+            causal: true,
+            window: None,
+            alibi_slopes: None,
+            key_lengths: None,
+            dropout: None,
+        }
+    }
+
+    /// Every query sees every one of `keys` keys (encoder self-attention, cross-attention).
+    pub fn bidirectional(keys: usize) -> Self {
+        AttentionMask { causal: false, ..Self::causal(0, (0..keys).collect()) }
     }
 
     /// Causal self-attention without a cache: `len` queries and keys at `start..start + len`.
@@ -99,29 +131,45 @@ impl AttentionMask {
         self
     }
 
-    /// Whether the query at `query_pos` sees the key at `key_pos`.
+    pub fn with_key_lengths(mut self, lengths: Option<Vec<usize>>) -> Self {
+        self.key_lengths = lengths;
+        self
+    }
+
+    pub fn with_dropout(mut self, dropout: Option<DropoutMask>) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    /// Whether the query at `query_pos` sees the key at `key_pos` (padding aside).
     pub fn visible(&self, query_pos: usize, key_pos: usize) -> bool {
         (!self.causal || key_pos <= query_pos)
             && self.window.is_none_or(|w| (query_pos as i128 - key_pos as i128) < w as i128)
     }
 
-    /// The equivalent additive bias `(H or 1, T, S)` for the composed path: `-inf` where hidden,
-    /// the ALiBi term elsewhere.
+    /// The equivalent additive bias for the composed path: `-inf` where hidden, the ALiBi term
+    /// elsewhere; `(H or 1, T, S)`, or `(B, H or 1, T, S)` with key lengths.
     pub fn bias(&self, queries: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         let slopes: &[f32] = self.alibi_slopes.as_deref().unwrap_or(&[0.0]);
         let s = self.key_positions.len();
-        let values = slopes.iter().flat_map(|&slope| {
-            (self.query_start..self.query_start + queries).flat_map(move |qp| {
-                self.key_positions.iter().map(move |&kp| {
-                    if self.visible(qp, kp) {
-                        slope as f64 * (kp as f64 - qp as f64)
-                    } else {
-                        f64::NEG_INFINITY
-                    }
+        let lengths = self.key_lengths.clone().unwrap_or_else(|| vec![s]);
+        let values = lengths.iter().flat_map(|&len| {
+            slopes.iter().flat_map(move |&slope| {
+                (self.query_start..self.query_start + queries).flat_map(move |qp| {
+                    self.key_positions.iter().enumerate().map(move |(j, &kp)| {
+                        if j < len && self.visible(qp, kp) {
+                            slope as f64 * (kp as f64 - qp as f64)
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
                 })
             })
         });
-        let shape = (slopes.len(), queries, s);
+        let mut shape = vec![slopes.len(), queries, s];
+        if self.key_lengths.is_some() {
+            shape.insert(0, lengths.len());
+        }
         match dtype {
             DType::F64 => Tensor::from_vec(values.collect::<Vec<f64>>(), shape, device),
             _ => Tensor::from_vec(values.map(|b| b as f32).collect::<Vec<f32>>(), shape, device)?.to_dtype(dtype),
@@ -234,9 +282,12 @@ pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
     let (kv, s) = (k.dim(1)?, k.dim(2)?);
     let group = h / kv;
     let q = (q.reshape((b, kv, group * t, hd))? * scale)?; // (B, KV, group·T, hd)
-    let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?; // (B, H, T, S)
+    let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, h, t, s))?; // (B, H, T, S)
     let scores = scores.broadcast_add(&mask.bias(t, scores.dtype(), q.device())?)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let mut probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    if let Some(dropout) = &mask.dropout {
+        probs = probs.broadcast_mul(&dropout.factors(&[b, h, t, s], q.device())?.to_dtype(probs.dtype())?)?;
+    }
     probs.reshape((b, kv, group * t, s))?.matmul(&v.contiguous()?)?.reshape((b, h, t, hd))
 }
 
@@ -257,10 +308,14 @@ struct Plan {
     slopes: Option<Vec<f64>>,
     /// Key positions padded to whole tiles with [`PAD_POSITION`].
     key_pos: Vec<i64>,
-    /// Per key tile: smallest and largest position, and number of real (unpadded) keys.
+    /// Per key tile: smallest and largest position, and number of keys stored (not counting
+    /// the slots that pad the last tile).
     tile_min: Vec<i64>,
     tile_max: Vec<i64>,
     tile_len: Vec<usize>,
+    /// Per batch row: keys that are not padding (`S` without key lengths).
+    key_len: Vec<usize>,
+    dropout: Option<DropoutMask>,
 }
 
 /// Position given to padding slots: far past any real one, yet `PAD − pos` cannot overflow.
@@ -314,6 +369,14 @@ impl Plan {
                 bail!("{OP}: {} ALiBi slopes for H = {h} query heads\nHINT: one slope per query head", slopes.len())
             }
         }
+        if let Some(lengths) = &mask.key_lengths {
+            if lengths.len() != b {
+                bail!("{OP}: the mask gives {} key lengths for a batch of B = {b}\nHINT: one length per sequence of the batch", lengths.len())
+            }
+            if let Some(&long) = lengths.iter().find(|&&len| len > s) {
+                bail!("{OP}: key length {long} is more than the S = {s} keys of k {:?}", k.dims())
+            }
+        }
         if mask.window == Some(0) {
             bail!("{OP}: window = 0 hides every key\nHINT: a window of W lets a query see itself and W - 1 keys before it")
         }
@@ -347,6 +410,8 @@ impl Plan {
             tile_max: (0..tiles).map(|i| real(i).iter().copied().max().unwrap_or(PAD_POSITION)).collect(),
             tile_len,
             key_pos,
+            key_len: mask.key_lengths.clone().unwrap_or_else(|| vec![s; b]),
+            dropout: mask.dropout,
         })
     }
 
@@ -362,13 +427,20 @@ impl Plan {
         self.t.div_ceil(QUERY_TILE)
     }
 
-    /// Queries `q_lo..=q_hi` (positions) against key tile `tile`.
-    fn classify(&self, q_lo: i64, q_hi: i64, tile: usize) -> TileMask {
+    /// Keys of tile `tile` that batch row `b` holds (a prefix of the tile; 0 when the tile is
+    /// all padding).
+    fn keys_in_tile(&self, b: usize, tile: usize) -> usize {
+        self.tile_len[tile].min(self.key_len[b].saturating_sub(tile * KEY_TILE))
+    }
+
+    /// Queries `q_lo..=q_hi` (positions) of batch row `b` against key tile `tile`.
+    fn classify(&self, b: usize, q_lo: i64, q_hi: i64, tile: usize) -> TileMask {
         let (k_min, k_max) = (self.tile_min[tile], self.tile_max[tile]);
-        if (self.causal && k_min > q_hi) || q_lo - k_max >= self.window {
+        let keys = self.keys_in_tile(b, tile);
+        if keys == 0 || (self.causal && k_min > q_hi) || q_lo - k_max >= self.window {
             return TileMask::Hidden;
         }
-        let open = (!self.causal || k_max <= q_lo) && q_hi - k_min < self.window && self.tile_len[tile] == KEY_TILE;
+        let open = (!self.causal || k_max <= q_lo) && q_hi - k_min < self.window && keys == KEY_TILE;
         if open {
             TileMask::Open
         } else {
@@ -577,11 +649,12 @@ multiversion! {
         let mut alpha = vec![T::ONE; rows];
         out.fill(T::ZERO); // running Σ exp(s − m)·v, (rows, hd)
         for key_tile in 0..p.key_tiles() {
-            let mask = p.classify(q_lo, q_hi, key_tile);
+            let mask = p.classify(b, q_lo, q_hi, key_tile);
             if mask == TileMask::Hidden {
                 continue;
             }
-            scores(p, q, rows, q_lo, &kt[key_tile * hd * KEY_TILE..][..hd * KEY_TILE], key_tile, mask, slope, &mut s);
+            let len = p.keys_in_tile(b, key_tile);
+            scores(p, q, rows, q_lo, &kt[key_tile * hd * KEY_TILE..][..hd * KEY_TILE], key_tile, len, mask, slope, &mut s);
             // New running maxima and the factors that rescale what was summed so far.
             for (i, row) in s.chunks_exact(KEY_TILE).enumerate() {
                 let row: &[T; KEY_TILE] = row.try_into().expect("one row");
@@ -608,7 +681,11 @@ multiversion! {
                     }
                 }
             }
-            let len = p.tile_len[key_tile];
+            if let Some(dropout) = &p.dropout {
+                // After the sum: the normaliser counts every probability, `v` meets the kept ones.
+                let first = key_tile * KEY_TILE;
+                drop_probabilities(p, dropout, bh, q0, first, rows, &mut s);
+            }
             let v_tile = &v[key_tile * KEY_TILE * hd..][..len * hd];
             gemm_acc(rows, hd, len, &s, KEY_TILE, 1, v_tile, hd, out, hd); // o += P·V
         }
@@ -626,7 +703,29 @@ multiversion! {
     }
 }
 
-/// `s = q·ktᵀ` (scale already in `kt`) plus ALiBi, with hidden scores set to `-inf`.
+/// Multiply the probabilities `s` `(rows, KEY_TILE)` of query rows `q0..` of head `bh` and the
+/// keys `first..` by their dropout factors `z`.
+#[inline(always)]
+fn drop_probabilities<T: Real>(
+    p: &Plan,
+    dropout: &DropoutMask,
+    bh: usize,
+    q0: usize,
+    first: usize,
+    rows: usize,
+    s: &mut [T],
+) {
+    let scale = T::of(dropout.scale());
+    for (i, row) in s.chunks_exact_mut(KEY_TILE).take(rows).enumerate() {
+        let base = ((bh * p.t + q0 + i) * p.s + first) as u64;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x *= dropout.factor(base + j as u64, scale);
+        }
+    }
+}
+
+/// `s = q·ktᵀ` (scale already in `kt`) plus ALiBi, with hidden scores set to `-inf`; keys
+/// `len..` of the tile are hidden (padding).
 /// `q`: `(rows, hd)`, `kt`: `(hd, KEY_TILE)`, `s`: `(rows, KEY_TILE)`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -637,6 +736,7 @@ fn scores<T: Real>(
     q_lo: i64,
     kt: &[T],
     key_tile: usize,
+    len: usize,
     mask: TileMask,
     slope: Option<T>,
     s: &mut [T],
@@ -645,7 +745,6 @@ fn scores<T: Real>(
     s.fill(T::ZERO);
     gemm_acc(rows, KEY_TILE, p.hd, q, p.hd, 1, kt, KEY_TILE, s, KEY_TILE);
     let key_pos: &[i64; KEY_TILE] = p.key_pos[key_tile * KEY_TILE..][..KEY_TILE].try_into().expect("one tile");
-    let len = p.tile_len[key_tile];
     for (i, row) in s.chunks_exact_mut(KEY_TILE).enumerate() {
         let qp = q_lo + i as i64;
         if let Some(slope) = slope {
@@ -829,9 +928,14 @@ multiversion! {
         let mut vt = vec![T::ZERO; hd * KEY_TILE]; // Vᵀ of the tile
         let mut s = vec![T::ZERO; QUERY_TILE * KEY_TILE]; // scores, then P
         let mut dp = [T::ZERO; QUERY_TILE * KEY_TILE]; // dP, then dS
+        // P∘Z, with dropout only.
+        let mut pz = if p.dropout.is_some() { vec![T::ZERO; QUERY_TILE * KEY_TILE] } else { Vec::new() };
         let scale = T::of(p.scale);
         for key_tile in first_tile..first_tile + tiles {
-            let len = p.tile_len[key_tile];
+            let len = p.keys_in_tile(b, key_tile);
+            if len == 0 {
+                continue; // padding only: no query sees these keys
+            }
             let k_tile = &k[key_tile * KEY_TILE * hd..][..len * hd]; // (len, hd)
             let v_tile = &v[key_tile * KEY_TILE * hd..][..len * hd];
             transpose_tile(k_tile, hd, scale, &mut kt);
@@ -847,7 +951,7 @@ multiversion! {
                     let q0 = query_tile * QUERY_TILE;
                     let rows = (t - q0).min(QUERY_TILE);
                     let q_lo = p.query_start + q0 as i64;
-                    let mask = p.classify(q_lo, q_lo + rows as i64 - 1, key_tile);
+                    let mask = p.classify(b, q_lo, q_lo + rows as i64 - 1, key_tile);
                     if mask == TileMask::Hidden {
                         continue;
                     }
@@ -855,7 +959,7 @@ multiversion! {
                     let dout = &inputs.dout[(bh * t + q0) * hd..][..rows * hd];
                     let lse = &inputs.lse[bh * t + q0..][..rows];
                     let d = &inputs.d[bh * t + q0..][..rows];
-                    scores(p, q, rows, q_lo, &kt, key_tile, mask, slope, &mut s);
+                    scores(p, q, rows, q_lo, &kt, key_tile, len, mask, slope, &mut s);
                     for (row, &l) in s.chunks_exact_mut(KEY_TILE).take(rows).zip(lse) {
                         if l == T::NEG_INFINITY {
                             row.fill(T::ZERO); // a row that saw nothing has no gradient
@@ -866,10 +970,24 @@ multiversion! {
                         }
                     }
                     let s = &s[..rows * KEY_TILE];
-                    gemm_acc(len, hd, rows, s, 1, KEY_TILE, dout, hd, dv_tile, hd); // dv += Pᵀ·dO
+                    let first = key_tile * KEY_TILE;
+                    // With dropout, v met P∘Z in the forward; dS below still uses P.
+                    let p_seen_by_v = match &p.dropout {
+                        None => s,
+                        Some(dropout) => {
+                            let pz = &mut pz[..rows * KEY_TILE];
+                            pz.copy_from_slice(s);
+                            drop_probabilities(p, dropout, bh, q0, first, rows, pz);
+                            pz
+                        }
+                    };
+                    gemm_acc(len, hd, rows, p_seen_by_v, 1, KEY_TILE, dout, hd, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
                     let dp = &mut dp[..rows * KEY_TILE];
                     dp.fill(T::ZERO);
                     gemm_acc(rows, KEY_TILE, hd, dout, hd, 1, &vt, KEY_TILE, dp, KEY_TILE); // dP = dO·Vᵀ
+                    if let Some(dropout) = &p.dropout {
+                        drop_probabilities(p, dropout, bh, q0, first, rows, dp); // Z∘dP
+                    }
                     for ((dp_row, p_row), &d) in dp.chunks_exact_mut(KEY_TILE).zip(s.chunks_exact(KEY_TILE)).zip(d) {
                         for (x, &pij) in dp_row.iter_mut().zip(p_row) {
                             *x = pij * (*x - d); // dS

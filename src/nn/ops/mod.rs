@@ -20,6 +20,7 @@
 pub mod blas;
 pub mod cross_entropy;
 pub mod dispatch;
+pub mod dropout;
 pub mod flash_attention;
 pub mod gemm;
 pub mod linear;
@@ -35,6 +36,7 @@ pub(crate) mod testing;
 
 pub use cross_entropy::{label_smoothed_cross_entropy, softmax_cross_entropy};
 pub use dispatch::{combine_rows, gather_rows, grouped_linear, Dispatch};
+pub use dropout::{dropout, DropoutMask};
 pub use flash_attention::{flash_attention, flash_attention_qkv, flash_attention_tokens, AttentionMask};
 pub use linear::{linear, linear_then};
 pub use norm::{layer_norm, rms_norm};

@@ -3,6 +3,7 @@ use candle_core::{DType, Device, Tensor};
 use super::*;
 use crate::nn::attention::grouped_attention;
 use crate::nn::ops::testing::{check_against_composed, check_finite_differences, rand_tensor, value_and_grads};
+use crate::nn::ops::DropoutMask;
 use crate::nn::positions::alibi_slopes;
 
 /// `(B, H, T, hd)` queries and `(B, KV, S, hd)` keys/values, scaled up a little so the softmax
@@ -20,7 +21,13 @@ fn flash(scale: f64, mask: AttentionMask) -> impl Fn(&[Tensor]) -> candle_core::
     move |x: &[Tensor]| flash_attention(&x[0], &x[1], &x[2], scale, &mask)
 }
 
-/// The model's composed path: `grouped_attention` with a bias tensor (scale `1/√hd`).
+/// The composed path the model's `naive` implementation runs (materialised bias, softmax,
+/// dropout factors), at `scale`.
+fn composed(scale: f64, mask: AttentionMask) -> impl Fn(&[Tensor]) -> candle_core::Result<Tensor> {
+    move |x: &[Tensor]| composed_attention(&x[0], &x[1], &x[2], scale, &mask)
+}
+
+/// `grouped_attention` with a bias tensor (scale `1/√hd`).
 fn naive(mask: AttentionMask) -> impl Fn(&[Tensor]) -> candle_core::Result<Tensor> {
     move |x: &[Tensor]| {
         let (t, hd) = (x[0].dim(2)?, x[0].dim(3)?);
@@ -250,4 +257,111 @@ fn fused_qkv_matches_separate_projections() {
     assert!(flash_attention_qkv(&qkv, 3, kv, 0.4, &mask, None).is_err());
     let wrong = cos.narrow(0, 0, 5).unwrap();
     assert!(flash_attention_qkv(&qkv, h, kv, 0.4, &mask, Some((&wrong, &wrong))).is_err());
+}
+
+/// Right-padded key lengths (one row with every key, one short, one empty), with bidirectional
+/// attention, cross-attention (`T ≠ S`) and causal attention: gradients against f64 finite
+/// differences, across tile boundaries.
+#[test]
+fn key_padding_gradients_match_finite_differences() {
+    let cases = [
+        ("bidirectional", 6, 6, AttentionMask::bidirectional(6)),
+        ("cross", 4, 9, AttentionMask::bidirectional(9)),
+        ("causal", 7, 7, AttentionMask::causal_self(0, 7)),
+    ];
+    for (name, t, s, mask) in cases {
+        let mask = mask.with_key_lengths(Some(vec![s, s - 3, 0]));
+        let inputs = qkv(3, 2, 1, t, s, 3, DType::F64, 21);
+        check_finite_differences(&flash(0.6, mask), &inputs, &[0, 1, 2], 1e-6);
+        eprintln!("{name}: ok");
+    }
+    // Two key tiles with a row that ends in the first one: its second tile is skipped whole.
+    let mask = AttentionMask::bidirectional(70).with_key_lengths(Some(vec![70, 5]));
+    check_finite_differences(&flash(0.5, mask), &qkv(2, 2, 2, 3, 70, 2, DType::F64, 22), &[0, 1, 2], 1e-6);
+}
+
+/// Padding against the composed path (which materialises the `-inf` bias), values and every
+/// gradient, over sizes around the tile and every kind of attention.
+#[test]
+fn key_padding_matches_naive_attention() {
+    for &(t, s) in &[(1usize, 7usize), (63, 64), (65, 130), (130, 65), (200, 200)] {
+        let lengths = vec![s, (s / 3).max(1), s - 1];
+        let cases = [
+            ("bidirectional/cross", AttentionMask::bidirectional(s)),
+            ("causal", AttentionMask::causal(s.saturating_sub(t), (0..s).collect())),
+        ];
+        for (name, mask) in cases {
+            let mask = mask.with_key_lengths(Some(lengths.clone()));
+            let inputs = qkv(3, 4, 2, t, s, 8, DType::F32, (t * 7 + s) as u64);
+            let what = format!("{name}: T {t}, S {s}, lengths {lengths:?}");
+            check_against_composed(&what, &flash(0.35, mask.clone()), &composed(0.35, mask), &inputs, 1e-5);
+        }
+    }
+}
+
+/// Dropout on the probabilities: the kernel's masks are the composed path's (one hash of the
+/// element index), the gradients match finite differences with the mask held fixed, and the
+/// output is the undropped attention's in expectation.
+#[test]
+fn attention_dropout_matches_the_composed_mask_and_finite_differences() {
+    let drop = |seed| Some(DropoutMask::new(0.3, seed).unwrap());
+    let small = AttentionMask::bidirectional(9).with_key_lengths(Some(vec![9, 4])).with_dropout(drop(3));
+    check_finite_differences(&flash(0.6, small), &qkv(2, 2, 1, 5, 9, 3, DType::F64, 31), &[0, 1, 2], 1e-6);
+    let causal = AttentionMask::causal_self(0, 70).with_dropout(drop(4));
+    check_finite_differences(&flash(0.6, causal), &qkv(1, 2, 2, 70, 70, 2, DType::F64, 32), &[0, 1, 2], 1e-6);
+    for (name, mask) in [
+        ("causal", AttentionMask::causal_self(0, 130).with_alibi(Some(alibi_slopes(4, 8.0)))),
+        ("cross", AttentionMask::bidirectional(70).with_key_lengths(Some(vec![70, 33]))),
+    ] {
+        let mask = mask.with_dropout(drop(5));
+        let t = if name == "cross" { 100 } else { 130 };
+        let inputs = qkv(2, 4, 2, t, mask.key_positions.len(), 8, DType::F32, 33);
+        check_against_composed(name, &flash(0.35, mask.clone()), &composed(0.35, mask), &inputs, 1e-5);
+    }
+    // Averaged over many masks, dropout leaves the output unbiased.
+    let inputs = qkv(1, 1, 1, 4, 6, 4, DType::F64, 34);
+    let plain = flash_attention(&inputs[0], &inputs[1], &inputs[2], 0.5, &AttentionMask::bidirectional(6)).unwrap();
+    let mut mean = plain.zeros_like().unwrap();
+    let draws = 4000;
+    for seed in 0..draws {
+        let mask = AttentionMask::bidirectional(6).with_dropout(drop(seed));
+        mean = (mean + flash_attention(&inputs[0], &inputs[1], &inputs[2], 0.5, &mask).unwrap()).unwrap();
+    }
+    let mean = (mean / draws as f64).unwrap();
+    crate::nn::ops::testing::assert_close("mean over masks", &mean, &plain, 0.0, 0.03);
+}
+
+/// Bidirectional self-attention with padding and dropout through the fused q/k/v entry point
+/// (the encoder's training path) gives what the separate projections give.
+#[test]
+fn fused_qkv_with_padding_and_dropout_matches_separate_projections() {
+    use crate::nn::ops::flash_attention_qkv;
+    let (b, h, kv, t, hd) = (3, 4, 2, 70, 6);
+    let qkv_input = (rand_tensor(&[b, t, (h + 2 * kv) * hd], 41, DType::F64) * 2.0).unwrap();
+    let mask = AttentionMask::bidirectional(t)
+        .with_key_lengths(Some(vec![70, 12, 65]))
+        .with_dropout(Some(DropoutMask::new(0.2, 9).unwrap()));
+    let fused = |x: &[Tensor]| flash_attention_qkv(&x[0], h, kv, 0.4, &mask, None);
+    let separate = |x: &[Tensor]| {
+        let part = |first: usize, n: usize| x[0].narrow(2, first * hd, n * hd);
+        flash_attention_tokens(&part(0, h)?, &part(h, kv)?, &part(h + kv, kv)?, h, kv, 0.4, &mask)
+    };
+    let inputs = [qkv_input];
+    let (got, got_grads) = value_and_grads(&fused, &inputs);
+    let (want, want_grads) = value_and_grads(&separate, &inputs);
+    crate::nn::ops::testing::assert_close("value", &got, &want, 1e-12, 1e-12);
+    crate::nn::ops::testing::assert_close("d(qkv)", &got_grads[0], &want_grads[0], 1e-12, 1e-12);
+}
+
+#[test]
+fn bad_key_lengths_are_errors() {
+    let x = qkv(2, 2, 2, 3, 5, 4, DType::F32, 50);
+    let run = |lengths: Vec<usize>| {
+        flash_attention(&x[0], &x[1], &x[2], 0.5, &AttentionMask::bidirectional(5).with_key_lengths(Some(lengths)))
+    };
+    assert!(run(vec![5, 2]).is_ok());
+    let err = run(vec![5]).unwrap_err().to_string();
+    assert!(err.contains("1 key lengths for a batch of B = 2"), "{err}");
+    let err = run(vec![5, 6]).unwrap_err().to_string();
+    assert!(err.contains("key length 6"), "{err}");
 }
