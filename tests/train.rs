@@ -246,3 +246,27 @@ fn alibi_model_trained_at_64_evaluates_at_256() {
     let loss: f32 = model.loss(&input, &target).unwrap().to_scalar().unwrap();
     assert!(loss.is_finite() && loss > 0.0, "loss at 256 tokens: {loss}");
 }
+
+/// Partial saves left by killed workers are removed when a run starts or resumes, even a run
+/// that is complete and so never saves again.
+#[test]
+fn resuming_a_complete_run_removes_stale_partial_saves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let done = tmp.path().join("done");
+    let config = write_config(tmp.path(), &done, "tiny-llama", 8);
+    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    // Above Linux's largest pid (2^22), so no such process can exist.
+    let stale = [".step-000009.tmp-99999999", ".step-000008.deleting-99999999", ".step-000008.replaced-99999999"]
+        .map(|name| done.join("checkpoints").join(name));
+    for dir in &stale {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"half a checkpoint").unwrap();
+    }
+    let out = run(&["train", "--resume", done.to_str().unwrap(), "--no-supervisor"]);
+    for dir in &stale {
+        assert!(!dir.exists(), "{} survived the resume", dir.display());
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the unfinished save of a process that is gone"));
+    assert!(checkpoint(&done, 8).join("manifest.json").exists(), "the finished checkpoint is kept");
+    assert_eq!(losses(&done).len(), 8, "a complete run trains no further");
+}

@@ -497,13 +497,21 @@ pub fn cleanup_partial(run_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// Whether process `pid` exists. Where this cannot be known, assume it does, so a concurrent
-/// save is never deleted (stale directories then stay until removed by hand).
+/// Whether process `pid` may still write. A zombie may not: it has exited and only waits to be
+/// reaped, which in a container without an init may never happen, so its partial saves are
+/// stale. Where this cannot be known (not Linux), assume it may, so a concurrent save is never
+/// deleted (stale directories then stay until removed by hand).
 fn process_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new("/proc").join(pid.to_string()).exists()
-    } else {
-        true
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    // `/proc/PID/stat` is "PID (COMMAND) STATE …"; COMMAND may hold spaces and parentheses.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z" | "X"))
+        }
+        Err(_) => false,
     }
 }
 
@@ -790,6 +798,46 @@ mod tests {
         save_run(&tmp.0, &trained(2, None));
         assert!(!partial.exists());
         assert!(latest_valid(&tmp.0).unwrap().skipped.is_empty());
+    }
+
+    /// A worker killed mid-save stays a zombie until reaped, which may be never: its partial
+    /// save and half-removed checkpoint are stale all the same.
+    #[test]
+    fn partial_saves_of_a_zombie_are_cleaned_up() {
+        let tmp = TempDir::new("zombie");
+        save_run(&tmp.0, &trained(1, None));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let stat = format!("/proc/{pid}/stat");
+        let is_zombie = || std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z "));
+        for _ in 0..500 {
+            if is_zombie() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(is_zombie(), "the unreaped child should be a zombie");
+        let root = tmp.0.join(CHECKPOINTS_DIR);
+        let leftovers =
+            [root.join(format!(".step-000002.tmp-{pid}")), root.join(format!(".step-000001.deleting-{pid}"))];
+        for dir in &leftovers {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let mut removed = cleanup_partial(&tmp.0).unwrap();
+        removed.sort();
+        let mut expected = leftovers.to_vec();
+        expected.sort();
+        assert_eq!(removed, expected);
+
+        // A live writer's partial save is left alone.
+        let mut live = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let busy = root.join(format!(".step-000003.tmp-{}", live.id()));
+        std::fs::create_dir_all(&busy).unwrap();
+        assert!(cleanup_partial(&tmp.0).unwrap().is_empty());
+        assert!(busy.exists());
+        live.kill().unwrap();
+        live.wait().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

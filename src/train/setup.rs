@@ -132,6 +132,11 @@ pub(crate) fn open_run_dir(config: &RunConfig, resume: bool) -> Result<()> {
         ));
     }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    // Partial saves of killed workers cost a checkpoint of disk each; a run that is complete
+    // never saves again, so clean up on every start and resume, not only at the next save.
+    for stale in checkpoint::cleanup_partial(run_dir)? {
+        eprintln!("removed {}: the unfinished save of a process that is gone", stale.display());
+    }
     let run_config_path = run_dir.join(RUN_CONFIG_FILE);
     if !resume {
         let text = toml::to_string_pretty(config).expect("run config serialises");
