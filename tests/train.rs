@@ -268,5 +268,9 @@ fn resuming_a_complete_run_removes_stale_partial_saves() {
     }
     assert!(String::from_utf8_lossy(&out.stderr).contains("the unfinished save of a process that is gone"));
     assert!(checkpoint(&done, 8).join("manifest.json").exists(), "the finished checkpoint is kept");
+    // The BPE trained for the run declares its end token, for generation and exports.
+    let tokenizer_config = std::fs::read_to_string(done.join("tokenizer_config.json")).unwrap();
+    let tokenizer_config: serde_json::Value = serde_json::from_str(&tokenizer_config).unwrap();
+    assert_eq!(tokenizer_config["eos_token"], "<|endoftext|>");
     assert_eq!(losses(&done).len(), 8, "a complete run trains no further");
 }

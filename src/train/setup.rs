@@ -9,9 +9,7 @@ use super::checkpoint;
 use super::corpus;
 use super::run_config::RunConfig;
 use crate::config::ModelConfig;
-use crate::data::{
-    check_vocab, prepare, save_tokenizer, train_bpe, PrepareConfig, TokenDataset, ValSplit, END_OF_TEXT,
-};
+use crate::data::{check_vocab, prepare, train_bpe, PrepareConfig, TokenDataset, ValSplit, END_OF_TEXT};
 use crate::error::{Error, Result};
 use crate::io::{self, TextTokenizer};
 use crate::model::init_weights;
@@ -74,7 +72,11 @@ pub fn prepare_run(config: &RunConfig, resume: bool) -> Result<Prepared> {
                 train_files.len()
             );
             let tokenizer = train_bpe(&train_files, model_config.vocab_size, &[END_OF_TEXT.to_string()], 2)?;
-            save_tokenizer(&tokenizer, &tokenizer_file)?;
+            // Declared as the end token (tokenizer_config.json), so generation stops there and
+            // exports (GGUF, Hugging Face) carry it.
+            let end = tokenizer.token_to_id(END_OF_TEXT);
+            TextTokenizer::new(tokenizer, None, end.into_iter().collect(), None, "the trained BPE")
+                .save(&tokenizer_file)?;
         }
     }
     let tokenizer = TextTokenizer::from_file(&tokenizer_file)?;
