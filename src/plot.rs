@@ -161,14 +161,16 @@ fn draw_expert_load(canvas: &mut Canvas, panel: &Frame, load: &[(f64, Vec<Vec<f6
         }
     }
     let experts = load[0].1.first().map_or(1, Vec::len);
-    let label_every = (10 / (row_h * experts)).max(1) + 1;
+    // A label needs 10 px of height: label every layer whose band is that tall, else every
+    // few. ("layer N" in full: this font has no capitals, and "l0" reads as "10".)
+    let label_every = 10usize.div_ceil(row_h * experts).max(1);
     for layer in 0..load[0].1.len() {
         let y = panel.y0 + layer * experts * row_h;
         if layer > 0 {
             canvas.hline(panel.x0, panel.x0 + panel.w, y, BLACK);
         }
-        if layer % label_every == 0 || label_every == 1 {
-            canvas.text(&format!("l{layer}"), 30, y + (experts * row_h).saturating_sub(7) / 2, BLACK);
+        if layer % label_every == 0 {
+            canvas.text(&format!("layer {layer}"), 8, y + (experts * row_h).saturating_sub(7) / 2, BLACK);
         }
     }
     canvas.rect(panel.x0, panel.y0, panel.w, h, BLACK);
