@@ -190,7 +190,10 @@ fn requested_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { t.$field = v; } )* };
     }
-    set!(steps, batch_size, seq_len, grad_accum, lr, warmup_steps, seed, eval_every, checkpoint_every, sample_every);
+    set!(steps, batch_size, seq_len, grad_accum, lr, seed, eval_every, checkpoint_every, sample_every);
+    if let Some(v) = args.warmup_steps {
+        t.warmup_steps = Some(v);
+    }
     Ok(c)
 }
 
