@@ -4,6 +4,7 @@ mod arch;
 mod bench;
 mod data;
 mod export;
+mod plan;
 mod run;
 mod show;
 mod train;
@@ -66,6 +67,8 @@ enum Command {
     Data(data::DataCommand),
     /// Train a model from scratch or continue pretraining; restarts itself after a crash.
     Train(Box<train::TrainArgs>),
+    /// Compare adopt, adapt and invent plans for a corpus and a compute budget.
+    Plan(Box<plan::PlanArgs>),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => run::generate(args),
         Command::Export(args) => export::export(args),
         Command::Train(args) => train::train(*args),
+        Command::Plan(args) => plan::plan(*args),
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("loss.png"));
             lmforge::plot::plot_run(&run, &out)?;

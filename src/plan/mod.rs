@@ -1,0 +1,708 @@
+//! `lmforge plan`: adopt, adapt or invent, compared for one corpus and one compute budget.
+//!
+//! For each plan (see [`candidates`]) the planner answers, with the same code the rest of
+//! lmforge runs:
+//!
+//! - **tokens**: the corpus tokenized with the tokenizer the run would use ([`corpus`]);
+//! - **memory**: `lmforge show`'s accounting of weights, gradients and AdamW moments, plus
+//!   activations measured on this machine at two batch sizes ([`memory`]); the batch is halved
+//!   (and gradient accumulation doubled) until the peak fits the memory limit;
+//! - **time**: on this machine, a rehearsal of the run's step, evaluation, checkpoint and
+//!   sampling ([`calibrate`]) combined by [`time`]; on an accelerator, FLOPs over its datasheet
+//!   peak at an assumed utilisation ([`device`]);
+//! - **steps**: as many as the budget allows — hours through the time model, FLOPs through the
+//!   training FLOPs per step (three times the forward, `ModelConfig::flops_forward_per_token`);
+//! - **a loss guide**: the data-constrained Chinchilla law of Muennighoff et al. 2023
+//!   ([`scaling`]), which also sizes the *adapt* plan: the parameter count it prefers for this
+//!   budget and corpus.
+//!
+//! The recommendation is the plan with the lowest loss guide among those that fit; every figure
+//! behind it and every assumption is in the report.
+
+pub mod calibrate;
+pub mod candidates;
+pub mod corpus;
+pub mod device;
+pub mod memory;
+pub mod scaling;
+pub mod time;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use candidates::{Approach, Candidate, MoeShape, PlanSpec, Start};
+pub use corpus::{PlanCorpus, TokenizedCorpus};
+pub use device::PlanDevice;
+pub use memory::{MemoryEstimate, MemoryModel};
+pub use time::{TimeEstimate, UnitCosts};
+
+use crate::data::{SequentialBatches, TokenDataset};
+use crate::error::{Error, Result};
+use calibrate::Calibration;
+use scaling::MUENNIGHOFF_2023;
+use time::LoopIntervals;
+
+/// The candidates when none are given: the default training model, whose proportions the adapt
+/// and invent plans resize.
+pub const DEFAULT_CANDIDATES: [&str; 1] = ["tiny-llama"];
+
+/// Peak learning rate of printed continuation commands: a tenth of the from-scratch default.
+/// Continued pretraining re-warms a converged model, and a large rate makes it forget what it
+/// knew (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to
+/// (re)warm your model?").
+pub const CONTINUE_LR: f64 = 3e-4;
+
+/// Tokens per parameter a checkpoint is assumed to have been pretrained on when its loss guide
+/// is computed: Chinchilla's compute-optimal ratio (Hoffmann et al. 2022), the least a
+/// published model gets (most get far more), so the guide understates adopting.
+pub const PRETRAINED_TOKENS_PER_PARAM: f64 = 20.0;
+
+/// How much compute the plans may spend.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Budget {
+    /// Wall-clock hours on the plan's device.
+    Hours { hours: f64 },
+    /// Training FLOPs (forward and backward).
+    Flops { flops: f64 },
+}
+
+/// Everything `lmforge plan` was asked.
+#[derive(Clone, Debug)]
+pub struct PlanRequest {
+    /// Text files, one prepared dataset directory, or nothing for the bundled corpus.
+    pub corpus: Vec<PathBuf>,
+    pub budget: Budget,
+    pub device: PlanDevice,
+    /// Bytes; default: the device's memory.
+    pub memory_limit: Option<u64>,
+    /// Presets, config files or checkpoints; empty means [`DEFAULT_CANDIDATES`].
+    pub candidates: Vec<String>,
+    /// Sequences per optimizer step (split into micro-batches when memory is short).
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Experts and routing of the invented mixtures.
+    pub moe: MoeShape,
+    /// Tokenizers, datasets and calibrations are kept here.
+    pub cache_dir: PathBuf,
+    /// The lmforge binary that runs rehearsals.
+    pub exe: PathBuf,
+    /// Measure again even where the cache has a calibration.
+    pub recalibrate: bool,
+    /// Parent of the printed commands' run directories.
+    pub runs_dir: PathBuf,
+}
+
+/// One costed plan: a row of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanRow {
+    #[serde(flatten)]
+    pub spec: PlanSpec,
+    pub params_total: u64,
+    pub params_active: u64,
+    /// Micro-batch, micro-batches per step, and sequence length.
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub steps: u64,
+    pub tokens_seen: u64,
+    /// Training tokens of the corpus in this plan's tokenizer.
+    pub tokens_available: u64,
+    pub epochs: f64,
+    /// What the seen tokens are worth with repeats discounted (Muennighoff et al. 2023).
+    pub effective_tokens: f64,
+    pub tokenizer: String,
+    pub dataset: PathBuf,
+    /// Training FLOPs per token at this sequence length, and for the whole plan.
+    pub flops_per_token: f64,
+    pub train_flops: f64,
+    pub time: TimeEstimate,
+    pub tokens_per_second: f64,
+    pub memory: MemoryEstimate,
+    pub loss_guide: f64,
+    /// The rehearsal measurements behind `time` and `memory`, on this machine.
+    pub calibration: Option<Calibration>,
+    /// What to run, in order.
+    pub commands: Vec<String>,
+}
+
+/// A plan that could not be made, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Excluded {
+    pub label: String,
+    pub reason: String,
+    #[serde(flatten)]
+    pub kind: Shortfall,
+}
+
+/// What a plan lacked.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "shortfall", rename_all = "snake_case")]
+pub enum Shortfall {
+    /// Bytes it needs at batch 1.
+    Memory { needs_bytes: u64 },
+    /// What one step needs: seconds (hours budget) or FLOPs.
+    Budget { needs: f64 },
+    /// The corpus is too short for one sequence or one validation window.
+    Data,
+}
+
+/// The chosen plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct Recommendation {
+    /// Index into the rows.
+    pub row: usize,
+    pub why: String,
+}
+
+/// The whole answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanReport {
+    pub corpus: String,
+    pub budget: Budget,
+    pub device: String,
+    pub memory_limit: u64,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// The parameter count the loss guide prefers for this budget and corpus (sizes *adapt*).
+    pub optimal_params: Option<f64>,
+    pub rows: Vec<PlanRow>,
+    pub excluded: Vec<Excluded>,
+    pub recommendation: Option<Recommendation>,
+    pub assumptions: Vec<String>,
+}
+
+/// Cost every plan for `request`.
+pub fn plan(request: &PlanRequest) -> Result<PlanReport> {
+    check_request(request)?;
+    std::fs::create_dir_all(&request.cache_dir).map_err(|e| Error::io(&request.cache_dir, e))?;
+    let corpus = PlanCorpus::resolve(&request.corpus, &request.cache_dir)?;
+    let limit = request.memory_limit.or_else(|| request.device.memory_bytes()).ok_or_else(|| {
+        Error::Input("cannot read this machine's memory size\nHINT: give the limit with --memory GiB".into())
+    })?;
+    let names: Vec<String> = if request.candidates.is_empty() {
+        DEFAULT_CANDIDATES.iter().map(|s| s.to_string()).collect()
+    } else {
+        request.candidates.clone()
+    };
+    let candidates: Vec<Candidate> = names.iter().map(|n| Candidate::resolve(n)).collect::<Result<_>>()?;
+    let mut planner = Planner { request, corpus, limit, tokenized: HashMap::new(), fastest_rate: None };
+
+    let mut specs: Vec<PlanSpec> = Vec::new();
+    for candidate in &candidates {
+        specs.push(candidates::adopt(candidate));
+        if let Some(upcycled) = candidates::invent_upcycled(candidate, request.moe)? {
+            specs.push(upcycled);
+        }
+    }
+    let mut outcomes: Vec<(PlanSpec, Outcome)> = Vec::new();
+    for spec in specs {
+        let outcome = planner.cost(&spec)?;
+        outcomes.push((spec, outcome));
+    }
+
+    // Adapt and invent from the first dense candidate trained from scratch, sized by the
+    // budget its adopt plan measured.
+    let mut optimal_params = None;
+    let base = candidates.iter().find(|c| !c.is_checkpoint() && !c.is_moe());
+    if let Some(base) = base {
+        let adopted = outcomes.iter().find_map(|(spec, o)| match o {
+            Outcome::Row(row) if spec.label == candidates::adopt(base).label => Some(row.clone()),
+            _ => None,
+        });
+        if let Some(adopted) = adopted {
+            let flops = planner.budget_flops(&adopted);
+            let n = MUENNIGHOFF_2023.optimal_params(flops, adopted.tokens_available as f64);
+            optimal_params = Some(n);
+            let adapted = candidates::adapt_resized(base, n)?;
+            let dense = adapted.clone().unwrap_or_else(|| candidates::adopt(base));
+            let invented = candidates::invent_moe(&dense, base, request.moe)?;
+            for spec in adapted.into_iter().chain(invented) {
+                let outcome = planner.cost(&spec)?;
+                outcomes.push((spec, outcome));
+            }
+        }
+    }
+
+    let mut rows = Vec::new();
+    let mut excluded = Vec::new();
+    for (_, outcome) in outcomes {
+        match outcome {
+            Outcome::Row(row) => rows.push(*row),
+            Outcome::Excluded(e) => excluded.push(e),
+        }
+    }
+    if rows.is_empty() {
+        return Err(nothing_fits(&excluded, request, limit));
+    }
+    let recommendation = recommend(&rows, limit);
+    Ok(PlanReport {
+        corpus: planner.corpus.describe(),
+        budget: request.budget,
+        device: request.device.describe(),
+        memory_limit: limit,
+        batch_size: request.batch_size,
+        seq_len: request.seq_len,
+        optimal_params,
+        assumptions: assumptions(request, &rows),
+        rows,
+        excluded,
+        recommendation,
+    })
+}
+
+fn check_request(r: &PlanRequest) -> Result<()> {
+    let mut problems = Vec::new();
+    match r.budget {
+        Budget::Hours { hours } if !(hours > 0.0 && hours.is_finite()) => {
+            problems.push(format!("--hours {hours}: expected a positive number"))
+        }
+        Budget::Flops { flops } if !(flops > 0.0 && flops.is_finite()) => {
+            problems.push(format!("--flops {flops}: expected a positive number"))
+        }
+        _ => {}
+    }
+    if r.batch_size == 0 {
+        problems.push("--batch-size 0: expected at least 1".into());
+    }
+    if r.seq_len == 0 {
+        problems.push("--seq-len 0: expected at least 1".into());
+    }
+    if r.memory_limit == Some(0) {
+        problems.push("--memory 0: expected a positive size in GiB".into());
+    }
+    if r.moe.experts < 2 || r.moe.top_k == 0 || r.moe.top_k > r.moe.experts {
+        problems.push(format!(
+            "--experts {} --top-k {}: expected at least 2 experts and 1 <= top-k <= experts",
+            r.moe.experts, r.moe.top_k
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Input(problems.join("\n")))
+    }
+}
+
+/// A costed plan or the reason there is none.
+enum Outcome {
+    Row(Box<PlanRow>),
+    Excluded(Excluded),
+}
+
+struct Planner<'r> {
+    request: &'r PlanRequest,
+    corpus: PlanCorpus,
+    limit: u64,
+    /// Tokenized corpora by tokenizer (vocab size or checkpoint path).
+    tokenized: HashMap<String, TokenizedCorpus>,
+    /// The fastest training FLOP/s measured so far, to skip rehearsing a plan that could not
+    /// take one step in the budget.
+    fastest_rate: Option<f64>,
+}
+
+/// A FLOP/s this machine's CPU is not expected to beat, for the skip test before anything is
+/// measured.
+const OPTIMISTIC_CPU_FLOPS: f64 = 2e12;
+
+impl Planner<'_> {
+    fn tokenized(&mut self, spec: &PlanSpec) -> Result<TokenizedCorpus> {
+        let key = match &spec.tokenizer_of {
+            Some(path) => path.display().to_string(),
+            None => format!("bpe-{}", spec.config.vocab_size),
+        };
+        if let Some(t) = self.tokenized.get(&key) {
+            return Ok(t.clone());
+        }
+        let cache = &self.request.cache_dir;
+        let tokenized = match &spec.tokenizer_of {
+            Some(path) => {
+                let tokenizer = crate::io::read_tokenizer(path)?.ok_or_else(|| {
+                    Error::checkpoint(path, "carries no tokenizer, so its corpus cannot be counted\nHINT: use a checkpoint with tokenizer.json (or a GGUF with tokenizer metadata)")
+                })?;
+                let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                self.corpus.for_tokenizer(&tokenizer, &name, cache)?
+            }
+            None => self.corpus.for_new_model(spec.config.vocab_size, cache)?,
+        };
+        self.tokenized.insert(key, tokenized.clone());
+        Ok(tokenized)
+    }
+
+    /// Cost one plan.
+    fn cost(&mut self, spec: &PlanSpec) -> Result<Outcome> {
+        let request = self.request;
+        let config = &spec.config;
+        let seq = request.seq_len.min(config.context_length);
+        let excluded = |reason: String, kind: Shortfall| {
+            Ok(Outcome::Excluded(Excluded { label: spec.label.clone(), reason, kind }))
+        };
+        let corpus = self.tokenized(spec)?;
+        if corpus.train_tokens <= seq as u64 {
+            return excluded(
+                format!(
+                    "the corpus is {} tokens in {}, fewer than one sequence of {} + 1",
+                    corpus.train_tokens, corpus.tokenizer, seq
+                ),
+                Shortfall::Data,
+            );
+        }
+        let dataset = TokenDataset::open(&corpus.dataset)?;
+        if SequentialBatches::new(dataset.val().clone(), seq, 1).is_err() {
+            return excluded(
+                format!(
+                    "the validation split is {} tokens, fewer than one sequence of {} + 1 (training evaluates on it)",
+                    corpus.val_tokens, seq
+                ),
+                Shortfall::Data,
+            );
+        }
+
+        // Memory first: the largest micro-batch that fits, by the tensor count.
+        let analytic = MemoryModel::analytic(config, seq);
+        let Some(mut batch) = analytic.largest_batch_within(request.batch_size, seq, self.limit) else {
+            let needs = analytic.estimate(1, seq).peak;
+            return excluded(
+                format!("needs {} at batch 1 x {seq} (estimated)", gib(needs)),
+                Shortfall::Memory { needs_bytes: needs },
+            );
+        };
+        let flops_per_token = 3.0 * config.flops_forward_per_token(seq);
+        let budget_seconds = match request.budget {
+            Budget::Hours { hours } => Some(hours * 3600.0),
+            Budget::Flops { .. } => None,
+        };
+
+        let (memory_model, costs, calibration) = match &request.device {
+            PlanDevice::ThisCpu => {
+                // Never rehearse what this machine cannot hold now, or what could not take a
+                // single step in the budget even at an optimistic speed.
+                let free = device::meminfo_bytes("MemAvailable:").unwrap_or(u64::MAX);
+                let needs = analytic.estimate(batch, seq).peak;
+                if needs > free {
+                    return excluded(
+                        format!("needs about {} at batch {batch} x {seq}; this machine has {} free now, so it was not rehearsed", gib(needs), gib(free)),
+                        Shortfall::Memory { needs_bytes: needs },
+                    );
+                }
+                let rate = self.fastest_rate.map_or(OPTIMISTIC_CPU_FLOPS, |r| 2.0 * r);
+                let step_guess = flops_per_token * (batch * seq) as f64 / rate;
+                if budget_seconds.is_some_and(|s| step_guess > s) {
+                    return excluded(
+                        format!("needs about {} or more for one step here", seconds(step_guess)),
+                        Shortfall::Budget { needs: step_guess },
+                    );
+                }
+                let init = match &spec.start {
+                    Start::Continue { from } => Some(from.as_path()),
+                    _ => None,
+                };
+                let rehearse = |batch| {
+                    calibrate::calibrate(
+                        &request.exe,
+                        &request.cache_dir,
+                        config,
+                        init,
+                        batch,
+                        seq,
+                        request.recalibrate,
+                    )
+                };
+                let mut calibration = rehearse(batch)?;
+                let mut measured = MemoryModel::measured(config, &calibration);
+                if measured.estimate(batch, seq).peak > self.limit {
+                    let Some(smaller) = measured.largest_batch_within(batch, seq, self.limit) else {
+                        let needs = measured.estimate(1, seq).peak;
+                        return excluded(
+                            format!("needs {} at batch 1 x {seq} (measured)", gib(needs)),
+                            Shortfall::Memory { needs_bytes: needs },
+                        );
+                    };
+                    batch = smaller;
+                    calibration = rehearse(batch)?;
+                    measured = MemoryModel::measured(config, &calibration);
+                }
+                let full = &calibration.full;
+                let rate = flops_per_token * (batch * seq) as f64 / full.step_seconds;
+                self.fastest_rate = Some(self.fastest_rate.map_or(rate, |r| r.max(rate)));
+                let costs = UnitCosts {
+                    startup: full.load_seconds + (full.first_step_seconds - full.step_seconds).max(0.0),
+                    step: full.step_seconds,
+                    eval_batch: full.eval_batch_seconds.unwrap_or(full.forward_seconds),
+                    checkpoint: full.checkpoint_seconds.unwrap_or(0.0),
+                    sample_token: full.sample_seconds_per_token.unwrap_or(0.0),
+                };
+                (measured, costs, Some(calibration))
+            }
+            PlanDevice::Accelerator { spec: accelerator, mfu } => {
+                let rate = accelerator.peak_flops * mfu;
+                let step = flops_per_token * (batch * seq) as f64 / rate;
+                let costs =
+                    UnitCosts { startup: 0.0, step, eval_batch: step / 3.0, checkpoint: 0.0, sample_token: 0.0 };
+                (analytic, costs, None)
+            }
+        };
+        let grad_accum = request.batch_size.div_ceil(batch);
+        let val_batches = SequentialBatches::new(dataset.val().clone(), seq, batch)?.batches();
+        let intervals = LoopIntervals::train_defaults(val_batches);
+        let tokens_per_step = (batch * grad_accum * seq) as u64;
+        let flops_per_step = flops_per_token * tokens_per_step as f64;
+        let steps = match request.budget {
+            Budget::Hours { hours } => time::steps_within(&costs, &intervals, grad_accum as u64, hours * 3600.0),
+            Budget::Flops { flops } => (flops / flops_per_step).floor() as u64,
+        };
+        if steps == 0 {
+            let (needs, what) = match request.budget {
+                Budget::Hours { .. } => {
+                    let t = time::estimate(&costs, &intervals, 1, grad_accum as u64).total;
+                    (
+                        t,
+                        format!(
+                            "{} ({:.4} h) for one step of {batch} x {seq} with start-up, evaluation and checkpoints",
+                            seconds(t),
+                            t / 3600.0
+                        ),
+                    )
+                }
+                Budget::Flops { .. } => (
+                    flops_per_step,
+                    format!("{flops_per_step:.2e} FLOPs for one step of {} x {seq}", batch * grad_accum),
+                ),
+            };
+            return excluded(format!("needs {what}"), Shortfall::Budget { needs });
+        }
+        let time = time::estimate(&costs, &intervals, steps, grad_accum as u64);
+        let tokens_seen = steps * tokens_per_step;
+        let available = corpus.train_tokens;
+        let row = PlanRow {
+            params_total: config.params_total() as u64,
+            params_active: config.params_active() as u64,
+            batch_size: batch,
+            grad_accum,
+            seq_len: seq,
+            steps,
+            tokens_seen,
+            tokens_available: available,
+            epochs: tokens_seen as f64 / available as f64,
+            effective_tokens: MUENNIGHOFF_2023.effective_tokens(tokens_seen as f64, available as f64),
+            tokenizer: corpus.tokenizer.clone(),
+            dataset: corpus.dataset.clone(),
+            flops_per_token,
+            train_flops: flops_per_step * steps as f64,
+            tokens_per_second: tokens_seen as f64 / time.training.max(f64::MIN_POSITIVE),
+            memory: memory_model.estimate(batch, seq),
+            loss_guide: loss_guide(spec, tokens_seen as f64, available as f64)?,
+            calibration,
+            commands: commands(spec, request, &corpus.dataset, steps, batch, grad_accum, seq),
+            time,
+            spec: spec.clone(),
+        };
+        Ok(Outcome::Row(Box::new(row)))
+    }
+
+    /// The training FLOPs the budget buys for the plan `row` (its measured speed on this
+    /// machine, or the device's rate).
+    fn budget_flops(&self, row: &PlanRow) -> f64 {
+        match self.request.budget {
+            Budget::Flops { flops } => flops,
+            Budget::Hours { hours } => row.train_flops / row.time.training.max(f64::MIN_POSITIVE) * hours * 3600.0,
+        }
+    }
+}
+
+/// The loss guide of a plan that sees `tokens` of a corpus of `unique` tokens. A continued or
+/// upcycled checkpoint adds its (assumed) pretraining tokens; a mixture counts its active
+/// parameters.
+fn loss_guide(spec: &PlanSpec, tokens: f64, unique: f64) -> Result<f64> {
+    let params = spec.config.params_active() as f64;
+    let pretrained = match &spec.start {
+        Start::Scratch => 0.0,
+        Start::Continue { from } | Start::Upcycle { from, .. } => {
+            PRETRAINED_TOKENS_PER_PARAM * crate::io::read_config(from)?.params_total() as f64
+        }
+    };
+    Ok(MUENNIGHOFF_2023.loss(params, pretrained + tokens, pretrained + unique))
+}
+
+/// The commands that carry out a plan.
+fn commands(
+    spec: &PlanSpec,
+    request: &PlanRequest,
+    dataset: &Path,
+    steps: u64,
+    batch: usize,
+    grad_accum: usize,
+    seq: usize,
+) -> Vec<String> {
+    let name = corpus::slug(&spec.label.replace(" + continue", "").replace(" (from scratch)", "").replace(':', ""));
+    let run = request.runs_dir.join(format!("plan-{}", name.to_ascii_lowercase()));
+    let mut train = vec!["lmforge".to_string(), "train".into(), "--run".into(), quote(&run.display().to_string())];
+    let mut out = Vec::new();
+    match &spec.start {
+        Start::Scratch => {
+            train.extend(["--arch".into(), quote(&spec.arch)]);
+            for setting in &spec.settings {
+                train.extend(["--set".into(), quote(setting)]);
+            }
+        }
+        Start::Continue { from } => train.extend(["--init-from".into(), quote(&from.display().to_string())]),
+        Start::Upcycle { from, experts, top_k } => {
+            let upcycled = format!("{}-upcycled", run.display());
+            out.push(format!(
+                "lmforge upcycle --model {} --experts {experts} --top-k {top_k} --out {}",
+                quote(&from.display().to_string()),
+                quote(&upcycled)
+            ));
+            train.extend(["--init-from".into(), quote(&upcycled)]);
+        }
+    }
+    train.extend(["--dataset".into(), quote(&dataset.display().to_string())]);
+    train.extend(["--steps".into(), steps.to_string(), "--batch-size".into(), batch.to_string()]);
+    train.extend(["--seq-len".into(), seq.to_string()]);
+    if grad_accum > 1 {
+        train.extend(["--grad-accum".into(), grad_accum.to_string()]);
+    }
+    if spec.start != Start::Scratch {
+        train.extend(["--lr".into(), format!("{CONTINUE_LR:e}")]);
+    }
+    out.push(train.join(" "));
+    out
+}
+
+/// `text` as one shell word.
+fn quote(text: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The plan with the lowest loss guide, and why.
+fn recommend(rows: &[PlanRow], limit: u64) -> Option<Recommendation> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by(|&a, &b| rows[a].loss_guide.total_cmp(&rows[b].loss_guide));
+    let best = *order.first()?;
+    let row = &rows[best];
+    let mut why = format!("the lowest loss guide, {:.2}", row.loss_guide);
+    if let Some(&next) = order.get(1) {
+        why.push_str(&format!(" (next: {:.2}, {})", rows[next].loss_guide, rows[next].spec.label));
+    }
+    why.push_str(&format!(
+        "; {:.2} epochs of the corpus in {}; peak memory {} of {}",
+        row.epochs,
+        seconds(row.time.total),
+        gib(row.memory.peak),
+        gib(limit)
+    ));
+    Some(Recommendation { row: best, why })
+}
+
+/// The error when no plan survives: the memory limit, the budget or the data, by what the
+/// plans lacked.
+fn nothing_fits(excluded: &[Excluded], request: &PlanRequest, limit: u64) -> Error {
+    let memory: Vec<(&Excluded, u64)> = excluded
+        .iter()
+        .filter_map(|e| match e.kind {
+            Shortfall::Memory { needs_bytes } => Some((e, needs_bytes)),
+            _ => None,
+        })
+        .collect();
+    let budget: Vec<(&Excluded, f64)> = excluded
+        .iter()
+        .filter_map(|e| match e.kind {
+            Shortfall::Budget { needs } => Some((e, needs)),
+            _ => None,
+        })
+        .collect();
+    let all = excluded.iter().map(|e| format!("{}: {}", e.label, e.reason)).collect::<Vec<_>>();
+    let list = crate::error::bullet_list(&all, 12);
+    if memory.len() == excluded.len() {
+        let (smallest, needs) = memory.iter().min_by_key(|(_, n)| *n).expect("at least one plan");
+        return Error::Input(format!(
+            "no plan fits in {} of memory; the smallest, {}, needs {}:{list}\nHINT: raise --memory to at least {:.2}, or shorten --seq-len",
+            gib(limit),
+            smallest.label,
+            gib(*needs),
+            *needs as f64 / GIB + 0.005
+        ));
+    }
+    if budget.len() == excluded.len() {
+        let (cheapest, needs) = budget.iter().min_by(|a, b| a.1.total_cmp(&b.1)).expect("at least one plan");
+        let hint = match request.budget {
+            Budget::Hours { .. } => format!("--hours {:.4} at least", needs / 3600.0 * 1.01),
+            Budget::Flops { .. } => format!("--flops {:.2e} at least", needs * 1.01),
+        };
+        return Error::Input(format!(
+            "the budget is too small for even one training step of any plan; the cheapest, {}, {}:{list}\nHINT: {hint}",
+            cheapest.label, cheapest.reason
+        ));
+    }
+    Error::Input(format!("no plan can run:{list}"))
+}
+
+/// What the figures rest on, for the end of the report.
+fn assumptions(request: &PlanRequest, rows: &[PlanRow]) -> Vec<String> {
+    let law = MUENNIGHOFF_2023;
+    let mut out = vec![format!(
+        "loss guide: the data-constrained Chinchilla law of Muennighoff et al. 2023 (their C4 fit: E {:.2}, A {:.1}, B {:.1}, alpha = beta {:.3}, R*_D {:.1}, R*_N {:.1}); a guide for comparing rows, not the loss a run will print, and tokens of different tokenizers are not the same unit",
+        law.e, law.a, law.b, law.alpha, law.repeats_star_data, law.repeats_star_params
+    )];
+    if rows.iter().any(|r| r.spec.start != Start::Scratch) {
+        out.push(format!(
+            "continued and upcycled checkpoints are assumed to have seen {PRETRAINED_TOKENS_PER_PARAM} tokens per parameter before (Chinchilla-optimal; published models usually saw more, so the guide understates them); their commands use a peak learning rate of {CONTINUE_LR:e}"
+        ));
+    }
+    if rows.iter().any(|r| matches!(r.spec.config.ffn, crate::config::Ffn::Moe { .. })) {
+        out.push("mixtures of experts count their active parameters in the guide (conservative: routed models beat dense ones of equal active size, Clark et al. 2022)".into());
+    }
+    out.push(match &request.device {
+        PlanDevice::ThisCpu => format!(
+            "time: each plan's step, evaluation, checkpoint and sampling rehearsed on this machine (cached in {}); a shared machine's speed drifts by about 15%",
+            request.cache_dir.join("calibration").display()
+        ),
+        PlanDevice::Accelerator { .. } => "time: training FLOPs at the assumed utilisation of the device's peak; start-up, checkpoints and sampling are not counted; lmforge itself trains on the CPU, so the commands size a job for another trainer on that device".into(),
+    });
+    out.push(match &request.device {
+        PlanDevice::ThisCpu => "memory: f32 weights, gradients and AdamW moments (16 bytes per parameter, as `lmforge show` counts them) plus activations and runtime measured from rehearsals at two batch sizes; the peak is the larger of a training step and a checkpoint save".into(),
+        PlanDevice::Accelerator { .. } => "memory: 16 bytes per parameter for weights, gradients and AdamW moments plus activations counted from the tensors the backward pass keeps (not measured)".into(),
+    });
+    out.push(format!(
+        "the commands train on the corpus as tokenized for each plan (--dataset, under {}), with lmforge train's default evaluation, checkpoint and sample intervals",
+        request.cache_dir.join("datasets").display()
+    ));
+    if rows.iter().any(|r| matches!(r.spec.start, Start::Upcycle { .. })) {
+        out.push("upcycled plans are costed as the mixture `lmforge upcycle` writes (every expert a copy of the dense FFN, a new router); the upcycle itself is not timed".into());
+    }
+    out
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes as GiB, or MiB / KiB below one of the unit.
+pub fn gib(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= GIB {
+        format!("{:.2} GiB", b / GIB)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.0} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
+/// Seconds as `1h02m`, `3m05s` or `4.2 s`.
+pub fn seconds(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        let whole = s.round() as u64;
+        format!("{}m{:02}s", whole / 60, whole % 60)
+    } else {
+        let minutes = (s / 60.0).round() as u64;
+        format!("{}h{:02}m", minutes / 60, minutes % 60)
+    }
+}
