@@ -62,9 +62,11 @@ impl Candidate {
             (CandidateSource::Preset { name: arg.to_string() }, io::resolve_arch(arg, &[])?)
         };
         let stem = || path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| arg.to_string());
+        // A checkpoint is named as its file or directory is (its metadata's name is often a
+        // training-run label); a config file by its own name when it has one.
         let name = match &source {
             CandidateSource::Preset { name } => name.clone(),
-            _ if !config.name.is_empty() => config.name.clone(),
+            CandidateSource::ConfigFile { .. } if !config.name.is_empty() => config.name.clone(),
             _ => stem(),
         };
         Ok(Candidate { arg: arg.to_string(), name, source, config })

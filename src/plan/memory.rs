@@ -159,6 +159,6 @@ fn ffn_floats(ffn: &Ffn, d: f64) -> f64 {
     match ffn {
         Ffn::Mlp { hidden, .. } => 2.0 * *hidden as f64 + d,
         Ffn::Gated { hidden, .. } => 3.0 * *hidden as f64 + d,
-        Ffn::Moe { experts, top_k, expert } => *top_k as f64 * (ffn_floats(expert, d) + d) + 2.0 * *experts as f64,
+        Ffn::Moe { experts, top_k, expert, .. } => *top_k as f64 * (ffn_floats(expert, d) + d) + 2.0 * *experts as f64,
     }
 }
