@@ -228,62 +228,73 @@ impl FileStamp {
     }
 }
 
-/// Measure `config` (starting from `init_from`, if given) at `batch × seq` and at a second,
-/// smaller batch, or read both from the cache. `exe` is the lmforge binary to run them with.
-pub fn calibrate(
-    exe: &Path,
-    cache: &Path,
-    config: &ModelConfig,
-    init_from: Option<&Path>,
-    batch: usize,
-    seq: usize,
-    recalibrate: bool,
-) -> Result<Calibration> {
-    let mut anonymous = config.clone();
-    anonymous.name.clear(); // a label, not part of the shape
-    let key = CacheKey {
-        config: &anonymous,
-        init_from: init_from.and_then(FileStamp::of),
-        batch,
-        seq,
-        threads: crate::nn::ops::parallel::threads(),
-        gemm: crate::nn::ops::gemm::backend().to_string(),
-        blas: crate::nn::ops::blas::loaded().map(|b| b.description.clone()),
-        version: env!("CARGO_PKG_VERSION"),
-        exe: FileStamp::of(exe),
-    };
-    let key_json = serde_json::to_string(&key).expect("a cache key serialises");
-    let dir = cache.join("calibration");
-    let path = dir.join(format!("{}.json", hex16(&Sha256::digest(key_json.as_bytes()))));
-    if !recalibrate {
-        if let Some(mut calibration) =
-            std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<Calibration>(&t).ok())
-        {
-            calibration.cached = true;
-            return Ok(calibration);
+/// Where and how rehearsals run: the lmforge binary, the cache, and whether to ignore it.
+pub struct Calibrator<'a> {
+    pub exe: &'a Path,
+    pub cache: &'a Path,
+    /// Measure again even where the cache has a calibration.
+    pub recalibrate: bool,
+}
+
+impl Calibrator<'_> {
+    /// Measure `config` (starting from `init_from`, if given) at `batch × seq` and at a
+    /// second, smaller batch, or read both from the cache. `label` names the plan in progress
+    /// messages.
+    pub fn calibrate(
+        &self,
+        label: &str,
+        config: &ModelConfig,
+        init_from: Option<&Path>,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Calibration> {
+        let (exe, cache, recalibrate) = (self.exe, self.cache, self.recalibrate);
+        let mut anonymous = config.clone();
+        anonymous.name.clear(); // a label, not part of the shape
+        let key = CacheKey {
+            config: &anonymous,
+            init_from: init_from.and_then(FileStamp::of),
+            batch,
+            seq,
+            threads: crate::nn::ops::parallel::threads(),
+            gemm: crate::nn::ops::gemm::backend().to_string(),
+            blas: crate::nn::ops::blas::loaded().map(|b| b.description.clone()),
+            version: env!("CARGO_PKG_VERSION"),
+            exe: FileStamp::of(exe),
+        };
+        let key_json = serde_json::to_string(&key).expect("a cache key serialises");
+        let dir = cache.join("calibration");
+        let path = dir.join(format!("{}.json", hex16(&Sha256::digest(key_json.as_bytes()))));
+        if !recalibrate {
+            if let Some(mut calibration) =
+                std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<Calibration>(&t).ok())
+            {
+                calibration.cached = true;
+                return Ok(calibration);
+            }
         }
+        // The memory slope needs two batch sizes; below the plan's when it has room.
+        let small_batch = if batch >= 2 { batch / 2 } else { 2 };
+        let spec = |batch: usize, full: bool| RehearsalSpec {
+            config: config.clone(),
+            init_from: init_from.map(Path::to_path_buf),
+            batch,
+            seq,
+            timed_seconds: if full { 3.0 } else { 0.0 },
+            min_steps: if full { 3 } else { 1 },
+            full,
+            sample_tokens: crate::train::run_config::TrainSpec::default().sample_tokens,
+            scratch_dir: cache.join("scratch"),
+        };
+        eprintln!("plan: rehearsing `{label}` at batch {small_batch} and {batch} x {seq} on this machine");
+        let small = rehearse_in_child(exe, &spec(small_batch, false))?;
+        let full = rehearse_in_child(exe, &spec(batch, true))?;
+        let calibration = Calibration { small_batch, small, batch, full, seq, cached: false };
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let text = serde_json::to_string_pretty(&calibration).expect("a calibration serialises");
+        let partial = path.with_extension("json.partial");
+        std::fs::write(&partial, text).map_err(|e| Error::io(&partial, e))?;
+        std::fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))?;
+        Ok(calibration)
     }
-    // The memory slope needs two batch sizes; below the plan's when it has room.
-    let small_batch = if batch >= 2 { batch / 2 } else { 2 };
-    let spec = |batch: usize, full: bool| RehearsalSpec {
-        config: config.clone(),
-        init_from: init_from.map(Path::to_path_buf),
-        batch,
-        seq,
-        timed_seconds: if full { 3.0 } else { 0.0 },
-        min_steps: if full { 3 } else { 1 },
-        full,
-        sample_tokens: crate::train::run_config::TrainSpec::default().sample_tokens,
-        scratch_dir: cache.join("scratch"),
-    };
-    eprintln!("plan: rehearsing {} at batch {small_batch} and {batch} x {seq} on this machine", config.name);
-    let small = rehearse_in_child(exe, &spec(small_batch, false))?;
-    let full = rehearse_in_child(exe, &spec(batch, true))?;
-    let calibration = Calibration { small_batch, small, batch, full, seq, cached: false };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let text = serde_json::to_string_pretty(&calibration).expect("a calibration serialises");
-    let partial = path.with_extension("json.partial");
-    std::fs::write(&partial, text).map_err(|e| Error::io(&partial, e))?;
-    std::fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))?;
-    Ok(calibration)
 }

@@ -28,7 +28,7 @@ pub mod scaling;
 pub mod time;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -119,6 +119,8 @@ pub struct PlanRow {
     pub flops_per_token: f64,
     pub train_flops: f64,
     pub time: TimeEstimate,
+    /// The evaluation, checkpoint and sample intervals the time assumes (the command's).
+    pub intervals: LoopIntervals,
     pub tokens_per_second: f64,
     pub memory: MemoryEstimate,
     pub loss_guide: f64,
@@ -399,17 +401,12 @@ impl Planner<'_> {
                     Start::Continue { from } => Some(from.as_path()),
                     _ => None,
                 };
-                let rehearse = |batch| {
-                    calibrate::calibrate(
-                        &request.exe,
-                        &request.cache_dir,
-                        config,
-                        init,
-                        batch,
-                        seq,
-                        request.recalibrate,
-                    )
+                let calibrator = calibrate::Calibrator {
+                    exe: &request.exe,
+                    cache: &request.cache_dir,
+                    recalibrate: request.recalibrate,
                 };
+                let rehearse = |batch| calibrator.calibrate(&spec.label, config, init, batch, seq);
                 let mut calibration = rehearse(batch)?;
                 let mut measured = MemoryModel::measured(config, &calibration);
                 if measured.estimate(batch, seq).peak > self.limit {
@@ -427,8 +424,11 @@ impl Planner<'_> {
                 let full = &calibration.full;
                 let rate = flops_per_token * (batch * seq) as f64 / full.step_seconds;
                 self.fastest_rate = Some(self.fastest_rate.map_or(rate, |r| r.max(rate)));
+                // An upcycled model is rehearsed from random weights (their initialisation is
+                // slow and nothing like reading `lmforge upcycle`'s output), so its load is left out.
+                let load = if matches!(spec.start, Start::Upcycle { .. }) { 0.0 } else { full.load_seconds };
                 let costs = UnitCosts {
-                    startup: full.load_seconds + (full.first_step_seconds - full.step_seconds).max(0.0),
+                    startup: load + (full.first_step_seconds - full.step_seconds).max(0.0),
                     step: full.step_seconds,
                     eval_batch: full.eval_batch_seconds.unwrap_or(full.forward_seconds),
                     checkpoint: full.checkpoint_seconds.unwrap_or(0.0),
@@ -446,11 +446,11 @@ impl Planner<'_> {
         };
         let grad_accum = request.batch_size.div_ceil(batch);
         let val_batches = SequentialBatches::new(dataset.val().clone(), seq, batch)?.batches();
-        let intervals = LoopIntervals::train_defaults(val_batches);
+        let mut intervals = LoopIntervals::train_defaults(val_batches);
         let tokens_per_step = (batch * grad_accum * seq) as u64;
         let flops_per_step = flops_per_token * tokens_per_step as f64;
         let steps = match request.budget {
-            Budget::Hours { hours } => time::steps_within(&costs, &intervals, grad_accum as u64, hours * 3600.0),
+            Budget::Hours { hours } => fit_evaluation(&costs, &mut intervals, grad_accum as u64, hours * 3600.0),
             Budget::Flops { flops } => (flops / flops_per_step).floor() as u64,
         };
         if steps == 0 {
@@ -495,11 +495,14 @@ impl Planner<'_> {
             memory: memory_model.estimate(batch, seq),
             loss_guide: loss_guide(spec, tokens_seen as f64, available as f64)?,
             calibration,
-            commands: commands(spec, request, &corpus.dataset, steps, batch, grad_accum, seq),
+            commands: vec![],
+            intervals,
             time,
             spec: spec.clone(),
         };
-        Ok(Outcome::Row(Box::new(row)))
+        let mut row = Box::new(row);
+        row.commands = commands(&row, request);
+        Ok(Outcome::Row(row))
     }
 
     /// The training FLOPs the budget buys for the plan `row` (its measured speed on this
@@ -512,30 +515,44 @@ impl Planner<'_> {
     }
 }
 
-/// The loss guide of a plan that sees `tokens` of a corpus of `unique` tokens. A continued or
-/// upcycled checkpoint adds its (assumed) pretraining tokens; a mixture counts its active
-/// parameters.
+/// Evaluation is kept to at most this share of a time budget: the default 20 validation batches
+/// at the start and the end of a short run of a large model can otherwise take most of it.
+const EVAL_SHARE: f64 = 0.1;
+
+/// The most steps within `seconds`, after lowering the validation batches per evaluation (not
+/// below 1) when evaluating would take more than [`EVAL_SHARE`] of the budget.
+fn fit_evaluation(costs: &UnitCosts, intervals: &mut LoopIntervals, grad_accum: u64, seconds: f64) -> u64 {
+    let steps = time::steps_within(costs, intervals, grad_accum, seconds);
+    let evaluation = time::estimate(costs, intervals, steps.max(1), grad_accum).evaluation;
+    if evaluation <= EVAL_SHARE * seconds || intervals.eval_batches <= 1 {
+        return steps;
+    }
+    let per_batch = evaluation / intervals.eval_batches as f64;
+    intervals.eval_batches = ((EVAL_SHARE * seconds / per_batch).floor() as u64).clamp(1, intervals.eval_batches);
+    time::steps_within(costs, intervals, grad_accum, seconds)
+}
+
+/// The loss guide of a plan that sees `tokens` of a corpus of `unique` tokens. A continued
+/// checkpoint adds its (assumed) pretraining tokens; a mixture from scratch counts its active
+/// parameters; an upcycled mixture counts the dense checkpoint's, since it starts as exactly
+/// that model and upcycling pays off only after a sizeable share of the original pretraining
+/// compute (Komatsuzaki et al. 2022), which the guide cannot tell.
 fn loss_guide(spec: &PlanSpec, tokens: f64, unique: f64) -> Result<f64> {
-    let params = spec.config.params_active() as f64;
-    let pretrained = match &spec.start {
-        Start::Scratch => 0.0,
+    let (params, pretrained) = match &spec.start {
+        Start::Scratch => (spec.config.params_active() as f64, 0.0),
         Start::Continue { from } | Start::Upcycle { from, .. } => {
-            PRETRAINED_TOKENS_PER_PARAM * crate::io::read_config(from)?.params_total() as f64
+            let dense = crate::io::read_config(from)?.params_total() as f64;
+            let params =
+                if matches!(spec.start, Start::Upcycle { .. }) { dense } else { spec.config.params_active() as f64 };
+            (params, PRETRAINED_TOKENS_PER_PARAM * dense)
         }
     };
     Ok(MUENNIGHOFF_2023.loss(params, pretrained + tokens, pretrained + unique))
 }
 
-/// The commands that carry out a plan.
-fn commands(
-    spec: &PlanSpec,
-    request: &PlanRequest,
-    dataset: &Path,
-    steps: u64,
-    batch: usize,
-    grad_accum: usize,
-    seq: usize,
-) -> Vec<String> {
+/// The commands that carry out a costed plan.
+fn commands(row: &PlanRow, request: &PlanRequest) -> Vec<String> {
+    let spec = &row.spec;
     let name = corpus::slug(&spec.label.replace(" + continue", "").replace(" (from scratch)", "").replace(':', ""));
     let run = request.runs_dir.join(format!("plan-{}", name.to_ascii_lowercase()));
     let mut train = vec!["lmforge".to_string(), "train".into(), "--run".into(), quote(&run.display().to_string())];
@@ -558,11 +575,14 @@ fn commands(
             train.extend(["--init-from".into(), quote(&upcycled)]);
         }
     }
-    train.extend(["--dataset".into(), quote(&dataset.display().to_string())]);
-    train.extend(["--steps".into(), steps.to_string(), "--batch-size".into(), batch.to_string()]);
-    train.extend(["--seq-len".into(), seq.to_string()]);
-    if grad_accum > 1 {
-        train.extend(["--grad-accum".into(), grad_accum.to_string()]);
+    train.extend(["--dataset".into(), quote(&row.dataset.display().to_string())]);
+    train.extend(["--steps".into(), row.steps.to_string(), "--batch-size".into(), row.batch_size.to_string()]);
+    train.extend(["--seq-len".into(), row.seq_len.to_string()]);
+    if row.grad_accum > 1 {
+        train.extend(["--grad-accum".into(), row.grad_accum.to_string()]);
+    }
+    if row.intervals.eval_batches < crate::train::run_config::TrainSpec::default().eval_batches {
+        train.extend(["--eval-batches".into(), row.intervals.eval_batches.to_string()]);
     }
     if spec.start != Start::Scratch {
         train.extend(["--lr".into(), format!("{CONTINUE_LR:e}")]);
@@ -671,11 +691,12 @@ fn assumptions(request: &PlanRequest, rows: &[PlanRow]) -> Vec<String> {
         PlanDevice::Accelerator { .. } => "memory: 16 bytes per parameter for weights, gradients and AdamW moments plus activations counted from the tensors the backward pass keeps (not measured)".into(),
     });
     out.push(format!(
-        "the commands train on the corpus as tokenized for each plan (--dataset, under {}), with lmforge train's default evaluation, checkpoint and sample intervals",
-        request.cache_dir.join("datasets").display()
+        "the commands train on the corpus as tokenized for each plan (--dataset, under {}), with lmforge train's default evaluation, checkpoint and sample intervals (fewer validation batches, --eval-batches, where evaluating would take more than {:.0}% of the time)",
+        request.cache_dir.join("datasets").display(),
+        EVAL_SHARE * 100.0
     ));
     if rows.iter().any(|r| matches!(r.spec.start, Start::Upcycle { .. })) {
-        out.push("upcycled plans are costed as the mixture `lmforge upcycle` writes (every expert a copy of the dense FFN, a new router); the upcycle itself is not timed".into());
+        out.push("upcycled plans are costed as the mixture `lmforge upcycle` writes (every expert a copy of the dense FFN, a new router); the upcycle and reading its output are not timed, and the guide counts the dense model's parameters (it starts as exactly that model; Komatsuzaki et al. 2022)".into());
     }
     out
 }
@@ -704,5 +725,34 @@ pub fn seconds(s: f64) -> String {
     } else {
         let minutes = (s / 60.0).round() as u64;
         format!("{}h{:02}m", minutes / 60, minutes % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluation_is_cut_to_its_share_of_a_short_budget() {
+        // A large model: a step of 10 s, an evaluation batch of 4 s. With 20 batches at the
+        // start and the end, a 10-minute run would evaluate for 160 s.
+        let costs = UnitCosts { startup: 5.0, step: 10.0, eval_batch: 4.0, checkpoint: 2.0, sample_token: 0.1 };
+        let mut intervals = LoopIntervals::train_defaults(1000);
+        assert_eq!(intervals.eval_batches, 20);
+        let steps = fit_evaluation(&costs, &mut intervals, 1, 600.0);
+        let t = time::estimate(&costs, &intervals, steps, 1);
+        assert!(intervals.eval_batches < 20 && intervals.eval_batches >= 1);
+        assert!(t.evaluation <= EVAL_SHARE * 600.0 && t.total <= 600.0, "{t:?}");
+        // A cheap evaluation is left alone.
+        let mut cheap = LoopIntervals::train_defaults(1000);
+        fit_evaluation(&UnitCosts { eval_batch: 0.01, ..costs }, &mut cheap, 1, 600.0);
+        assert_eq!(cheap.eval_batches, 20);
+    }
+
+    #[test]
+    fn commands_quote_only_what_the_shell_would_split() {
+        assert_eq!(quote("runs/plan-adopt-tiny-llama"), "runs/plan-adopt-tiny-llama");
+        assert_eq!(quote(r#"ffn={"kind":"moe"}"#), r#"'ffn={"kind":"moe"}'"#);
+        assert_eq!(quote("it's here"), r"'it'\''s here'");
     }
 }
