@@ -238,9 +238,13 @@ fn print_details(number: usize, row: &PlanRow) {
         seconds(t.total),
         row.tokens_per_second,
         match &row.calibration {
-            Some(c) if c.cached => ", measured earlier (cached)",
-            Some(_) => ", measured now",
-            None => "",
+            Some(c) => format!(
+                "; measured {}, steps took {:.0}-{:.0} ms",
+                if c.cached { "earlier (cached)" } else { "now" },
+                c.full.step_seconds_range.0 * 1e3,
+                c.full.step_seconds_range.1 * 1e3
+            ),
+            None => String::new(),
         }
     );
     for command in &row.commands {

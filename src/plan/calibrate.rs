@@ -57,6 +57,8 @@ pub struct Rehearsal {
     pub first_step_seconds: f64,
     pub step_seconds: f64,
     pub steps_timed: usize,
+    /// The fastest and slowest timed step: how steady the machine was while measured.
+    pub step_seconds_range: (f64, f64),
     pub forward_seconds: f64,
     pub backward_seconds: f64,
     pub update_seconds: f64,
@@ -88,9 +90,12 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
 
     let first_step_seconds = bench.step()?.0.total();
     let (mut steps, mut timed) = (0usize, crate::train::bench::StepPhases::default());
+    let mut range = (f64::INFINITY, 0f64);
     let timing = Instant::now();
     while steps < spec.min_steps || timing.elapsed().as_secs_f64() < spec.timed_seconds {
-        timed.accumulate(bench.step()?.0);
+        let phases = bench.step()?.0;
+        range = (range.0.min(phases.total()), range.1.max(phases.total()));
+        timed.accumulate(phases);
         steps += 1;
     }
     let step_seconds = timing.elapsed().as_secs_f64() / steps as f64;
@@ -100,6 +105,7 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
         first_step_seconds,
         step_seconds,
         steps_timed: steps,
+        step_seconds_range: range,
         forward_seconds: timed.forward / steps as f64,
         backward_seconds: timed.backward / steps as f64,
         update_seconds: timed.update / steps as f64,
@@ -280,7 +286,8 @@ impl Calibrator<'_> {
             init_from: init_from.map(Path::to_path_buf),
             batch,
             seq,
-            timed_seconds: if full { 3.0 } else { 0.0 },
+            // Long enough to average over some of the swings of a shared machine's load.
+            timed_seconds: if full { 10.0 } else { 0.0 },
             min_steps: if full { 3 } else { 1 },
             full,
             sample_tokens: crate::train::run_config::TrainSpec::default().sample_tokens,

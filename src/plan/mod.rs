@@ -19,8 +19,10 @@
 //! The recommendation is the plan with the lowest loss guide among those that fit; every figure
 //! behind it and every assumption is in the report.
 
+mod advice;
 pub mod calibrate;
 pub mod candidates;
+pub mod commands;
 pub mod corpus;
 pub mod device;
 pub mod memory;
@@ -47,12 +49,6 @@ use time::LoopIntervals;
 /// The candidates when none are given: the default training model, whose proportions the adapt
 /// and invent plans resize.
 pub const DEFAULT_CANDIDATES: [&str; 1] = ["tiny-llama"];
-
-/// Peak learning rate of printed continuation commands: a tenth of the from-scratch default.
-/// Continued pretraining re-warms a converged model, and a large rate makes it forget what it
-/// knew (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to
-/// (re)warm your model?").
-pub const CONTINUE_LR: f64 = 3e-4;
 
 /// Tokens per parameter a checkpoint is assumed to have been pretrained on when its loss guide
 /// is computed: Chinchilla's compute-optimal ratio (Hoffmann et al. 2022), the least a
@@ -237,9 +233,9 @@ pub fn plan(request: &PlanRequest) -> Result<PlanReport> {
         }
     }
     if rows.is_empty() {
-        return Err(nothing_fits(&excluded, request, limit));
+        return Err(advice::nothing_fits(&excluded, request, limit));
     }
-    let recommendation = recommend(&rows, limit);
+    let recommendation = advice::recommend(&rows, limit);
     Ok(PlanReport {
         corpus: planner.corpus.describe(),
         budget: request.budget,
@@ -248,7 +244,7 @@ pub fn plan(request: &PlanRequest) -> Result<PlanReport> {
         batch_size: request.batch_size,
         seq_len: request.seq_len,
         optimal_params,
-        assumptions: assumptions(request, &rows),
+        assumptions: advice::assumptions(request, &rows),
         rows,
         excluded,
         recommendation,
@@ -501,7 +497,7 @@ impl Planner<'_> {
             spec: spec.clone(),
         };
         let mut row = Box::new(row);
-        row.commands = commands(&row, request);
+        row.commands = commands::commands(&row, request);
         Ok(Outcome::Row(row))
     }
 
@@ -517,7 +513,7 @@ impl Planner<'_> {
 
 /// Evaluation is kept to at most this share of a time budget: the default 20 validation batches
 /// at the start and the end of a short run of a large model can otherwise take most of it.
-const EVAL_SHARE: f64 = 0.1;
+pub const EVAL_SHARE: f64 = 0.1;
 
 /// The most steps within `seconds`, after lowering the validation batches per evaluation (not
 /// below 1) when evaluating would take more than [`EVAL_SHARE`] of the budget.
@@ -548,157 +544,6 @@ fn loss_guide(spec: &PlanSpec, tokens: f64, unique: f64) -> Result<f64> {
         }
     };
     Ok(MUENNIGHOFF_2023.loss(params, pretrained + tokens, pretrained + unique))
-}
-
-/// The commands that carry out a costed plan.
-fn commands(row: &PlanRow, request: &PlanRequest) -> Vec<String> {
-    let spec = &row.spec;
-    let name = corpus::slug(&spec.label.replace(" + continue", "").replace(" (from scratch)", "").replace(':', ""));
-    let run = request.runs_dir.join(format!("plan-{}", name.to_ascii_lowercase()));
-    let mut train = vec!["lmforge".to_string(), "train".into(), "--run".into(), quote(&run.display().to_string())];
-    let mut out = Vec::new();
-    match &spec.start {
-        Start::Scratch => {
-            train.extend(["--arch".into(), quote(&spec.arch)]);
-            for setting in &spec.settings {
-                train.extend(["--set".into(), quote(setting)]);
-            }
-        }
-        Start::Continue { from } => train.extend(["--init-from".into(), quote(&from.display().to_string())]),
-        Start::Upcycle { from, experts, top_k } => {
-            let upcycled = format!("{}-upcycled", run.display());
-            out.push(format!(
-                "lmforge upcycle --model {} --experts {experts} --top-k {top_k} --out {}",
-                quote(&from.display().to_string()),
-                quote(&upcycled)
-            ));
-            train.extend(["--init-from".into(), quote(&upcycled)]);
-        }
-    }
-    train.extend(["--dataset".into(), quote(&row.dataset.display().to_string())]);
-    train.extend(["--steps".into(), row.steps.to_string(), "--batch-size".into(), row.batch_size.to_string()]);
-    train.extend(["--seq-len".into(), row.seq_len.to_string()]);
-    if row.grad_accum > 1 {
-        train.extend(["--grad-accum".into(), row.grad_accum.to_string()]);
-    }
-    if row.intervals.eval_batches < crate::train::run_config::TrainSpec::default().eval_batches {
-        train.extend(["--eval-batches".into(), row.intervals.eval_batches.to_string()]);
-    }
-    if spec.start != Start::Scratch {
-        train.extend(["--lr".into(), format!("{CONTINUE_LR:e}")]);
-    }
-    out.push(train.join(" "));
-    out
-}
-
-/// `text` as one shell word.
-fn quote(text: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c);
-    if !text.is_empty() && text.chars().all(plain) {
-        text.to_string()
-    } else {
-        format!("'{}'", text.replace('\'', r"'\''"))
-    }
-}
-
-/// The plan with the lowest loss guide, and why.
-fn recommend(rows: &[PlanRow], limit: u64) -> Option<Recommendation> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by(|&a, &b| rows[a].loss_guide.total_cmp(&rows[b].loss_guide));
-    let best = *order.first()?;
-    let row = &rows[best];
-    let mut why = format!("the lowest loss guide, {:.2}", row.loss_guide);
-    if let Some(&next) = order.get(1) {
-        why.push_str(&format!(" (next: {:.2}, {})", rows[next].loss_guide, rows[next].spec.label));
-    }
-    why.push_str(&format!(
-        "; {:.2} epochs of the corpus in {}; peak memory {} of {}",
-        row.epochs,
-        seconds(row.time.total),
-        gib(row.memory.peak),
-        gib(limit)
-    ));
-    Some(Recommendation { row: best, why })
-}
-
-/// The error when no plan survives: the memory limit, the budget or the data, by what the
-/// plans lacked.
-fn nothing_fits(excluded: &[Excluded], request: &PlanRequest, limit: u64) -> Error {
-    let memory: Vec<(&Excluded, u64)> = excluded
-        .iter()
-        .filter_map(|e| match e.kind {
-            Shortfall::Memory { needs_bytes } => Some((e, needs_bytes)),
-            _ => None,
-        })
-        .collect();
-    let budget: Vec<(&Excluded, f64)> = excluded
-        .iter()
-        .filter_map(|e| match e.kind {
-            Shortfall::Budget { needs } => Some((e, needs)),
-            _ => None,
-        })
-        .collect();
-    let all = excluded.iter().map(|e| format!("{}: {}", e.label, e.reason)).collect::<Vec<_>>();
-    let list = crate::error::bullet_list(&all, 12);
-    if memory.len() == excluded.len() {
-        let (smallest, needs) = memory.iter().min_by_key(|(_, n)| *n).expect("at least one plan");
-        return Error::Input(format!(
-            "no plan fits in {} of memory; the smallest, {}, needs {}:{list}\nHINT: raise --memory to at least {:.2}, or shorten --seq-len",
-            gib(limit),
-            smallest.label,
-            gib(*needs),
-            *needs as f64 / GIB + 0.005
-        ));
-    }
-    if budget.len() == excluded.len() {
-        let (cheapest, needs) = budget.iter().min_by(|a, b| a.1.total_cmp(&b.1)).expect("at least one plan");
-        let hint = match request.budget {
-            Budget::Hours { .. } => format!("--hours {:.4} at least", needs / 3600.0 * 1.01),
-            Budget::Flops { .. } => format!("--flops {:.2e} at least", needs * 1.01),
-        };
-        return Error::Input(format!(
-            "the budget is too small for even one training step of any plan; the cheapest, {}, {}:{list}\nHINT: {hint}",
-            cheapest.label, cheapest.reason
-        ));
-    }
-    Error::Input(format!("no plan can run:{list}"))
-}
-
-/// What the figures rest on, for the end of the report.
-fn assumptions(request: &PlanRequest, rows: &[PlanRow]) -> Vec<String> {
-    let law = MUENNIGHOFF_2023;
-    let mut out = vec![format!(
-        "loss guide: the data-constrained Chinchilla law of Muennighoff et al. 2023 (their C4 fit: E {:.2}, A {:.1}, B {:.1}, alpha = beta {:.3}, R*_D {:.1}, R*_N {:.1}); a guide for comparing rows, not the loss a run will print, and tokens of different tokenizers are not the same unit",
-        law.e, law.a, law.b, law.alpha, law.repeats_star_data, law.repeats_star_params
-    )];
-    if rows.iter().any(|r| r.spec.start != Start::Scratch) {
-        out.push(format!(
-            "continued and upcycled checkpoints are assumed to have seen {PRETRAINED_TOKENS_PER_PARAM} tokens per parameter before (Chinchilla-optimal; published models usually saw more, so the guide understates them); their commands use a peak learning rate of {CONTINUE_LR:e}"
-        ));
-    }
-    if rows.iter().any(|r| matches!(r.spec.config.ffn, crate::config::Ffn::Moe { .. })) {
-        out.push("mixtures of experts count their active parameters in the guide (conservative: routed models beat dense ones of equal active size, Clark et al. 2022)".into());
-    }
-    out.push(match &request.device {
-        PlanDevice::ThisCpu => format!(
-            "time: each plan's step, evaluation, checkpoint and sampling rehearsed on this machine (cached in {}); a shared machine's speed drifts by about 15%",
-            request.cache_dir.join("calibration").display()
-        ),
-        PlanDevice::Accelerator { .. } => "time: training FLOPs at the assumed utilisation of the device's peak; start-up, checkpoints and sampling are not counted; lmforge itself trains on the CPU, so the commands size a job for another trainer on that device".into(),
-    });
-    out.push(match &request.device {
-        PlanDevice::ThisCpu => "memory: f32 weights, gradients and AdamW moments (16 bytes per parameter, as `lmforge show` counts them) plus activations and runtime measured from rehearsals at two batch sizes; the peak is the larger of a training step and a checkpoint save".into(),
-        PlanDevice::Accelerator { .. } => "memory: 16 bytes per parameter for weights, gradients and AdamW moments plus activations counted from the tensors the backward pass keeps (not measured)".into(),
-    });
-    out.push(format!(
-        "the commands train on the corpus as tokenized for each plan (--dataset, under {}), with lmforge train's default evaluation, checkpoint and sample intervals (fewer validation batches, --eval-batches, where evaluating would take more than {:.0}% of the time)",
-        request.cache_dir.join("datasets").display(),
-        EVAL_SHARE * 100.0
-    ));
-    if rows.iter().any(|r| matches!(r.spec.start, Start::Upcycle { .. })) {
-        out.push("upcycled plans are costed as the mixture `lmforge upcycle` writes (every expert a copy of the dense FFN, a new router); the upcycle and reading its output are not timed, and the guide counts the dense model's parameters (it starts as exactly that model; Komatsuzaki et al. 2022)".into());
-    }
-    out
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -747,12 +592,5 @@ mod tests {
         let mut cheap = LoopIntervals::train_defaults(1000);
         fit_evaluation(&UnitCosts { eval_batch: 0.01, ..costs }, &mut cheap, 1, 600.0);
         assert_eq!(cheap.eval_batches, 20);
-    }
-
-    #[test]
-    fn commands_quote_only_what_the_shell_would_split() {
-        assert_eq!(quote("runs/plan-adopt-tiny-llama"), "runs/plan-adopt-tiny-llama");
-        assert_eq!(quote(r#"ffn={"kind":"moe"}"#), r#"'ffn={"kind":"moe"}'"#);
-        assert_eq!(quote("it's here"), r"'it'\''s here'");
     }
 }
