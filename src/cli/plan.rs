@@ -213,7 +213,7 @@ fn print_details(number: usize, row: &PlanRow) {
         short_count(row.effective_tokens)
     );
     println!(
-        "   memory   weights {} + gradients {} + AdamW {} + activations {} ({}x{}, {source}) + runtime {} = {}; checkpoint save {}; KV cache for generation at full context {}",
+        "   memory   weights {} + gradients {} + AdamW {} + activations {} ({}x{}, {source}) + runtime {} = {}; checkpoint, evaluation and sample {}; KV cache for generation at full context {}",
         gib(m.weights),
         gib(m.gradients),
         gib(m.adamw),
@@ -231,7 +231,7 @@ fn print_details(number: usize, row: &PlanRow) {
         "   time     start-up {} + {} steps x {} + evaluation {} + checkpoints {} + samples {} = {} ({:.0} tokens/s{})",
         seconds(t.startup),
         row.steps,
-        if per_step < 1.0 { format!("{:.0} ms", per_step * 1e3) } else { seconds(per_step) },
+        duration(per_step),
         seconds(t.evaluation),
         seconds(t.checkpoints),
         seconds(t.samples),
@@ -239,15 +239,24 @@ fn print_details(number: usize, row: &PlanRow) {
         row.tokens_per_second,
         match &row.calibration {
             Some(c) => format!(
-                "; measured {}, steps took {:.0}-{:.0} ms",
+                "; measured {}, steps took {}-{}",
                 if c.cached { "earlier (cached)" } else { "now" },
-                c.full.step_seconds_range.0 * 1e3,
-                c.full.step_seconds_range.1 * 1e3
+                duration(c.full.step_seconds_range.0),
+                duration(c.full.step_seconds_range.1)
             ),
             None => String::new(),
         }
     );
     for command in &row.commands {
         println!("   run      {command}");
+    }
+}
+
+/// Milliseconds below a second, else [`seconds`].
+fn duration(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.0} ms", s * 1e3)
+    } else {
+        seconds(s)
     }
 }

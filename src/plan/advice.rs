@@ -87,13 +87,13 @@ pub fn assumptions(request: &PlanRequest, rows: &[PlanRow]) -> Vec<String> {
     }
     out.push(match &request.device {
         PlanDevice::ThisCpu => format!(
-            "time: each plan's step, evaluation, checkpoint and sampling rehearsed on this machine (cached in {}); a shared machine's speed drifts by about 15%",
+            "time: each plan's step, evaluation, checkpoint and sampling rehearsed on this machine (cached in {}); on a shared machine the speed swings with the other load (each plan's details show how much its steps varied while measured)",
             request.cache_dir.join("calibration").display()
         ),
         PlanDevice::Accelerator { .. } => "time: training FLOPs at the assumed utilisation of the device's peak; start-up, checkpoints and sampling are not counted; lmforge itself trains on the CPU, so the commands size a job for another trainer on that device".into(),
     });
     out.push(match &request.device {
-        PlanDevice::ThisCpu => "memory: f32 weights, gradients and AdamW moments (16 bytes per parameter, as `lmforge show` counts them) plus activations and runtime measured from rehearsals at two batch sizes; the peak is the larger of a training step and a checkpoint save".into(),
+        PlanDevice::ThisCpu => "memory: f32 weights, gradients and AdamW moments (16 bytes per parameter, as `lmforge show` counts them) plus activations and runtime measured from rehearsals at two batch sizes; the peak is the larger of a training step and of evaluating, checkpointing and sampling after it".into(),
         PlanDevice::Accelerator { .. } => "memory: 16 bytes per parameter for weights, gradients and AdamW moments plus activations counted from the tensors the backward pass keeps (not measured)".into(),
     });
     out.push(format!(

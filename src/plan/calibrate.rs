@@ -66,8 +66,8 @@ pub struct Rehearsal {
     pub step_peak_bytes: u64,
     pub eval_batch_seconds: Option<f64>,
     pub checkpoint_seconds: Option<f64>,
-    /// Peak resident memory while the checkpoint is written, counted from the resident size
-    /// just before (None where the peak cannot be reset).
+    /// Peak resident memory while evaluating, writing the checkpoint and sampling, counted
+    /// from the resident size after the steps (None where the peak cannot be reset).
     pub checkpoint_peak_bytes: Option<u64>,
     pub sample_seconds_per_token: Option<f64>,
 }
@@ -118,14 +118,15 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
     if !spec.full {
         return Ok(rehearsal);
     }
+    // From here on the peak is counted afresh: what evaluating, checkpointing and sampling
+    // add to what the steps left resident.
+    let can_reset = reset_peak_rss();
     let evals = 2;
     rehearsal.eval_batch_seconds = Some((0..evals).map(|_| bench.eval_batch()).sum::<Result<f64>>()? / evals as f64);
 
-    let can_reset = reset_peak_rss();
     let started = Instant::now();
     write_checkpoint(&bench, spec)?;
     rehearsal.checkpoint_seconds = Some(started.elapsed().as_secs_f64());
-    rehearsal.checkpoint_peak_bytes = if can_reset { peak_rss_bytes() } else { None };
 
     if spec.sample_tokens > 0 {
         let options = GenerateOptions {
@@ -139,6 +140,7 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
         let ids = generate(bench.model(), &[1, 2, 3], &options, &mut sampler, |_| Ok(()))?;
         rehearsal.sample_seconds_per_token = Some(started.elapsed().as_secs_f64() / ids.len().max(1) as f64);
     }
+    rehearsal.checkpoint_peak_bytes = if can_reset { peak_rss_bytes() } else { None };
     Ok(rehearsal)
 }
 

@@ -6,8 +6,8 @@
 //!                 + activations · batch · seq                   (bytes per token, see below)
 //!                 + runtime                                     (the process itself: code,
 //!                                                                tokenizer, allocator slack)
-//! checkpoint peak = what a checkpoint save holds on top of the training state (the moments are
-//!                   copied out before they are written)
+//! checkpoint peak = what evaluating, saving a checkpoint (its moments are copied out before
+//!                   they are written) and sampling hold on top of what the steps left resident
 //! peak            = max(step peak, checkpoint peak)
 //! ```
 //!
@@ -46,7 +46,7 @@ pub struct MemoryEstimate {
     pub runtime: u64,
     /// During a training step: everything above.
     pub step_peak: u64,
-    /// While a checkpoint is written.
+    /// While evaluating, writing a checkpoint and sampling between steps.
     pub checkpoint_peak: u64,
     /// The larger of the two: what the run needs.
     pub peak: u64,
