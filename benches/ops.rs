@@ -201,7 +201,7 @@ fn run_others() -> Result<()> {
         time(&|| norm::composed_layer_norm(xt, wt, Some(bt), 1e-5))?,
     );
     let q = var(&[4, 16, 512, 128]);
-    let (cos, sin) = lmforge::nn::positions::Rope::new(10_000.0, 128).tables(0, 512, &dev)?;
+    let (cos, sin) = lmforge::nn::positions::Rope::new(10_000.0, 128, None).tables(0, 512, &dev)?;
     report(
         "rope (4, 16, 512, 128)",
         time(&|| ops::rope(q.as_tensor(), &cos, &sin))?,

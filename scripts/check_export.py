@@ -15,7 +15,9 @@ The model is loaded with
     AutoModelForCausalLM.from_pretrained(EXPORT_DIR, attn_implementation="eager")
 in float32 on CPU and run on the ids (batch 1, no padding, no KV cache).
 Prints the max absolute difference; exit status 0 if it is <= tol (default
-1e-4), 1 if larger, 2 on a usage / shape error.
+1e-4), 1 if larger, 2 on a usage / shape error, or when config.json is not in the
+layout transformers 5 writes (RoPE settings at the top level instead of in
+`rope_parameters`).
 
 Example (self-check against a fixture's own reference logits):
     ids=$(python -c "from safetensors.torch import load_file; \
@@ -26,6 +28,7 @@ print(','.join(map(str, load_file('tests/fixtures/llama_gqa/expected.safetensors
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -56,6 +59,13 @@ def main() -> int:
     ids = parse_ids(args.ids_csv)
     if not ids:
         print("error: no ids given", file=sys.stderr)
+        return 2
+
+    with open(os.path.join(args.export_dir, "config.json")) as f:
+        legacy = sorted({"rope_theta", "partial_rotary_factor", "rope_scaling"} & set(json.load(f)))
+    if legacy:
+        print(f"error: config.json has the transformers 4.x keys {legacy}; transformers 5 writes them in "
+              "`rope_parameters`", file=sys.stderr)
         return 2
 
     tensors = load_file(args.logits_safetensors)

@@ -41,8 +41,35 @@ pub enum Error {
     #[error("not supported: {0}")]
     Unsupported(String),
 
+    /// A tensor operation failed (its backtrace, if candle captured one, removed: see
+    /// [`without_backtrace`]).
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(error: candle_core::Error) -> Self {
+        Error::Candle(without_backtrace(error))
+    }
+}
+
+/// `error` without the backtraces candle attaches to it.
+///
+/// candle captures a backtrace in every error it raises with `bail!` or `Error::msg` whenever
+/// `RUST_BACKTRACE` (or `RUST_LIB_BACKTRACE`) is set, and its `Display` prints that backtrace
+/// as part of the message: a truncated GGUF file then printed fifteen lines of stack frames
+/// before the reason. A backtrace says where in candle the check failed, which is no use to
+/// someone whose file is damaged; the message says what is wrong. Every candle error that
+/// reaches a user goes through here (the `From` impl, and the places that quote one in a
+/// message of their own).
+pub fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match error {
+        E::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        E::Context { inner, context } => E::Context { inner: Box::new(without_backtrace(*inner)), context },
+        E::WithPath { inner, path } => E::WithPath { inner: Box::new(without_backtrace(*inner)), path },
+        other => other,
+    }
 }
 
 /// The first `limit` problems as an indented list (`\n  - ...`), with a count of the rest.

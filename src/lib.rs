@@ -2,13 +2,14 @@
 //! implementation, train it, and run it.
 //!
 //! Layers, from the bottom: [`config`] (pure data) → [`nn`] (layers and fused ops) →
-//! [`model`] (blocks composed from a config) → [`generate`] / training loops → [`plan`] (which
-//! run to make for a budget); [`io`] is the one place that knows file formats and checkpoint
-//! tensor names.
+//! [`model`] (blocks composed from a config) → [`generate`] / training loops / [`eval`] →
+//! [`plan`] (which run to make for a budget); [`io`] is the one place that knows file formats
+//! and checkpoint tensor names.
 
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod model;

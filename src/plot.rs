@@ -1,6 +1,6 @@
 //! `lmforge plot`: training and validation loss, learning rate and rollback events of a run,
-//! drawn into a PNG with no plotting dependency (a raster, a 5×7 font, and an uncompressed PNG
-//! encoder are all it takes).
+//! and for a mixture of experts the expert load at each evaluation, drawn into a PNG with no
+//! plotting dependency (a raster, a 5×7 font, and an uncompressed PNG encoder are all it takes).
 
 use std::path::Path;
 
@@ -15,6 +15,8 @@ const MARGIN_LEFT: usize = 70;
 const MARGIN_RIGHT: usize = 70;
 const MARGIN_TOP: usize = 40;
 const MARGIN_BOTTOM: usize = 50;
+/// Height of the expert-load panel under the loss chart (runs of a mixture of experts).
+const LOAD_PANEL: usize = 300;
 
 type Rgb = [u8; 3];
 const WHITE: Rgb = [255, 255, 255];
@@ -33,6 +35,9 @@ pub struct RunSeries {
     pub lr: Vec<(f64, f64)>,
     /// Steps of rollbacks and restarts.
     pub events: Vec<f64>,
+    /// At each evaluation of a mixture of experts: per layer, each expert's share of the
+    /// routed tokens.
+    pub expert_load: Vec<(f64, Vec<Vec<f64>>)>,
 }
 
 pub fn read_series(run_dir: &Path) -> Result<RunSeries> {
@@ -56,6 +61,9 @@ pub fn read_series(run_dir: &Path) -> Result<RunSeries> {
                 if let Some(lr) = field("lr") {
                     series.lr.push((step, lr));
                 }
+                if let Some(load) = v.get("expert_load").and_then(|l| serde_json::from_value(l.clone()).ok()) {
+                    series.expert_load.push((step, load));
+                }
             }
             _ => {}
         }
@@ -68,8 +76,12 @@ pub fn read_series(run_dir: &Path) -> Result<RunSeries> {
 
 /// Draw the run's curves into `out` (PNG).
 pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
-    let series = read_series(run_dir)?;
-    let mut canvas = Canvas::new(WIDTH, HEIGHT);
+    render(&read_series(run_dir)?).write_png(out)
+}
+
+fn render(series: &RunSeries) -> Canvas {
+    let load_panel = if series.expert_load.is_empty() { 0 } else { LOAD_PANEL };
+    let mut canvas = Canvas::new(WIDTH, HEIGHT + load_panel);
     let all_steps = series.train.iter().chain(&series.val).map(|p| p.0);
     let (x_min, x_max) = bounds(all_steps.chain(series.events.iter().copied()));
     let (y_min, y_max) = bounds(series.train.iter().chain(&series.val).map(|p| p.1));
@@ -116,7 +128,72 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
         canvas.text(label, x + 18, 14, BLACK);
         x += 18 + 6 * label.len() + 24;
     }
-    canvas.write_png(out)
+    if load_panel > 0 {
+        let panel = Frame { x0: plot.x0, y0: HEIGHT + 30, w: plot.w, h: load_panel - 60 };
+        let steps = |s: f64| plot.x(s, x_min, x_max);
+        draw_expert_load(&mut canvas, &panel, &series.expert_load, steps);
+    }
+    canvas
+}
+
+/// A heat map of the expert load: one row per (layer, expert), one column per evaluation
+/// (aligned with the loss chart's steps), coloured by the share over the uniform share —
+/// blue for an idle expert, white for its fair share, red for twice it or more.
+fn draw_expert_load(canvas: &mut Canvas, panel: &Frame, load: &[(f64, Vec<Vec<f64>>)], x_of: impl Fn(f64) -> usize) {
+    canvas.text(
+        "expert load: share of routed tokens / uniform share, per layer and expert",
+        panel.x0,
+        panel.y0 - 22,
+        BLACK,
+    );
+    let rows: Vec<(usize, usize)> =
+        load[0].1.iter().enumerate().flat_map(|(l, e)| (0..e.len()).map(move |x| (l, x))).collect();
+    let row_h = (panel.h / rows.len().max(1)).max(1);
+    let h = row_h * rows.len();
+    let xs: Vec<usize> = load.iter().map(|(s, _)| x_of(*s)).collect();
+    for (i, (_, shares)) in load.iter().enumerate() {
+        let left = if i == 0 { xs[0] } else { (xs[i - 1] + xs[i]) / 2 };
+        let right = if i + 1 == xs.len() { xs[i].max(left + 4) } else { (xs[i] + xs[i + 1]) / 2 };
+        for (r, &(layer, expert)) in rows.iter().enumerate() {
+            let Some(share) = shares.get(layer).and_then(|l| l.get(expert)) else { continue };
+            let uniform = 1.0 / shares[layer].len() as f64;
+            canvas.fill(left, panel.y0 + r * row_h, right - left, row_h, load_color(share / uniform));
+        }
+    }
+    let experts = load[0].1.first().map_or(1, Vec::len);
+    let label_every = (10 / (row_h * experts)).max(1) + 1;
+    for layer in 0..load[0].1.len() {
+        let y = panel.y0 + layer * experts * row_h;
+        if layer > 0 {
+            canvas.hline(panel.x0, panel.x0 + panel.w, y, BLACK);
+        }
+        if layer % label_every == 0 || label_every == 1 {
+            canvas.text(&format!("l{layer}"), 30, y + (experts * row_h).saturating_sub(7) / 2, BLACK);
+        }
+    }
+    canvas.rect(panel.x0, panel.y0, panel.w, h, BLACK);
+    let legend_y = panel.y0 + h + 10;
+    for i in 0..=120 {
+        canvas.vline(panel.x0 + i, legend_y, legend_y + 8, load_color(i as f64 / 60.0));
+    }
+    canvas.text("0", panel.x0, legend_y + 12, BLACK);
+    canvas.text("1", panel.x0 + 58, legend_y + 12, BLACK);
+    canvas.text("2+", panel.x0 + 114, legend_y + 12, BLACK);
+    canvas.text("x uniform share (1/experts)", panel.x0 + 140, legend_y, BLACK);
+}
+
+/// Blue (0) → white (1, the uniform share) → red (2 and above).
+fn load_color(ratio: f64) -> Rgb {
+    const BLUE: Rgb = [49, 54, 149];
+    const RED: Rgb = [165, 0, 38];
+    let lerp = |a: Rgb, b: Rgb, t: f64| -> Rgb {
+        [0, 1, 2].map(|i| (a[i] as f64 + (b[i] as f64 - a[i] as f64) * t.clamp(0.0, 1.0)).round() as u8)
+    };
+    if ratio < 1.0 {
+        lerp(BLUE, WHITE, ratio)
+    } else {
+        lerp(WHITE, RED, ratio - 1.0)
+    }
 }
 
 fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -310,13 +387,22 @@ fn glyph(c: char) -> [u8; 7] {
         '-' => [0, 0, 0, 0x1F, 0, 0, 0],
         '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
         '/' => [0x01, 0x01, 0x02, 0x04, 0x08, 0x10, 0x10],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
+        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
         'a' => [0, 0, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
         'b' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E],
         'c' => [0, 0, 0x0E, 0x10, 0x10, 0x11, 0x0E],
+        'd' => [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F],
         'e' => [0, 0, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
+        'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
+        'g' => [0, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
         'i' => [0x04, 0, 0x0C, 0x04, 0x04, 0x04, 0x0E],
         'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
         'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'm' => [0, 0, 0x1A, 0x15, 0x15, 0x11, 0x11],
         'n' => [0, 0, 0x16, 0x19, 0x11, 0x11, 0x11],
         'o' => [0, 0, 0x0E, 0x11, 0x11, 0x11, 0x0E],
         'p' => [0, 0, 0x1E, 0x11, 0x1E, 0x10, 0x10],
@@ -325,6 +411,9 @@ fn glyph(c: char) -> [u8; 7] {
         't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
         'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
         'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'w' => [0, 0, 0x11, 0x11, 0x15, 0x15, 0x0A],
+        'x' => [0, 0, 0x11, 0x0A, 0x04, 0x0A, 0x11],
+        'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
         _ => [0; 7],
     }
 }
@@ -332,6 +421,32 @@ fn glyph(c: char) -> [u8; 7] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expert_load_is_read_and_drawn_below_the_losses() {
+        let dir = crate::test_util::TempDir::new("plot");
+        let lines = [
+            r#"{"step":0,"val_loss":5.0,"val_ppl":148.4,"expert_load":[[0.25,0.25,0.25,0.25],[0.7,0.1,0.1,0.1]]}"#,
+            r#"{"step":1,"loss":4.0,"lr":0.001,"balance_loss":1.2,"z_loss":3.1}"#,
+            r#"{"step":2,"val_loss":3.0,"val_ppl":20.1,"expert_load":[[0.25,0.25,0.25,0.25],[0.4,0.2,0.2,0.2]]}"#,
+        ];
+        dir.write(METRICS_FILE, lines.join("\n"));
+        let series = read_series(&dir.0).unwrap();
+        assert_eq!(series.expert_load.len(), 2);
+        assert_eq!(series.expert_load[1].1[1], vec![0.4, 0.2, 0.2, 0.2]);
+        let canvas = render(&series);
+        assert_eq!(canvas.height, HEIGHT + LOAD_PANEL);
+        // 8 rows (2 layers × 4 experts) of 30 pixels from y = HEIGHT + 30. Layer 1's expert 0
+        // took 2.8× its share at the first evaluation (red), 1.6× at the second; layer 0 is even.
+        let pixel = |x: usize, y: usize| canvas.pixels[y * canvas.width + x];
+        let (first, second) = (MARGIN_LEFT + 5, WIDTH - MARGIN_RIGHT - 5);
+        let row = |r: usize| HEIGHT + 30 + 30 * r + 15;
+        assert_eq!(pixel(first, row(4)), [165, 0, 38]);
+        assert_eq!(pixel(second, row(4)), load_color(1.6));
+        assert_eq!(pixel(first, row(0)), WHITE);
+        assert_eq!(pixel(second, row(5)), load_color(0.8));
+        plot_run(&dir.0, &dir.path("loss.png")).unwrap();
+    }
 
     #[test]
     fn checksums_match_known_values() {

@@ -1,7 +1,7 @@
 //! Brief mutation fuzzing of the config parser and the Hugging Face loader: random byte and
 //! token mutations of valid inputs must give `Ok` or a typed error, never a panic. (The GGUF
-//! loader has its own truncation and byte-overwrite sweeps in `src/io/gguf.rs`.) Deterministic:
-//! a fixed seed, so a failure reproduces.
+//! loader has its own truncation and byte-overwrite sweeps in `src/io/gguf/tests.rs`.)
+//! Deterministic: a fixed seed, so a failure reproduces.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;

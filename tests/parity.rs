@@ -57,6 +57,16 @@ fn check_family(name: &str) {
     let family = export_hf_dir(&loaded.config, &loaded.weights, loaded.tokenizer.as_ref(), out.path()).unwrap();
     let source_type = std::fs::read_to_string(dir.join("config.json")).unwrap();
     assert!(source_type.contains(&format!("\"model_type\": \"{family}\"")), "{name}: exported as `{family}`");
+    // The export is written in transformers 5's layout, whichever layout it was read from (that
+    // transformers loads it with these logits is `scripts/check_exports.sh`'s job, run in CI).
+    let exported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+    for key in ["rope_theta", "partial_rotary_factor", "rope_scaling"] {
+        assert!(exported.get(key).is_none(), "{name}: exported config has the 4.x key `{key}`");
+    }
+    if let lmforge::config::Positions::Rope { .. } = loaded.config.positions {
+        assert!(exported["rope_parameters"]["rope_type"].is_string(), "{name}: {exported}");
+    }
     let reloaded = load_model(out.path(), &Device::Cpu).unwrap().build().unwrap();
     let again = reloaded.forward(&ids, None).unwrap().squeeze(0).unwrap();
     let diff: f32 = (again - model.forward(&ids, None).unwrap().squeeze(0).unwrap())
@@ -71,17 +81,12 @@ fn check_family(name: &str) {
 }
 
 #[test]
-fn gpt2_matches_transformers() {
+fn gpt2_untied_odd_heads_matches_transformers() {
     check_family("gpt2");
 }
 
 #[test]
-fn llama_mha_matches_transformers() {
-    check_family("llama_mha");
-}
-
-#[test]
-fn llama_gqa_matches_transformers() {
+fn llama_gqa_tied_with_biases_matches_transformers() {
     check_family("llama_gqa");
 }
 
@@ -91,26 +96,46 @@ fn llama_mqa_matches_transformers() {
 }
 
 #[test]
-fn mistral_sliding_window_matches_transformers() {
+fn llama3_rope_scaling_matches_transformers() {
+    check_family("llama3");
+}
+
+#[test]
+fn llama_linear_rope_scaling_in_the_4x_layout_matches_transformers() {
+    check_family("llama_linear_v4");
+}
+
+#[test]
+fn llama_yarn_rope_scaling_matches_transformers() {
+    check_family("llama_yarn");
+}
+
+#[test]
+fn mistral_sliding_window_and_yarn_match_transformers() {
     check_family("mistral");
 }
 
 #[test]
-fn mixtral_matches_transformers() {
+fn mixtral_top3_of_5_with_window_matches_transformers() {
     check_family("mixtral");
 }
 
 #[test]
-fn phi_matches_transformers() {
+fn phi_partial_rotary_in_rope_parameters_matches_transformers() {
     check_family("phi");
 }
 
 #[test]
-fn mpt_matches_transformers() {
+fn phi_in_the_4x_layout_matches_transformers() {
+    check_family("phi_v4");
+}
+
+#[test]
+fn mpt_ignores_expansion_ratio_like_transformers() {
     check_family("mpt");
 }
 
 #[test]
-fn mpt_with_six_heads_matches_transformers() {
-    check_family("mpt_heads6");
+fn mpt_with_five_heads_matches_transformers() {
+    check_family("mpt_heads5");
 }

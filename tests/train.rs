@@ -15,14 +15,20 @@ fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen/persuasion.txt")
 }
 
-/// A small run config; `arch_settings` picks the family.
+/// A small run config; `arch` picks the family.
 fn write_config(dir: &Path, run: &Path, arch: &str, steps: u64) -> PathBuf {
+    write_config_with(dir, run, arch, steps, &[])
+}
+
+/// [`write_config`] with more `--set`s.
+fn write_config_with(dir: &Path, run: &Path, arch: &str, steps: u64, extra: &[&str]) -> PathBuf {
+    let extra: String = extra.iter().map(|s| format!(", {s:?}")).collect();
     let text = format!(
         r#"
 run_dir = "{run}"
 [model]
 arch = "{arch}"
-set = ["layers=2", "d_model=64", "attention.heads=4", "attention.kv_heads=2", "context_length=64", "vocab_size=512"]
+set = ["layers=2", "d_model=64", "attention.heads=4", "attention.kv_heads=2", "context_length=64", "vocab_size=512"{extra}]
 [data]
 train_files = ["{corpus}"]
 val_fraction = 0.1
@@ -97,13 +103,14 @@ fn checkpoint(run: &Path, step: u64) -> PathBuf {
 }
 
 /// 2N steps uninterrupted == N steps, SIGKILL, resume: identical weights and loss lines.
-fn resume_is_bit_identical(arch: &str) {
+fn resume_is_bit_identical(arch: &str, extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let clean = tmp.path().join("clean");
     let killed = tmp.path().join("killed");
-    run(&["train", "--config", write_config(tmp.path(), &clean, arch, 48).to_str().unwrap(), "--no-supervisor"]);
+    let clean_config = write_config_with(tmp.path(), &clean, arch, 48, extra);
+    run(&["train", "--config", clean_config.to_str().unwrap(), "--no-supervisor"]);
 
-    let config = write_config(tmp.path(), &killed, arch, 48);
+    let config = write_config_with(tmp.path(), &killed, arch, 48, extra);
     let mut child = lmforge()
         .args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"])
         .stderr(Stdio::null())
@@ -127,12 +134,19 @@ fn resume_is_bit_identical(arch: &str) {
 
 #[test]
 fn llama_style_resume_after_sigkill_is_bit_identical() {
-    resume_is_bit_identical("tiny-llama");
+    resume_is_bit_identical("tiny-llama", &[]);
 }
 
 #[test]
 fn gpt2_style_resume_after_sigkill_is_bit_identical() {
-    resume_is_bit_identical("tiny-gpt2");
+    resume_is_bit_identical("tiny-gpt2", &[]);
+}
+
+/// A mixture of experts whose router input is jittered with noise from the run's random
+/// stream and whose experts drop tokens over capacity: the checkpoint carries the stream.
+#[test]
+fn moe_with_jitter_resume_after_sigkill_is_bit_identical() {
+    resume_is_bit_identical("tiny-mixtral", &["ffn.router.jitter=0.2", "ffn.router.capacity_factor=1.0"]);
 }
 
 #[test]

@@ -170,7 +170,7 @@ fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result
     Ok((line, step_ms))
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(super) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

@@ -2,12 +2,15 @@
 
 mod arch;
 mod bench;
+mod bench_moe;
 mod data;
+mod eval;
 mod export;
 mod plan;
 mod run;
 mod show;
 mod train;
+mod upcycle;
 
 use clap::{Parser, Subcommand};
 
@@ -46,8 +49,10 @@ enum Command {
     Score(run::ScoreArgs),
     /// Generate text (streamed) or token ids from a model.
     Generate(run::GenerateArgs),
-    /// Convert a model to another format (Hugging Face directory).
+    /// Convert a model to another format (Hugging Face directory, GGUF file).
     Export(export::ExportArgs),
+    /// Turn a dense model into a mixture of experts whose experts start as copies of its FFN.
+    Upcycle(upcycle::UpcycleArgs),
     /// Draw a run's training/validation loss, learning rate and rollbacks to a PNG.
     Plot {
         /// The run directory.
@@ -67,6 +72,9 @@ enum Command {
     Data(data::DataCommand),
     /// Train a model from scratch or continue pretraining; restarts itself after a crash.
     Train(Box<train::TrainArgs>),
+    /// Evaluate a model on held-out data.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Compare adopt, adapt and invent plans for a corpus and a compute budget.
     Plan(Box<plan::PlanArgs>),
 }
@@ -79,6 +87,8 @@ enum BenchCommand {
     Matmul(bench::BenchMatmulArgs),
     /// Peak memory of one training step per sequence length, flash against naive attention.
     Memory(bench::BenchMemoryArgs),
+    /// A mixture-of-experts training step against a dense one with the same active parameters.
+    Moe(bench_moe::BenchMoeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -96,6 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(args) => run::score(args),
         Command::Generate(args) => run::generate(args),
         Command::Export(args) => export::export(args),
+        Command::Upcycle(args) => upcycle::upcycle(args),
         Command::Train(args) => train::train(*args),
         Command::Plan(args) => plan::plan(*args),
         Command::Plot { run, out } => {
@@ -107,8 +118,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Train(args)) => bench::bench_train(args),
         Command::Bench(BenchCommand::Matmul(args)) => bench::bench_matmul(args),
         Command::Bench(BenchCommand::Memory(args)) => bench::bench_memory(args),
+        Command::Bench(BenchCommand::Moe(args)) => bench_moe::bench_moe(args),
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
+        Command::Eval(command) => eval::eval(command),
     }
 }
 

@@ -5,10 +5,12 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use lmforge::data::parallel::ParallelData;
 use lmforge::train::checkpoint;
 use lmforge::train::inject::Fault;
 use lmforge::train::metrics::append_event;
 use lmforge::train::run_config::RunConfig;
+use lmforge::train::schedule::Decay;
 use lmforge::train::setup::read_run_config;
 use serde_json::json;
 
@@ -48,6 +50,35 @@ pub struct TrainArgs {
     val_files: Vec<PathBuf>,
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Aligned pairs for an encoder–decoder model: a TSV (plain or .gz) with a header line and
+    /// a `book` column, e.g. data/parallel/bible.tsv.gz.
+    #[arg(long, value_name = "FILE")]
+    parallel_file: Option<PathBuf>,
+    /// The --parallel-file column to translate from, e.g. `kjv`.
+    #[arg(long, value_name = "COLUMN")]
+    source: Option<String>,
+    /// The --parallel-file column to translate into, e.g. `rv1909` or `web`.
+    #[arg(long, value_name = "COLUMN")]
+    target: Option<String>,
+    /// Books held out for testing (default: Ruth,Jonah,Philemon,Jude).
+    #[arg(long, value_delimiter = ',', value_name = "BOOK,...")]
+    books: Option<Vec<String>>,
+    /// Books held out for validation (default: chosen from the rest, about 2% of the pairs).
+    #[arg(long, value_delimiter = ',', value_name = "BOOK,...")]
+    val_books: Option<Vec<String>>,
+    /// Most tokens of either side in a batch of pairs, padding included (default 4096).
+    #[arg(long)]
+    batch_tokens: Option<usize>,
+    /// Label smoothing of the loss, 0 <= e < 1 (the original Transformer: 0.1).
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// Learning-rate decay after warmup: cosine (default), linear, constant, inverse_sqrt (the
+    /// original Transformer's), or wsd (its fraction set in the run config).
+    #[arg(long, value_name = "KIND")]
+    decay: Option<String>,
+    /// Adam's second-moment decay β₂ (default 0.95; the original Transformer: 0.98).
+    #[arg(long)]
+    beta2: Option<f64>,
     #[arg(long)]
     steps: Option<u64>,
     #[arg(long)]
@@ -104,10 +135,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// The run config from --config / --resume and the flags, and whether to resume.
 fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
-    let requested = requested_config(args)?;
-    let Some(resume) = &args.resume else { return Ok((requested, false)) };
-    let run_dir = if resume == "auto" { requested.run_dir.clone() } else { PathBuf::from(resume) };
+    let Some(resume) = &args.resume else { return Ok((requested_config(args, None)?, false)) };
+    let run_dir = if resume == "auto" { base_config(args)?.run_dir } else { PathBuf::from(resume) };
     let mut stored = read_run_config(&run_dir)?;
+    // Parallel-data flags on resume (e.g. --books) are read on top of the run's own section.
+    let requested = requested_config(args, stored.data.parallel.clone())?;
     let model_flags =
         args.config.is_some() || args.arch.is_some() || !args.settings.is_empty() || args.init_from.is_some();
     if model_flags && requested.model != stored.model {
@@ -129,11 +161,15 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
             }
         )*};
     }
-    same!(batch_size: "--batch-size", seq_len: "--seq-len", grad_accum: "--grad-accum", lr: "--lr", warmup_steps: "--warmup-steps", seed: "--seed");
+    same!(batch_size: "--batch-size", seq_len: "--seq-len", grad_accum: "--grad-accum", lr: "--lr", warmup_steps: "--warmup-steps", seed: "--seed", label_smoothing: "--label-smoothing", decay: "--decay");
+    if args.beta2.is_some() && requested.optimizer.beta2 != stored.optimizer.beta2 {
+        fixed.push(format!("--beta2 {} (the run has {})", requested.optimizer.beta2, stored.optimizer.beta2));
+    }
     let data_flags = args.dataset.is_some()
         || !args.train_files.is_empty()
         || !args.val_files.is_empty()
-        || args.tokenizer.is_some();
+        || args.tokenizer.is_some()
+        || parallel_flags(args);
     if data_flags && requested.data != stored.data {
         fixed.push(format!("data {:?} (the run has {:?})", requested.data, stored.data));
     }
@@ -162,7 +198,8 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
     Ok((stored, true))
 }
 
-fn requested_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
+/// The run config from --config (or the defaults) and --run.
+fn base_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
     let mut c = match &args.config {
         Some(path) => RunConfig::from_file(path)?,
         None => RunConfig::default(),
@@ -170,6 +207,13 @@ fn requested_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
     if let Some(v) = &args.run {
         c.run_dir = v.clone();
     }
+    Ok(c)
+}
+
+/// The run config the flags ask for; parallel-data flags apply on top of the config's own
+/// section, else on top of `parallel_base`.
+fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> anyhow::Result<RunConfig> {
+    let mut c = base_config(args)?;
     if let Some(v) = &args.arch {
         c.model.arch = v.clone();
     }
@@ -189,6 +233,18 @@ fn requested_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
     if let Some(v) = &args.tokenizer {
         c.data.tokenizer = Some(v.clone());
     }
+    if parallel_flags(args) {
+        c.data.parallel = Some(parallel_data(args, c.data.parallel.take().or(parallel_base))?);
+    }
+    if let Some(v) = &args.decay {
+        c.train.decay = parse_decay(v)?;
+    }
+    if let Some(v) = args.beta2 {
+        c.optimizer.beta2 = v;
+    }
+    if let Some(v) = args.label_smoothing {
+        c.train.label_smoothing = v;
+    }
     let t = &mut c.train;
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { t.$field = v; } )* };
@@ -198,6 +254,64 @@ fn requested_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
         t.warmup_steps = Some(v);
     }
     Ok(c)
+}
+
+fn parallel_flags(args: &TrainArgs) -> bool {
+    args.parallel_file.is_some()
+        || args.source.is_some()
+        || args.target.is_some()
+        || args.books.is_some()
+        || args.val_books.is_some()
+        || args.batch_tokens.is_some()
+}
+
+/// The parallel-data section from the flags, on top of the run config's own if it has one.
+fn parallel_data(args: &TrainArgs, from_config: Option<ParallelData>) -> anyhow::Result<ParallelData> {
+    let mut spec = match (from_config, &args.parallel_file, &args.source, &args.target) {
+        (_, Some(file), Some(source), Some(target)) => ParallelData::new(file, source, target),
+        (Some(spec), ..) => spec,
+        (None, file, source, target) => {
+            let missing: Vec<&str> =
+                [("--parallel-file", file.is_some()), ("--source", source.is_some()), ("--target", target.is_some())]
+                    .into_iter()
+                    .filter_map(|(flag, given)| (!given).then_some(flag))
+                    .collect();
+            bail!(
+                "parallel data needs --parallel-file, --source and --target together; missing {}\nHINT: e.g. --parallel-file data/parallel/bible.tsv.gz --source kjv --target rv1909",
+                missing.join(", ")
+            )
+        }
+    };
+    if let Some(v) = &args.parallel_file {
+        spec.file = v.clone();
+    }
+    if let Some(v) = &args.source {
+        spec.source = v.clone();
+    }
+    if let Some(v) = &args.target {
+        spec.target = v.clone();
+    }
+    if let Some(v) = &args.books {
+        spec.test_books = v.clone();
+    }
+    if let Some(v) = &args.val_books {
+        spec.val_books = v.clone();
+    }
+    if let Some(v) = args.batch_tokens {
+        spec.batch_tokens = v;
+    }
+    Ok(spec)
+}
+
+/// `--decay KIND`: the kinds of the run config's `[train.decay]`, `-` or `_` alike.
+fn parse_decay(kind: &str) -> anyhow::Result<Decay> {
+    let kind = kind.replace('-', "_");
+    if kind == "wsd" {
+        bail!("--decay wsd needs its decay_fraction; set it in the run config: [train.decay] kind = \"wsd\", decay_fraction = 0.1");
+    }
+    serde_json::from_value(json!({ "kind": kind })).map_err(|_| {
+        anyhow::anyhow!("--decay {kind}: unknown schedule; expected cosine, linear, constant, inverse_sqrt or wsd")
+    })
 }
 
 /// Run the worker as a child process; after a crash (panic, abort, kill), restart it from the

@@ -10,10 +10,14 @@ mod overrides;
 mod params;
 pub mod presets;
 mod report;
+mod rope_scaling;
+mod router;
 
 pub use overrides::{apply_overrides, parse_override};
 pub use params::{ParamKind, ParamSpec};
 pub use report::{ArchReport, LayerRow};
+pub use rope_scaling::RopeScaling;
+pub use router::{Gating, Router};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,12 +63,15 @@ pub enum Positions {
     Learned,
     /// Fixed sine/cosine vectors added to the token embeddings (Vaswani et al. 2017).
     Sinusoidal,
-    /// Rotary embeddings on queries and keys; `fraction` of each head's dims rotate (Phi-2: 0.4).
+    /// Rotary embeddings on queries and keys; `fraction` of each head's dims rotate (Phi-2: 0.4),
+    /// optionally with their frequencies rescaled for a longer context (Llama 3.1: `llama3`).
     Rope {
         #[serde(default = "default_rope_theta")]
         theta: f64,
         #[serde(default = "default_rope_fraction")]
         fraction: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scaling: Option<RopeScaling>,
     },
     /// Linear biases on attention scores, one slope per head (MPT, BLOOM); extrapolates.
     Alibi {
@@ -108,8 +115,15 @@ pub enum Ffn {
     /// `down(act(gate(x)) * up(x))`: SwiGLU when `act = silu` (Llama, Mistral).
     Gated { hidden: usize, act: Activation },
     /// Sparse mixture of experts (Mixtral): a linear router picks `top_k` of `experts` copies of
-    /// `expert` per token and mixes their outputs with the renormalised router probabilities.
-    Moe { experts: usize, top_k: usize, expert: Box<Ffn> },
+    /// `expert` per token and mixes their outputs with weights from its probabilities; `router`
+    /// says how (see [`Router`]).
+    Moe {
+        experts: usize,
+        top_k: usize,
+        expert: Box<Ffn>,
+        #[serde(default, skip_serializing_if = "Router::is_default")]
+        router: Router,
+    },
 }
 
 /// How attention and feed-forward combine with the residual stream.
@@ -227,6 +241,14 @@ impl Ffn {
             dense => dense,
         }
     }
+
+    /// The hidden width of the dense block inside.
+    pub fn hidden(&self) -> usize {
+        match self {
+            Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
+            Ffn::Moe { expert, .. } => expert.hidden(),
+        }
+    }
 }
 
 impl ModelConfig {
@@ -307,8 +329,8 @@ impl ModelConfig {
             limit("layout.encoder_layers", encoder_layers, 1 << 12);
         }
         let (hidden, experts) = match &self.ffn {
-            Ffn::Moe { experts, expert, .. } => (ffn_hidden(expert), *experts),
-            dense => (ffn_hidden(dense), 1),
+            Ffn::Moe { experts, expert, .. } => (expert.hidden(), *experts),
+            dense => (dense.hidden(), 1),
         };
         limit("ffn.hidden", hidden, 1 << 22);
         limit("ffn.experts", experts, 1 << 10);
@@ -350,7 +372,10 @@ impl ModelConfig {
             problems.push(format!("norm_eps = {}, expected a small positive number", self.norm_eps));
         }
         match self.positions {
-            Positions::Rope { theta, fraction } => {
+            Positions::Rope { theta, fraction, scaling } => {
+                if let Some(scaling) = scaling {
+                    problems.extend(scaling.problems("positions.scaling"));
+                }
                 if !(theta > 1.0 && theta.is_finite()) {
                     problems.push(format!("positions.theta = {theta}, expected a number > 1"));
                 }
@@ -388,14 +413,6 @@ impl ModelConfig {
     }
 }
 
-/// The hidden width of a dense block (0 for a nested mixture, which validation rejects).
-fn ffn_hidden(ffn: &Ffn) -> usize {
-    match ffn {
-        Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => *hidden,
-        Ffn::Moe { .. } => 0,
-    }
-}
-
 fn check_ffn(ffn: &Ffn, path: &str, problems: &mut Vec<String>) {
     match ffn {
         Ffn::Mlp { hidden, .. } | Ffn::Gated { hidden, .. } => {
@@ -403,13 +420,13 @@ fn check_ffn(ffn: &Ffn, path: &str, problems: &mut Vec<String>) {
                 problems.push(format!("{path}.hidden = 0, expected a positive number"));
             }
         }
-        Ffn::Moe { experts, top_k, expert } => {
+        Ffn::Moe { experts, top_k, expert, router } => {
             if *experts == 0 {
                 problems.push(format!("{path}.experts = 0, expected a positive number"));
-            }
-            if *top_k == 0 || top_k > experts {
+            } else if *top_k == 0 || top_k > experts {
                 problems.push(format!("{path}.top_k = {top_k}, expected 1..={experts} (the number of experts)"));
             }
+            problems.extend(router.problems(&format!("{path}.router")));
             if matches!(**expert, Ffn::Moe { .. }) {
                 problems.push(format!("{path}.expert is itself a mixture; nested mixtures are not supported"));
             }

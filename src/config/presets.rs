@@ -4,7 +4,7 @@
 //! count, which the tests pin to the published figure. Small `tiny-*` variants keep each family's
 //! structure at a size that trains on a laptop CPU.
 
-use super::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual};
+use super::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual, Router};
 use crate::error::{Error, Result};
 
 /// A named, documented configuration.
@@ -128,7 +128,7 @@ fn llama2(d_model: usize, layers: usize, heads: usize, kv_heads: usize, hidden: 
         norm: Norm::RmsNorm,
         norm_placement: NormPlacement::Pre,
         norm_eps: 1e-5,
-        positions: Positions::Rope { theta: 10_000.0, fraction: 1.0 },
+        positions: Positions::Rope { theta: 10_000.0, fraction: 1.0, scaling: None },
         attention: Attention::new(heads, kv_heads),
         ffn: Ffn::Gated { hidden, act: Activation::Silu },
         residual: Residual::Sequential,
@@ -148,9 +148,14 @@ fn mistral_7b() -> ModelConfig {
 fn mixtral_8x7b() -> ModelConfig {
     let mut config = llama2(4096, 32, 32, 8, 14336);
     config.context_length = 32768;
-    config.positions = Positions::Rope { theta: 1_000_000.0, fraction: 1.0 };
-    config.ffn =
-        Ffn::Moe { experts: 8, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 14336, act: Activation::Silu }) };
+    config.positions = Positions::Rope { theta: 1_000_000.0, fraction: 1.0, scaling: None };
+    config.ffn = Ffn::Moe {
+        experts: 8,
+        top_k: 2,
+        expert: Box::new(Ffn::Gated { hidden: 14336, act: Activation::Silu }),
+        // `router_aux_loss_coef: 0.02`, which weighs a loss k = 2 times lmforge's (see Router).
+        router: Router { balance_loss_coef: 0.04, ..Router::default() },
+    };
     config
 }
 
@@ -159,7 +164,7 @@ fn phi_2() -> ModelConfig {
         vocab_size: 51200,
         context_length: 2048,
         norm: Norm::LayerNorm,
-        positions: Positions::Rope { theta: 10_000.0, fraction: 0.4 },
+        positions: Positions::Rope { theta: 10_000.0, fraction: 0.4, scaling: None },
         ffn: Ffn::Mlp { hidden: 10240, act: Activation::GeluTanh },
         residual: Residual::Parallel,
         bias: true,
@@ -221,7 +226,12 @@ fn mpt_7b_shape(d_model: usize, layers: usize, heads: usize) -> ModelConfig {
 
 fn tiny_mixtral() -> ModelConfig {
     let mut config = tiny_llama();
-    config.ffn = Ffn::Moe { experts: 4, top_k: 2, expert: Box::new(Ffn::Gated { hidden: 256, act: Activation::Silu }) };
+    config.ffn = Ffn::Moe {
+        experts: 4,
+        top_k: 2,
+        expert: Box::new(Ffn::Gated { hidden: 256, act: Activation::Silu }),
+        router: Router::default(),
+    };
     config
 }
 

@@ -42,11 +42,36 @@ pub fn train_bpe(
     special_tokens: &[String],
     min_frequency: u64,
 ) -> Result<Tokenizer> {
-    check_settings(inputs, vocab_size, special_tokens)?;
+    if inputs.is_empty() {
+        return Err(Error::Input("tokenizer training needs at least one input text file".into()));
+    }
+    check_settings(vocab_size, special_tokens)?;
     for path in inputs {
         check_text_file(path)?;
     }
+    // The trainer takes an infallible iterator of lines; a read error (bad UTF-8 deep in a
+    // file) stops the stream and is reported after training returns.
+    let mut failure: Option<Error> = None;
+    let lines = FileLines { files: inputs, next_file: 0, current: None, failure: &mut failure };
+    let trained = train_bpe_on_texts(lines, vocab_size, special_tokens, min_frequency);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    trained
+}
 
+/// [`train_bpe`] on texts in memory (e.g. both sides of a parallel corpus), one piece of text
+/// (a line, a sentence) per item.
+pub fn train_bpe_on_texts<I>(
+    texts: I,
+    vocab_size: usize,
+    special_tokens: &[String],
+    min_frequency: u64,
+) -> Result<Tokenizer>
+where
+    I: Iterator<Item = String> + Send,
+{
+    check_settings(vocab_size, special_tokens)?;
     let byte_level = ByteLevel::new(false, true, true);
     let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> = TokenizerBuilder::new()
         .with_model(BPE::default())
@@ -65,23 +90,8 @@ pub fn train_bpe(
         // All 256 bytes, seen in the corpus or not, so nothing is ever out of vocabulary.
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-
-    // The trainer takes an infallible iterator of lines; a read error (bad UTF-8 deep in a
-    // file) stops the stream and is reported after training returns.
-    let mut failure: Option<Error> = None;
-    let lines = Lines {
-        files: inputs,
-        next_file: 0,
-        current: None,
-        specials: special_tokens,
-        queue: VecDeque::new(),
-        failure: &mut failure,
-    };
-    let trained = tokenizer.train(&mut trainer, lines).map(|_| ());
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    trained.map_err(|e| tokenizer_error(format!("BPE training failed: {e}")))?;
+    let pieces = WithoutSpecials { texts, specials: special_tokens, queue: VecDeque::new() };
+    tokenizer.train(&mut trainer, pieces).map_err(|e| tokenizer_error(format!("BPE training failed: {e}")))?;
     Ok(Tokenizer::from(tokenizer))
 }
 
@@ -93,10 +103,7 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
     })
 }
 
-fn check_settings(inputs: &[PathBuf], vocab_size: usize, special_tokens: &[String]) -> Result<()> {
-    if inputs.is_empty() {
-        return Err(Error::Input("tokenizer training needs at least one input text file".into()));
-    }
+fn check_settings(vocab_size: usize, special_tokens: &[String]) -> Result<()> {
     for (i, t) in special_tokens.iter().enumerate() {
         if t.is_empty() {
             return Err(Error::Input(format!("special token #{i} is empty")));
@@ -119,24 +126,18 @@ fn tokenizer_error(reason: String) -> Error {
     Error::Tokenizer { origin: "BPE training".into(), reason }
 }
 
-/// Every line of every file, in order, with special tokens cut out; stops at the first read
-/// error and parks it in `failure`.
-///
-/// Why cut them out: the trainer sees special tokens in the text (documents joined by
-/// `<|endoftext|>` lines) as ordinary words, even when registered, and would spend merges on
-/// pieces like `ext|>`. A line `a<|endoftext|>b` is fed as `a` and `b`.
-struct Lines<'a> {
+/// Every line of every file, in order; stops at the first read error and parks it in `failure`.
+struct FileLines<'a> {
     files: &'a [PathBuf],
     next_file: usize,
     current: Option<TextChunks>,
-    specials: &'a [String],
-    /// Pieces of a line that held special tokens, not yet handed out.
-    queue: VecDeque<String>,
     failure: &'a mut Option<Error>,
 }
 
-impl Lines<'_> {
-    fn next_line(&mut self) -> Option<String> {
+impl Iterator for FileLines<'_> {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
         if self.failure.is_some() {
             return None;
         }
@@ -164,7 +165,19 @@ impl Lines<'_> {
     }
 }
 
-impl Iterator for Lines<'_> {
+/// The texts with special tokens cut out.
+///
+/// Why: the trainer sees special tokens in the text (documents joined by `<|endoftext|>` lines)
+/// as ordinary words, even when registered, and would spend merges on pieces like `ext|>`. A
+/// line `a<|endoftext|>b` is fed as `a` and `b`.
+struct WithoutSpecials<'a, I> {
+    texts: I,
+    specials: &'a [String],
+    /// Pieces of a text that held special tokens, not yet handed out.
+    queue: VecDeque<String>,
+}
+
+impl<I: Iterator<Item = String>> Iterator for WithoutSpecials<'_, I> {
     type Item = String;
 
     fn next(&mut self) -> Option<String> {
@@ -172,7 +185,7 @@ impl Iterator for Lines<'_> {
             if let Some(piece) = self.queue.pop_front() {
                 return Some(piece);
             }
-            let line = self.next_line()?;
+            let line = self.texts.next()?;
             if !self.specials.iter().any(|s| line.contains(s.as_str())) {
                 return Some(line);
             }

@@ -37,6 +37,7 @@
 pub mod bpe;
 pub mod dataset;
 pub mod manifest;
+pub mod parallel;
 mod permutation;
 pub mod sampler;
 pub mod shards;
@@ -45,7 +46,7 @@ pub mod text;
 #[cfg(test)]
 mod tests;
 
-pub use bpe::{save_tokenizer, train_bpe, END_OF_TEXT};
+pub use bpe::{save_tokenizer, train_bpe, train_bpe_on_texts, END_OF_TEXT};
 pub use dataset::{check_vocab, Split, TokenDataset, TokenSplit, Verify};
 pub use manifest::{Manifest, TokenDtype};
 pub use sampler::{Batch, Sampler, SamplerState, SequentialBatches};

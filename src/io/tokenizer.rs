@@ -456,7 +456,9 @@ const QWEN2_SPLIT: &str = concat!(
 );
 
 impl PreTokenizer {
-    fn build(self) -> Result<PreTokenizerWrapper> {
+    /// The rules as a `tokenizers` pre-tokenizer (the GGUF exporter also compares a tokenizer's
+    /// own pre-tokenizer against these to name it).
+    pub(crate) fn build(self) -> Result<PreTokenizerWrapper> {
         let gpt2 = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
         let split_then_bytes = |regex: &str| -> Result<PreTokenizerWrapper> {
             let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)

@@ -33,7 +33,7 @@ pub fn init_weights(config: &ModelConfig, seed: u64, device: &Device) -> Result<
 }
 
 /// Box–Muller, so the stream of numbers depends only on the seed.
-fn standard_normal(rng: &mut impl Rng) -> f64 {
+pub(super) fn standard_normal(rng: &mut impl Rng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
     let u2: f64 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

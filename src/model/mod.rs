@@ -5,8 +5,11 @@
 //! parallel residual, biased head), MPT (ALiBi, no biases), Mixtral (mixture of experts).
 
 mod init;
+mod objective;
+pub mod upcycle;
 
 pub use init::init_weights;
+pub use objective::TrainingLoss;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::nn::attention::RopeTables;
 use crate::nn::ops;
 use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope};
-use crate::nn::{Attention, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, RollingCache};
+use crate::nn::{
+    Attention, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, Pass, RollingCache, RouterReport,
+};
 
 /// One transformer block.
 struct Block {
@@ -64,20 +69,21 @@ impl Block {
         start: usize,
         rope: Option<&RopeTables>,
         cache: Option<&mut dyn KvCache>,
+        pass: &mut Pass,
     ) -> candle_core::Result<Tensor> {
         match (self.residual, &self.ffn_norm, self.placement) {
             (Residual::Parallel, _, _) | (_, None, _) => {
                 let h = self.attn_norm.forward(x)?;
                 let attn = self.attn.forward(&h, start, rope, cache)?;
-                x + attn + self.ffn.forward(&h)?
+                x + attn + self.ffn.forward(&h, pass)?
             }
             (Residual::Sequential, Some(ffn_norm), NormPlacement::Pre) => {
                 let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, start, rope, cache)?)?;
-                &x + self.ffn.forward(&ffn_norm.forward(&x)?)?
+                &x + self.ffn.forward(&ffn_norm.forward(&x)?, pass)?
             }
             (Residual::Sequential, Some(ffn_norm), NormPlacement::Post) => {
                 let x = self.attn_norm.forward(&(x + self.attn.forward(x, start, rope, cache)?)?)?;
-                ffn_norm.forward(&(&x + self.ffn.forward(&x)?)?)
+                ffn_norm.forward(&(&x + self.ffn.forward(&x, pass)?)?)
             }
         }
     }
@@ -129,7 +135,7 @@ impl Model {
         let tok = params.get("tok_embeddings.weight");
         let device = tok.device().clone();
         let rope = match config.positions {
-            Positions::Rope { theta, .. } => Some(Rope::new(theta, config.rotary_dims())),
+            Positions::Rope { theta, scaling, .. } => Some(Rope::new(theta, config.rotary_dims(), scaling.as_ref())),
             _ => None,
         };
         let head_weight = if config.tie_embeddings { tok.clone() } else { params.get("lm_head.weight") };
@@ -196,7 +202,33 @@ impl Model {
 
     /// Mean next-token cross-entropy of `inputs` `(B, T)` against `targets` `(B, T)`.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.forward(inputs, None)?; // (B, T, V)
+        Ok(self.loss_and_routing(inputs, targets)?.0)
+    }
+
+    /// [`loss`](Self::loss), and each mixture-of-experts layer's routing of the batch (empty
+    /// for a dense model): what an evaluation measures.
+    pub fn loss_and_routing(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Vec<RouterReport>)> {
+        let mut pass = Pass::inference();
+        let loss = self.lm_loss(inputs, targets, &mut pass)?;
+        Ok((loss, pass.into_routing()))
+    }
+
+    /// What a training step minimises, in parts: the language-model loss (the same function as
+    /// [`loss`](Self::loss)) and the routers' auxiliary losses with their weights. Noise the
+    /// layers draw (a router's jitter) comes from `rng`.
+    pub fn training_loss(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        rng: &mut dyn rand::RngCore,
+    ) -> Result<TrainingLoss> {
+        let mut pass = Pass::training(rng);
+        let lm = self.lm_loss(inputs, targets, &mut pass)?;
+        TrainingLoss::new(lm, &self.config.ffn, pass.into_routing())
+    }
+
+    fn lm_loss(&self, inputs: &Tensor, targets: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let logits = self.head(&self.forward_hidden_in(inputs, None, pass)?)?; // (B, T, V)
         let (b, t, v) = logits.dims3()?;
         Ok(ops::softmax_cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?, None)?)
     }
@@ -207,7 +239,11 @@ impl Model {
     }
 
     /// Final hidden states `(B, T, D)` (after the final norm).
-    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+    pub fn forward_hidden(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        self.forward_hidden_in(ids, cache, &mut Pass::inference())
+    }
+
+    fn forward_hidden_in(&self, ids: &Tensor, mut cache: Option<&mut Cache>, pass: &mut Pass) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.next_position);
         self.check_ids(ids, start + t)?;
@@ -233,7 +269,7 @@ impl Model {
         };
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layers[i].as_mut() as &mut dyn KvCache);
-            x = block.forward(&x, start, rope.as_ref(), layer_cache)?;
+            x = block.forward(&x, start, rope.as_ref(), layer_cache, pass)?;
         }
         if let Some(cache) = cache {
             cache.next_position += t;

@@ -50,6 +50,16 @@ impl Linear {
         Ok(Some(Linear::new(Tensor::cat(&weights, 0)?, bias)))
     }
 
+    /// `(out, in)`
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `(out,)`
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `(..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())

@@ -1,20 +1,36 @@
-//! Position information: rotary embeddings, ALiBi slopes, sinusoidal tables.
+//! Position information: rotary embeddings (with their context-extending scalings), ALiBi
+//! slopes, sinusoidal tables.
+
+use std::f64::consts::PI;
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::config::RopeScaling;
 
 /// Rotary position embedding in the Hugging Face layout ("rotate half": dim `i` pairs with
 /// `i + rot/2`), applied to the first `rot` dims of each head and leaving the rest untouched
 /// (Phi-2 rotates 32 of 80).
+///
+/// A [`RopeScaling`] changes only the tables: it rescales the frequencies and, for YaRN,
+/// multiplies cos and sin by an attention factor. The fused rope kernels take the tables as
+/// they are, so every scaling runs on them unchanged.
 pub struct Rope {
-    /// `1 / theta^(2i / rot)` for `i in 0..rot/2`.
+    /// The angle per position of each rotated pair: `1 / theta^(2i / rot)` for `i in
+    /// 0..rot/2`, rescaled by the scaling if any.
     inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    table_scale: f32,
 }
 
 impl Rope {
-    pub fn new(theta: f64, rotary_dims: usize) -> Self {
-        let inv_freq =
-            (0..rotary_dims / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rotary_dims as f64)) as f32).collect();
-        Rope { inv_freq }
+    pub fn new(theta: f64, rotary_dims: usize, scaling: Option<&RopeScaling>) -> Self {
+        let rot = rotary_dims as f64;
+        let plain: Vec<f64> = (0..rotary_dims / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / rot)).collect();
+        let (inv_freq, table_scale) = match scaling {
+            None => (plain, 1.0),
+            Some(scaling) => scaled_frequencies(&plain, theta, rotary_dims, scaling),
+        };
+        Rope { inv_freq: inv_freq.iter().map(|&f| f as f32).collect(), table_scale: table_scale as f32 }
     }
 
     fn dims(&self) -> usize {
@@ -31,7 +47,12 @@ impl Rope {
             angles.extend_from_slice(&row);
         }
         let angles = Tensor::from_vec(angles, (len, 2 * half), device)?;
-        Ok((angles.cos()?, angles.sin()?))
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        if self.table_scale == 1.0 {
+            return Ok((cos, sin));
+        }
+        let scale = f64::from(self.table_scale);
+        Ok(((cos * scale)?, (sin * scale)?))
     }
 
     /// Rotate `x` `(B, heads, T, head_dim)` with tables from [`tables`](Self::tables).
@@ -51,6 +72,71 @@ impl Rope {
         } else {
             Tensor::cat(&[&out, &x.narrow(D::Minus1, rot, head_dim - rot)?], D::Minus1)
         }
+    }
+}
+
+/// Frequencies `plain` (`1 / theta^(2i / rot)`) under `scaling`, and the factor for cos and
+/// sin, as transformers computes them (`modeling_rope_utils.py`:
+/// `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`,
+/// `_compute_yarn_parameters`).
+fn scaled_frequencies(plain: &[f64], theta: f64, rotary_dims: usize, scaling: &RopeScaling) -> (Vec<f64>, f64) {
+    match *scaling {
+        RopeScaling::Linear { factor } => (plain.iter().map(|f| f / factor).collect(), 1.0),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context_length } => {
+            let original = original_context_length as f64;
+            let scaled = plain.iter().map(|&f| {
+                let wavelength = 2.0 * PI / f;
+                if wavelength < original / high_freq_factor {
+                    f // resolves nearby tokens: kept
+                } else if wavelength > original / low_freq_factor {
+                    f / factor // longer than the pretraining context: interpolated
+                } else {
+                    let smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            });
+            (scaled.collect(), 1.0)
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_context_length,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        } => {
+            // The (fractional) dim whose pair turns `rotations` times over the original context.
+            let rot = rotary_dims as f64;
+            let dim_turning = |rotations: f64| {
+                rot * (original_context_length as f64 / (rotations * 2.0 * PI)).ln() / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (dim_turning(beta_fast), dim_turning(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(rot - 1.0));
+            if low == high {
+                high += 0.001; // transformers' guard against a zero-width ramp
+            }
+            // 0 below `low` (fast dims: kept), 1 above `high` (slow dims: interpolated).
+            let ramp = |i: usize| ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let scaled = plain.iter().enumerate().map(|(i, &f)| f / factor * ramp(i) + f * (1.0 - ramp(i)));
+            let attention = attention_factor.unwrap_or_else(|| yarn_attention_factor(factor, mscale, mscale_all_dim));
+            (scaled.collect(), attention)
+        }
+    }
+}
+
+/// YaRN's default attention factor: `0.1 ln(factor) + 1`, or with both `mscale` and
+/// `mscale_all_dim` set (DeepSeek), the ratio of that formula scaled by each.
+fn yarn_attention_factor(factor: f64, mscale: Option<f64>, mscale_all_dim: Option<f64>) -> f64 {
+    let scale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+    match (mscale, mscale_all_dim) {
+        // transformers tests their truthiness: a zero counts as unset.
+        (Some(m), Some(all)) if m != 0.0 && all != 0.0 => scale(m) / scale(all),
+        _ => scale(1.0),
     }
 }
 
@@ -83,6 +169,67 @@ pub fn sinusoidal_table(start: usize, len: usize, d_model: usize, device: &Devic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frequencies and cos/sin factor for head_dim 16, theta 10 000, against transformers
+    /// 5.24's `ROPE_INIT_FUNCTIONS` on a `LlamaConfig(hidden_size=64, num_attention_heads=4)`
+    /// (an independent reference: the values below were printed by it, not by lmforge).
+    fn assert_matches_transformers(scaling: RopeScaling, want_freq: [f64; 8], want_scale: f64) {
+        let rope = Rope::new(10_000.0, 16, Some(&scaling));
+        for (i, (&got, want)) in rope.inv_freq.iter().zip(want_freq).enumerate() {
+            assert!((f64::from(got) - want).abs() <= 1e-6 * want, "{scaling:?}: frequency {i}: {got} vs {want}");
+        }
+        assert!((f64::from(rope.table_scale) - want_scale).abs() < 1e-6, "{scaling:?}: {}", rope.table_scale);
+    }
+
+    #[test]
+    fn linear_scaling_divides_every_frequency() {
+        let want = [0.4, 0.126491100, 0.04, 0.0126491115, 0.004, 0.00126491115, 0.0004, 0.000126491112];
+        assert_matches_transformers(RopeScaling::Linear { factor: 2.5 }, want, 1.0);
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_fast_stretches_slow_and_blends_between() {
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context_length: 64,
+        };
+        // Dim 0 kept (wavelength 6.3 < 64 / 4), dim 1 blended, the rest divided by 8.
+        let want = [1.0, 0.244384587, 0.0130422562, 0.00395284733, 0.00125, 0.000395284733, 0.000125, 0.0000395284733];
+        assert_matches_transformers(scaling, want, 1.0);
+    }
+
+    #[test]
+    fn yarn_scaling_ramps_between_kept_and_interpolated_dims_and_scales_the_tables() {
+        let yarn = |beta_fast, beta_slow, mscale, mscale_all_dim, truncate| RopeScaling::Yarn {
+            factor: 4.0,
+            original_context_length: 64,
+            beta_fast,
+            beta_slow,
+            attention_factor: None,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        };
+        let want = [1.0, 0.237170815, 0.0499999970, 0.00790569466, 0.0025, 0.000790569466, 0.00025, 0.0000790569466];
+        assert_matches_transformers(yarn(32.0, 1.0, None, None, true), want, 1.138629436111989);
+        let want = [1.0, 0.160589159, 0.025, 0.00790569466, 0.0025, 0.000790569466, 0.00025, 0.0000790569466];
+        assert_matches_transformers(yarn(8.0, 2.0, Some(0.7), Some(0.5), false), want, 1.0259286501478284);
+
+        // An explicit attention factor wins, and it scales cos and sin alike.
+        let mut explicit = yarn(32.0, 1.0, None, None, true);
+        if let RopeScaling::Yarn { attention_factor, .. } = &mut explicit {
+            *attention_factor = Some(0.5);
+        }
+        let (cos, sin) = Rope::new(10_000.0, 16, Some(&explicit)).tables(0, 3, &Device::Cpu).unwrap();
+        let (plain_cos, _) = Rope::new(10_000.0, 16, None).tables(0, 3, &Device::Cpu).unwrap();
+        let row0: Vec<f32> = cos.get(0).unwrap().to_vec1().unwrap();
+        assert!(row0.iter().all(|&c| c == 0.5), "position 0: cos = 0.5 everywhere, got {row0:?}");
+        let sin0: Vec<f32> = sin.get(0).unwrap().to_vec1().unwrap();
+        assert!(sin0.iter().all(|&s| s == 0.0));
+        assert_eq!(plain_cos.get(0).unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 16]);
+    }
 
     #[test]
     fn alibi_slopes_power_of_two_and_not() {

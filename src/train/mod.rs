@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod corpus;
+pub mod expert_load;
 pub mod guard;
 pub mod inject;
 mod manifest;
@@ -17,11 +18,12 @@ pub mod optim;
 pub mod rng;
 pub mod run_config;
 pub mod schedule;
+pub mod seq2seq;
 pub mod setup;
 pub mod trainer;
 
 pub use checkpoint::{BestCheckpoint, Checkpoint, CheckpointData, CheckpointState, LatestValid, SkippedCheckpoint};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, AdamWMeta, AdamWState, Param, UpdateKernel};
 pub use rng::{RngState, TrainRng};
-pub use schedule::{Decay, DecayShape, LrSchedule};
+pub use schedule::{vaswani_peak_lr, Decay, DecayShape, LrSchedule};
 pub use trainer::{train, TrainSummary};

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::guard::GuardConfig;
 use super::optim::AdamWConfig;
 use super::schedule::{Decay, LrSchedule};
+use crate::data::parallel::ParallelData;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -86,6 +87,9 @@ pub struct DataSpec {
     /// BPE of `vocab_size` trained on the training files into `RUN/tokenizer.json`.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// Aligned pairs for an encoder–decoder model, instead of the text fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelData>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,6 +118,10 @@ pub struct TrainSpec {
     /// Clip the global gradient norm to this (0 disables).
     #[serde(default = "d_clip")]
     pub grad_clip: f64,
+    /// Label smoothing ε of the loss (0 = none; the original Transformer used 0.1). Applies to
+    /// encoder–decoder training on `data.parallel`.
+    #[serde(default)]
+    pub label_smoothing: f64,
     /// Seed of the data order and every other random choice of the run.
     #[serde(default = "default_seed")]
     pub seed: u64,
@@ -136,6 +144,10 @@ pub struct TrainSpec {
     /// Print a progress line every this many steps.
     #[serde(default = "d_log")]
     pub log_every: u64,
+    /// Warn at an evaluation when one expert of a mixture-of-experts layer takes more than this
+    /// share of the layer's routed tokens; unset: twice the uniform share (2 / experts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_expert_share: Option<f64>,
 }
 
 fn d_steps() -> u64 {
@@ -240,10 +252,33 @@ impl RunConfig {
         if t.grad_clip.is_nan() || t.grad_clip < 0.0 {
             problems.push(format!("train.grad_clip = {}, expected >= 0", t.grad_clip));
         }
+        if let Some(share) = t.max_expert_share {
+            if !(share > 0.0 && share <= 1.0) {
+                problems.push(format!("train.max_expert_share = {share}, expected 0 < share <= 1"));
+            }
+        }
         if let Some(f) = self.data.val_fraction {
             if !(0.0..1.0).contains(&f) {
                 problems.push(format!("data.val_fraction = {f}, expected 0 <= f < 1"));
             }
+        }
+        if !(0.0..1.0).contains(&t.label_smoothing) {
+            problems.push(format!("train.label_smoothing = {}, expected 0 <= smoothing < 1", t.label_smoothing));
+        }
+        match &self.data.parallel {
+            Some(parallel) => {
+                problems.extend(parallel.problems());
+                let d = &self.data;
+                if d.dataset.is_some() || !d.train_files.is_empty() || !d.val_files.is_empty() || d.val_fraction.is_some()
+                {
+                    problems.push("data.parallel replaces data.dataset, train_files, val_files and val_fraction; give one or the other".into());
+                }
+            }
+            None if t.label_smoothing > 0.0 => problems.push(format!(
+                "train.label_smoothing = {} applies to encoder–decoder training on data.parallel; decoder-only training does not use it",
+                t.label_smoothing
+            )),
+            None => {}
         }
         problems.extend(self.schedule().problems());
         problems.extend(self.optimizer.problems().into_iter().map(|p| format!("optimizer: {p}")));

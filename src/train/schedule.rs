@@ -21,6 +21,20 @@
 //! Warmup-stable-decay (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond
 //! Fixed Training Durations"; MiniCPM) keeps the rate flat until the final stretch, so a run can
 //! be extended from any stable-phase checkpoint and only the short decay is repeated.
+//!
+//! Inverse square root is the original Transformer's schedule (Vaswani et al. 2017, §5.3),
+//! written here in its peak form. The paper's
+//!
+//! ```text
+//! lr(s) = d_model^-0.5 · min(s^-0.5, s · warmup^-1.5)        (s = 1, 2, … the update number)
+//! ```
+//!
+//! rises linearly to its peak `d_model^-0.5 · warmup^-0.5` at `s = warmup` and then falls as
+//! `s^-0.5`. That is `lr · min(s / warmup, sqrt(warmup / s))` with `lr` the peak, which is what
+//! `lr_at(step)` gives for `s = step + 1` (the warmup below is the same line). So the paper's
+//! schedule is `decay = inverse_sqrt` with `lr = `[`vaswani_peak_lr`]`(d_model, warmup)`: for
+//! the base model (d_model 512, 4000 warmup steps) a peak of 7.0e-4. It never reaches `min_lr`,
+//! and does not use it or `total_steps`.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +77,15 @@ pub enum Decay {
         #[serde(default)]
         shape: DecayShape,
     },
+    /// `lr · sqrt(warmup_steps / (step + 1))` after warmup: Vaswani et al.'s schedule (see the
+    /// module docs). Needs `warmup_steps ≥ 1`.
+    InverseSqrt,
+}
+
+/// The peak learning rate of Vaswani et al.'s schedule, `d_model^-0.5 · warmup^-0.5`: with it,
+/// `decay = inverse_sqrt` reproduces the paper's `lrate` exactly.
+pub fn vaswani_peak_lr(d_model: usize, warmup_steps: u64) -> f64 {
+    (d_model as f64 * warmup_steps as f64).powf(-0.5)
 }
 
 /// The curve of a WSD decay phase, as a function of progress `t` in `[0, 1]`.
@@ -98,6 +121,7 @@ impl LrSchedule {
         }
         let (start, shape) = match self.decay {
             Decay::Constant => return self.lr,
+            Decay::InverseSqrt => return self.lr * (self.warmup_steps as f64 / (step + 1) as f64).sqrt(),
             Decay::Cosine => (self.warmup_steps, DecayShape::Cosine),
             Decay::Linear => (self.warmup_steps, DecayShape::Linear),
             Decay::Wsd { shape, .. } => (self.total_steps - self.decay_steps(), shape),
@@ -113,10 +137,11 @@ impl LrSchedule {
     }
 
     /// Length of the decay phase in steps: `total - warmup` for cosine/linear, the rounded
-    /// `decay_fraction * total_steps` for WSD, 0 for constant.
+    /// `decay_fraction * total_steps` for WSD, 0 for constant and inverse square root (which
+    /// decays for ever, with no phase of its own).
     pub fn decay_steps(&self) -> u64 {
         match self.decay {
-            Decay::Constant => 0,
+            Decay::Constant | Decay::InverseSqrt => 0,
             Decay::Cosine | Decay::Linear => self.total_steps.saturating_sub(self.warmup_steps),
             Decay::Wsd { decay_fraction, .. } => {
                 let steps = (decay_fraction * self.total_steps as f64).round();
@@ -142,6 +167,11 @@ impl LrSchedule {
                 "schedule.warmup_steps = {} exceeds total_steps = {}",
                 self.warmup_steps, self.total_steps
             ));
+        }
+        if self.decay == Decay::InverseSqrt && self.warmup_steps == 0 {
+            problems.push(
+                "schedule.warmup_steps = 0, but inverse_sqrt decays as sqrt(warmup_steps / step) and needs at least 1\nHINT: the original Transformer used 4000 warmup steps".into(),
+            );
         }
         if let Decay::Wsd { decay_fraction, .. } = self.decay {
             if !(decay_fraction > 0.0 && decay_fraction <= 1.0) {
@@ -239,6 +269,34 @@ mod tests {
         assert!(close(sqrt.lr_at(99), 1e-4 + 9e-4 * (1.0 - 0.5f64.sqrt())));
         let cos = schedule(Decay::Wsd { decay_fraction: 0.2, shape: DecayShape::Cosine });
         assert!(close(cos.lr_at(99), 5.5e-4));
+    }
+
+    #[test]
+    fn inverse_sqrt_is_the_papers_schedule() {
+        // Vaswani et al. 2017, eq. (3), for the base model: d_model 512, 4000 warmup steps.
+        let (d_model, warmup) = (512usize, 4000u64);
+        let s = LrSchedule {
+            lr: vaswani_peak_lr(d_model, warmup),
+            min_lr: 0.0,
+            warmup_steps: warmup,
+            total_steps: 100_000,
+            decay: Decay::InverseSqrt,
+        };
+        let paper = |step: u64| {
+            let n = (step + 1) as f64; // the paper counts updates from 1
+            (d_model as f64).powf(-0.5) * n.powf(-0.5).min(n * (warmup as f64).powf(-1.5))
+        };
+        for step in [0, 1, 999, 3998, 3999, 4000, 4001, 10_000, 99_999, 1_000_000] {
+            let (ours, theirs) = (s.lr_at(step), paper(step));
+            assert!((ours - theirs).abs() <= 1e-15 * theirs, "step {step}: {ours} vs {theirs}");
+        }
+        assert!((s.lr_at(3999) - 6.987712429686843e-4).abs() < 1e-15, "the base model's peak");
+        assert_eq!(s.decay_steps(), 0);
+        assert!(s.validate().is_ok());
+        let no_warmup = LrSchedule { warmup_steps: 0, ..s };
+        assert!(no_warmup.validate().unwrap_err().to_string().contains("inverse_sqrt"));
+        let parsed: Decay = serde_json::from_str(r#"{"kind": "inverse_sqrt"}"#).unwrap();
+        assert_eq!(parsed, Decay::InverseSqrt);
     }
 
     #[test]

@@ -32,30 +32,8 @@ pub struct Prepared {
 
 /// Create or reopen the run directory and everything training needs.
 pub fn prepare_run(config: &RunConfig, resume: bool) -> Result<Prepared> {
+    open_run_dir(config, resume)?;
     let run_dir = &config.run_dir;
-    let has_checkpoints = checkpoint::latest_valid(run_dir).map(|l| l.latest.is_some()).unwrap_or(false);
-    if resume && !has_checkpoints {
-        return Err(Error::checkpoint(
-            run_dir,
-            "not a run with a valid checkpoint to resume\nHINT: start it without --resume, or pass the directory of an existing run",
-        ));
-    }
-    if !resume && has_checkpoints {
-        return Err(Error::checkpoint(
-            run_dir,
-            "this run directory already has checkpoints\nHINT: continue it with `lmforge train --resume RUN`, or choose a new --run directory",
-        ));
-    }
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let run_config_path = run_dir.join(RUN_CONFIG_FILE);
-    if !resume {
-        // The warmup a default gave this run is written down, so a resume with more --steps
-        // keeps the warmup the run started with.
-        let mut stored = config.clone();
-        stored.train.warmup_steps = Some(config.schedule().warmup_steps);
-        let text = toml::to_string_pretty(&stored).expect("run config serialises");
-        std::fs::write(&run_config_path, text).map_err(|e| Error::io(&run_config_path, e))?;
-    }
 
     let init = match &config.model.init_from {
         Some(path) => Some(io::load_model(path, &Device::Cpu)?),
@@ -74,6 +52,7 @@ pub fn prepare_run(config: &RunConfig, resume: bool) -> Result<Prepared> {
         }
         None => io::resolve_arch(&config.model.arch, &config.model.set)?,
     };
+    super::seq2seq::check_data_fits_layout(&model_config, config.data.parallel.as_ref())?;
 
     let tokenizer_file = run_dir.join(TOKENIZER_FILE);
     let (dataset_dir, train_files) = match &config.data.dataset {
@@ -133,6 +112,36 @@ pub fn prepare_run(config: &RunConfig, resume: bool) -> Result<Prepared> {
         tokenizer_file: Some(tokenizer_file),
         resume,
     })
+}
+
+/// Create the run directory and write its `run.toml` for a new run, or check that there is a
+/// run to resume; a new run never starts over an old one's checkpoints.
+pub(crate) fn open_run_dir(config: &RunConfig, resume: bool) -> Result<()> {
+    let run_dir = &config.run_dir;
+    let has_checkpoints = checkpoint::latest_valid(run_dir).map(|l| l.latest.is_some()).unwrap_or(false);
+    if resume && !has_checkpoints {
+        return Err(Error::checkpoint(
+            run_dir,
+            "not a run with a valid checkpoint to resume\nHINT: start it without --resume, or pass the directory of an existing run",
+        ));
+    }
+    if !resume && has_checkpoints {
+        return Err(Error::checkpoint(
+            run_dir,
+            "this run directory already has checkpoints\nHINT: continue it with `lmforge train --resume RUN`, or choose a new --run directory",
+        ));
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let run_config_path = run_dir.join(RUN_CONFIG_FILE);
+    if !resume {
+        // The warmup a default gave this run is written down, so a resume with more --steps
+        // keeps the warmup the run started with.
+        let mut stored = config.clone();
+        stored.train.warmup_steps = Some(config.schedule().warmup_steps);
+        let text = toml::to_string_pretty(&stored).expect("run config serialises");
+        std::fs::write(&run_config_path, text).map_err(|e| Error::io(&run_config_path, e))?;
+    }
+    Ok(())
 }
 
 /// The configured training files, or the bundled corpus written into the run directory.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint, CheckpointData, CheckpointState};
+use super::expert_load::ExpertLoad;
 use super::guard::{Divergence, LossStats};
 use super::inject::{Fault, FaultKind, Injector};
 use super::metrics::MetricsLog;
@@ -19,11 +20,12 @@ use super::optim::{grad_norm, AdamW};
 use super::rng::TrainRng;
 use super::run_config::RunConfig;
 use super::setup::{prepare_run, Prepared};
+use crate::config::{Ffn, ModelConfig};
 use crate::data::{Sampler, SamplerState, SequentialBatches, TokenSplit};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerateOptions, Sampler as TokenSampler, Sampling};
 use crate::io::TextTokenizer;
-use crate::model::Model;
+use crate::model::{Model, TrainingLoss};
 
 /// State the loop keeps across rollbacks and restarts besides the tensors; stored in the
 /// checkpoint's `extra`.
@@ -69,6 +71,9 @@ struct Trainer {
 /// checkpoint of `config.run_dir`.
 pub fn train(config: &RunConfig, resume: bool, faults: Vec<Fault>) -> Result<TrainSummary> {
     config.validate()?;
+    if let Some(parallel) = &config.data.parallel {
+        return super::seq2seq::train(config, parallel, resume);
+    }
     let prepared = prepare_run(config, resume)?;
     let mut trainer = Trainer::start(config.clone(), prepared, faults)?;
     trainer.run()
@@ -160,9 +165,7 @@ impl Trainer {
         if self.step == 0 && self.config.train.eval_every > 0 {
             // The starting point: for continued pretraining, the pretrained model's loss on the
             // new domain.
-            let v = self.evaluate()?;
-            eprintln!("step      0 | val loss {v:.4} | val ppl {:.2}", v.exp());
-            self.metrics.write(json!({"step": 0, "val_loss": v, "val_ppl": v.exp()}))?;
+            self.evaluate_and_log()?;
         }
         let started = Instant::now();
         let first_step = self.step;
@@ -171,7 +174,8 @@ impl Trainer {
         while self.step < total {
             let step_started = Instant::now();
             let batch_start = self.sampler.state();
-            let (mut loss, grads) = self.forward_backward()?;
+            let (step_loss, grads) = self.forward_backward()?;
+            let mut loss = step_loss.lm;
             if self.injector.take(FaultKind::Nan, self.step + 1)? {
                 loss = f64::NAN;
             }
@@ -199,10 +203,12 @@ impl Trainer {
             self.tokens_seen += tokens_per_step;
             last_loss = loss;
             let step_time = step_started.elapsed().as_secs_f64();
-            self.metrics.write(json!({
+            let mut record = json!({
                 "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                 "tokens": self.tokens_seen, "tok_per_s": tokens_per_step as f64 / step_time,
-            }))?;
+            });
+            step_loss.add_router_fields(&mut record, &self.prepared.model_config);
+            self.metrics.write(record)?;
             if self.step.is_multiple_of(self.config.train.log_every) || self.step == total {
                 let done = (self.step - first_step) as f64;
                 let per_step = started.elapsed().as_secs_f64() / done.max(1.0);
@@ -218,10 +224,7 @@ impl Trainer {
             let eval_now =
                 self.config.train.eval_every > 0 && (self.step.is_multiple_of(self.config.train.eval_every) || at_end);
             if eval_now {
-                let v = self.evaluate()?;
-                val_loss = Some(v);
-                eprintln!("step {:>6} | val loss {v:.4} | val ppl {:.2}", self.step, v.exp());
-                self.metrics.write(json!({"step": self.step, "val_loss": v, "val_ppl": v.exp()}))?;
+                val_loss = Some(self.evaluate_and_log()?);
             }
             if self.config.train.sample_every > 0 && self.step.is_multiple_of(self.config.train.sample_every) && !at_end
             {
@@ -241,16 +244,17 @@ impl Trainer {
         })
     }
 
-    /// Mean loss over `grad_accum` micro-batches and the summed gradients of that mean.
-    fn forward_backward(&mut self) -> Result<(f64, GradStore)> {
+    /// Mean losses over `grad_accum` micro-batches and the summed gradients of the mean
+    /// objective (the language-model loss plus the weighted router losses).
+    fn forward_backward(&mut self) -> Result<(StepLoss, GradStore)> {
         let accum = self.config.train.grad_accum;
-        let mut total_loss = 0.0;
+        let mut step = StepLoss::default();
         let mut summed: Option<GradStore> = None;
         for _ in 0..accum {
             let (inputs, targets) = self.next_batch()?;
-            let loss = (self.model.loss(&inputs, &targets)? / accum as f64)?;
-            total_loss += loss.to_scalar::<f32>()? as f64;
-            let grads = loss.backward()?;
+            let loss = self.model.training_loss(&inputs, &targets, &mut self.rng)?;
+            step.add(&loss, accum)?;
+            let grads = (loss.objective()? / accum as f64)?.backward()?;
             summed = Some(match summed {
                 None => grads,
                 Some(mut acc) => {
@@ -264,7 +268,7 @@ impl Trainer {
                 }
             });
         }
-        Ok((total_loss, summed.expect("grad_accum >= 1")))
+        Ok((step, summed.expect("grad_accum >= 1")))
     }
 
     /// The next training batch, passing over batches that once made the run diverge.
@@ -323,15 +327,43 @@ impl Trainer {
         }))
     }
 
-    /// Mean loss over the validation split (the first `eval_batches` batches, in order).
-    fn evaluate(&self) -> Result<f64> {
+    /// Evaluate, print and log the validation loss (and a mixture's expert load, with a
+    /// warning when one expert takes too much); returns the loss.
+    fn evaluate_and_log(&mut self) -> Result<f64> {
+        let (v, load) = self.evaluate()?;
+        eprintln!("step {:>6} | val loss {v:.4} | val ppl {:.2}", self.step, v.exp());
+        let mut record = json!({"step": self.step, "val_loss": v, "val_ppl": v.exp()});
+        if !load.is_empty() {
+            record["expert_load"] = load.to_json();
+            if let Some(warning) = load.warning(self.config.train.max_expert_share) {
+                let coef = match &self.prepared.model_config.ffn {
+                    Ffn::Moe { router, .. } => router.balance_loss_coef,
+                    _ => 0.0,
+                };
+                eprintln!(
+                    "warning: step {}: {warning}\nHINT: a larger ffn.router.balance_loss_coef (now {coef}) spreads the load",
+                    self.step
+                );
+                record["expert_warning"] = json!(warning);
+            }
+        }
+        self.metrics.write(record)?;
+        Ok(v)
+    }
+
+    /// Mean loss over the validation split (the first `eval_batches` batches, in order), and
+    /// the expert load of those batches (empty for a dense model).
+    fn evaluate(&self) -> Result<(f64, ExpertLoad)> {
         let val: &TokenSplit = self.prepared.dataset.val();
         let batches = SequentialBatches::new(val.clone(), self.config.train.seq_len, self.config.train.batch_size)?;
         let limit = if self.config.train.eval_batches == 0 { u64::MAX } else { self.config.train.eval_batches };
         let (mut sum, mut count) = (0.0, 0u64);
+        let mut load = ExpertLoad::default();
         for batch in batches.take(limit as usize) {
             let (inputs, targets) = batch?.to_tensors(&Device::Cpu)?;
-            sum += self.model.loss(&inputs.detach(), &targets)?.to_scalar::<f32>()? as f64;
+            let (loss, routing) = self.model.loss_and_routing(&inputs.detach(), &targets)?;
+            sum += loss.to_scalar::<f32>()? as f64;
+            load.add(&routing);
             count += 1;
         }
         if count == 0 {
@@ -340,7 +372,7 @@ impl Trainer {
                 self.config.train.seq_len + 1
             )));
         }
-        Ok(sum / count as f64)
+        Ok((sum / count as f64, load))
     }
 
     /// Generate a sample from the configured prompt, print it and log it.
@@ -395,6 +427,39 @@ impl Trainer {
         checkpoint::save(&self.config.run_dir, &data)?;
         checkpoint::prune(&self.config.run_dir, self.config.train.keep_last)?;
         Ok(())
+    }
+}
+
+/// One step's losses, each the mean over its micro-batches, and its routing.
+#[derive(Default)]
+struct StepLoss {
+    lm: f64,
+    balance: f64,
+    z: f64,
+    load: ExpertLoad,
+}
+
+impl StepLoss {
+    fn add(&mut self, loss: &TrainingLoss, accum: usize) -> Result<()> {
+        let value = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
+        self.lm += value(&loss.lm)? / accum as f64;
+        if let Some(router) = &loss.router {
+            self.balance += value(&router.balance)? / accum as f64;
+            self.z += value(&router.z)? / accum as f64;
+        }
+        self.load.add(&loss.routing);
+        Ok(())
+    }
+
+    /// A mixture's router losses (unweighted), and the share of assignments a capacity limit
+    /// dropped when there is one, beside the language-model loss in a step's metrics line.
+    fn add_router_fields(&self, record: &mut serde_json::Value, model: &ModelConfig) {
+        let Ffn::Moe { router, .. } = &model.ffn else { return };
+        record["balance_loss"] = json!(self.balance);
+        record["z_loss"] = json!(self.z);
+        if router.capacity_factor.is_some() {
+            record["dropped"] = json!(self.load.dropped_share());
+        }
     }
 }
 

@@ -5,8 +5,12 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
+use super::rope::{read_rope, write_rope, RopeDefaults};
+use super::shapes::Witness;
 use super::HfJson;
-use crate::config::{Activation, Attention, Ffn, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual};
+use crate::config::{
+    Activation, Attention, Ffn, Gating, Layout, ModelConfig, Norm, NormPlacement, Positions, Residual, Router,
+};
 use crate::error::{Error, Result};
 
 /// One tensor of a Hugging Face checkpoint and the canonical tensors it holds.
@@ -16,16 +20,48 @@ pub struct HfTensor {
     pub parts: Vec<String>,
     /// Stored as `[in, out]` (GPT-2's `Conv1D`) rather than `[out, in]`.
     pub transpose: bool,
+    /// The `config.json` fields this tensor's dims state (its rows are `intermediate_size`,
+    /// ...), so that a config contradicting its weights is reported by field.
+    pub witnesses: Vec<Witness>,
 }
 
 impl HfTensor {
     fn new(hf: impl Into<String>, canonical: impl Into<String>) -> Self {
-        HfTensor { hf: hf.into(), parts: vec![canonical.into()], transpose: false }
+        HfTensor { hf: hf.into(), parts: vec![canonical.into()], transpose: false, witnesses: Vec::new() }
+    }
+
+    /// One checkpoint tensor holding several canonical ones stacked along dim 0 (a fused QKV).
+    fn fused(hf: impl Into<String>, parts: Vec<String>) -> Self {
+        HfTensor { parts, ..HfTensor::new(hf, "") }
     }
 
     fn transposed(mut self) -> Self {
         self.transpose = true;
         self
+    }
+
+    /// Dim 0 of the checkpoint tensor is `value` of `config.json`'s `field`, times a whole
+    /// number (e.g. `num_key_value_heads` × head_dim).
+    fn rows(mut self, field: &'static str, value: usize) -> Self {
+        self.witnesses.push(Witness { axis: 0, field, value });
+        self
+    }
+
+    /// As [`rows`](Self::rows), for dim 1.
+    fn cols(mut self, field: &'static str, value: usize) -> Self {
+        self.witnesses.push(Witness { axis: 1, field, value });
+        self
+    }
+
+    /// The shape the checkpoint tensor must have, from the canonical shapes of its parts.
+    pub fn expected_shape(&self, specs: &HashMap<String, Vec<usize>>) -> Vec<usize> {
+        let shapes: Vec<&Vec<usize>> = self.parts.iter().map(|p| &specs[p]).collect();
+        let mut expected = shapes[0].clone();
+        expected[0] = shapes.iter().map(|s| s[0]).sum();
+        if self.transpose {
+            expected.reverse();
+        }
+        expected
     }
 
     /// Split (and un-transpose) a checkpoint tensor into its canonical parts.
@@ -35,11 +71,7 @@ impl HfTensor {
         specs: &HashMap<String, Vec<usize>>,
     ) -> std::result::Result<Vec<(String, Tensor)>, String> {
         let shapes: Vec<&Vec<usize>> = self.parts.iter().map(|p| &specs[p]).collect();
-        let mut expected = shapes[0].clone();
-        expected[0] = shapes.iter().map(|s| s[0]).sum();
-        if self.transpose {
-            expected.reverse();
-        }
+        let expected = self.expected_shape(specs);
         if tensor.dims() != expected.as_slice() {
             return Err(format!("tensor `{}` has shape {:?}, expected {expected:?}", self.hf, tensor.dims()));
         }
@@ -194,7 +226,16 @@ fn layer_tensors(config: &ModelConfig, mut per_layer: impl FnMut(usize, &str, &m
 
 /// `name.weight` (and `name.bias` when `bias`) mapped one to one.
 fn linear(out: &mut Vec<HfTensor>, hf: &str, canonical: &str, bias: bool) {
-    out.push(HfTensor::new(format!("{hf}.weight"), format!("{canonical}.weight")));
+    linear_stating(out, hf, canonical, bias, None);
+}
+
+/// As [`linear`], with the weight's rows stating `config.json`'s `field` = `value`.
+fn linear_stating(out: &mut Vec<HfTensor>, hf: &str, canonical: &str, bias: bool, rows: Option<(&'static str, usize)>) {
+    let weight = HfTensor::new(format!("{hf}.weight"), format!("{canonical}.weight"));
+    out.push(match rows {
+        Some((field, value)) => weight.rows(field, value),
+        None => weight,
+    });
     if bias {
         out.push(HfTensor::new(format!("{hf}.bias"), format!("{canonical}.bias")));
     }
@@ -207,6 +248,11 @@ fn gpt2_read(json: &HfJson) -> Result<ModelConfig> {
     let d = json.usize("n_embd")?;
     let heads = json.usize("n_head")?;
     json.reject_if_set("scale_attn_by_inverse_layer_idx", "lmforge scales scores by 1/sqrt(head_dim) only")?;
+    if !json.bool_or("scale_attn_weights", true)? {
+        return Err(
+            json.error("scale_attn_weights", "false is not supported: lmforge scales scores by 1/sqrt(head_dim)")
+        );
+    }
     Ok(ModelConfig {
         vocab_size: json.usize("vocab_size")?,
         d_model: d,
@@ -252,27 +298,35 @@ fn gpt2_write(c: &ModelConfig) -> Option<Value> {
 
 fn gpt2_tensors(c: &ModelConfig) -> Vec<HfTensor> {
     let mut out = vec![
-        HfTensor::new("transformer.wte.weight", "tok_embeddings.weight"),
-        HfTensor::new("transformer.wpe.weight", "pos_embeddings.weight"),
+        HfTensor::new("transformer.wte.weight", "tok_embeddings.weight")
+            .rows("vocab_size", c.vocab_size)
+            .cols("n_embd", c.d_model),
+        HfTensor::new("transformer.wpe.weight", "pos_embeddings.weight").rows("n_positions", c.context_length),
     ];
+    let hidden = c.ffn.hidden();
     out.extend(layer_tensors(c, |i, l, out| {
         let h = format!("transformer.h.{i}");
         linear(out, &format!("{h}.ln_1"), &format!("{l}.attn_norm"), true);
         for part in ["weight", "bias"] {
             let qkv = ["q", "k", "v"].iter().map(|p| format!("{l}.attn.{p}.{part}")).collect();
-            out.push(HfTensor { hf: format!("{h}.attn.c_attn.{part}"), parts: qkv, transpose: part == "weight" });
+            let c_attn = HfTensor::fused(format!("{h}.attn.c_attn.{part}"), qkv);
+            out.push(if part == "weight" { c_attn.transposed().rows("n_embd", c.d_model) } else { c_attn });
         }
         out.push(HfTensor::new(format!("{h}.attn.c_proj.weight"), format!("{l}.attn.o.weight")).transposed());
         out.push(HfTensor::new(format!("{h}.attn.c_proj.bias"), format!("{l}.attn.o.bias")));
         linear(out, &format!("{h}.ln_2"), &format!("{l}.ffn_norm"), true);
-        out.push(HfTensor::new(format!("{h}.mlp.c_fc.weight"), format!("{l}.ffn.up.weight")).transposed());
+        out.push(
+            HfTensor::new(format!("{h}.mlp.c_fc.weight"), format!("{l}.ffn.up.weight"))
+                .transposed()
+                .cols("n_inner", hidden),
+        );
         out.push(HfTensor::new(format!("{h}.mlp.c_fc.bias"), format!("{l}.ffn.up.bias")));
         out.push(HfTensor::new(format!("{h}.mlp.c_proj.weight"), format!("{l}.ffn.down.weight")).transposed());
         out.push(HfTensor::new(format!("{h}.mlp.c_proj.bias"), format!("{l}.ffn.down.bias")));
     }));
     linear(&mut out, "transformer.ln_f", "final_norm", true);
     if !c.tie_embeddings {
-        out.push(HfTensor::new("lm_head.weight", "lm_head.weight"));
+        out.push(HfTensor::new("lm_head.weight", "lm_head.weight").rows("vocab_size", c.vocab_size));
     }
     out
 }
@@ -280,16 +334,42 @@ fn gpt2_tensors(c: &ModelConfig) -> Vec<HfTensor> {
 // ---------------------------------------------------------------------------------------------
 // Llama, Mistral (sliding window), Mixtral (mixture of experts): RMSNorm, RoPE, SwiGLU.
 
-fn rope_theta(json: &HfJson, default: f64) -> Result<f64> {
-    json.reject_if_set("rope_scaling", "RoPE scaling variants are not implemented")?;
-    let params = json.object("rope_parameters");
-    if params.str_or("rope_type", "default")? != "default" {
-        params.reject_if_set("rope_type", "only the default RoPE is implemented")?;
+/// What transformers' `LlamaConfig`, `MistralConfig` and `MixtralConfig` assume for a key that
+/// `config.json` leaves out, and what each class reads at all.
+struct LlamaClass {
+    /// `None`: as many as the query heads.
+    kv_heads: Option<usize>,
+    /// `None`: the class has no window. `Some(default)`: it reads `sliding_window`, taking
+    /// `default` when the key is absent (`null` means no window).
+    window: Option<Option<usize>>,
+    theta: f64,
+    rms_norm_eps: f64,
+    /// `Some((experts, top_k))` defaults for the mixture-of-experts class.
+    experts: Option<(usize, usize)>,
+}
+
+fn llama_class(model_type: &str) -> LlamaClass {
+    match model_type {
+        "mistral" => LlamaClass {
+            kv_heads: Some(8),
+            window: Some(Some(4096)),
+            theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            experts: None,
+        },
+        "mixtral" => LlamaClass {
+            kv_heads: Some(8),
+            window: Some(None),
+            theta: 1_000_000.0,
+            rms_norm_eps: 1e-5,
+            experts: Some((8, 2)),
+        },
+        _ => LlamaClass { kv_heads: None, window: None, theta: 10_000.0, rms_norm_eps: 1e-6, experts: None },
     }
-    json.f64_or("rope_theta", params.f64_or("rope_theta", default)?)
 }
 
 fn llama_read(json: &HfJson) -> Result<ModelConfig> {
+    let class = llama_class(&json.str("model_type")?);
     let d = json.usize("hidden_size")?;
     let heads = json.usize("num_attention_heads")?;
     let attention_bias = json.bool_or("attention_bias", false)?;
@@ -302,23 +382,35 @@ fn llama_read(json: &HfJson) -> Result<ModelConfig> {
     let act = activation_from_hf(json, "hidden_act", "silu")?;
     let hidden = json.usize("intermediate_size")?;
     let dense = Ffn::Gated { hidden, act };
-    let ffn = match json.opt_usize("num_local_experts")? {
-        Some(experts) => Ffn::Moe { experts, top_k: json.usize("num_experts_per_tok")?, expert: Box::new(dense) },
+    let ffn = match class.experts {
+        Some((experts, top_k)) => {
+            let top_k = json.usize_or("num_experts_per_tok", top_k)?;
+            Ffn::Moe {
+                experts: json.usize_or("num_local_experts", experts)?,
+                top_k,
+                expert: Box::new(dense),
+                router: mixtral_router_read(json, top_k)?,
+            }
+        }
         None => dense,
     };
-    let model_type = json.str("model_type")?;
-    let window = if model_type == "llama" { None } else { json.opt_usize("sliding_window")? };
+    let window = match class.window {
+        Some(default) if !json.contains("sliding_window") => default,
+        Some(_) => json.opt_usize("sliding_window")?,
+        None => None,
+    };
+    let context_length = json.usize("max_position_embeddings")?;
     Ok(ModelConfig {
         vocab_size: json.usize("vocab_size")?,
         d_model: d,
         layers: json.usize("num_hidden_layers")?,
-        context_length: json.usize("max_position_embeddings")?,
+        context_length,
         norm: Norm::RmsNorm,
-        norm_eps: json.f64_or("rms_norm_eps", 1e-6)?,
-        positions: Positions::Rope { theta: rope_theta(json, 10_000.0)?, fraction: 1.0 },
+        norm_eps: json.f64_or("rms_norm_eps", class.rms_norm_eps)?,
+        positions: read_rope(json, RopeDefaults { theta: class.theta, fraction: None }, context_length)?,
         attention: Attention {
             heads,
-            kv_heads: json.usize_or("num_key_value_heads", heads)?,
+            kv_heads: json.usize_or("num_key_value_heads", class.kv_heads.unwrap_or(heads))?,
             head_dim: json.opt_usize("head_dim")?.filter(|hd| hd * heads != d),
             window,
             layer_windows: None,
@@ -341,7 +433,7 @@ fn llama_write(c: &ModelConfig) -> Option<Value> {
     let Ffn::Gated { hidden, act } = *expert else {
         return None;
     };
-    let Positions::Rope { theta, fraction } = c.positions else {
+    let Positions::Rope { theta, fraction, scaling } = c.positions else {
         return None;
     };
     let ok = c.layout == Layout::DecoderOnly
@@ -360,49 +452,85 @@ fn llama_write(c: &ModelConfig) -> Option<Value> {
         "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": hidden,
         "num_hidden_layers": c.layers, "num_attention_heads": c.attention.heads,
         "num_key_value_heads": c.attention.kv_heads, "head_dim": c.head_dim(),
-        "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "rope_theta": theta,
+        "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps,
+        "rope_parameters": write_rope(theta, None, scaling.as_ref()),
         "hidden_act": activation_to_hf(act), "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": c.bias, "mlp_bias": c.bias,
     });
     if model_type != "llama" {
         v["sliding_window"] = json!(c.attention.window);
     }
-    if let Ffn::Moe { experts, top_k, .. } = c.ffn {
+    if let Ffn::Moe { experts, top_k, router, .. } = &c.ffn {
+        if router.gating != Gating::Renormalized {
+            return None; // Mixtral always renormalises its top-k weights.
+        }
         v["num_local_experts"] = json!(experts);
         v["num_experts_per_tok"] = json!(top_k);
+        v["router_aux_loss_coef"] = json!(router.balance_loss_coef / *top_k as f64);
+        v["router_jitter_noise"] = json!(router.jitter);
     }
     Some(v)
 }
 
+/// Mixtral's router settings. transformers' balance loss counts all k choices of a token, so
+/// it is k times lmforge's: its `router_aux_loss_coef` c is lmforge's `k · c`. Its
+/// `router_jitter_noise` multiplies the block's input, lmforge's the router's input only (as the
+/// Switch Transformer did); both are off in the published checkpoints. Mixtral has no z-loss and
+/// no capacity limit (dropless): those keep lmforge's defaults.
+fn mixtral_router_read(json: &HfJson, top_k: usize) -> Result<Router> {
+    let defaults = Router::default();
+    Ok(Router {
+        balance_loss_coef: json.f64_or("router_aux_loss_coef", defaults.balance_loss_coef / top_k as f64)?
+            * top_k as f64,
+        jitter: json.f64_or("router_jitter_noise", 0.0)?,
+        ..defaults
+    })
+}
+
 fn llama_tensors(c: &ModelConfig) -> Vec<HfTensor> {
-    let mut out = vec![HfTensor::new("model.embed_tokens.weight", "tok_embeddings.weight")];
+    let mut out = vec![HfTensor::new("model.embed_tokens.weight", "tok_embeddings.weight")
+        .rows("vocab_size", c.vocab_size)
+        .cols("hidden_size", c.d_model)];
+    let att = &c.attention;
+    let hidden = c.ffn.hidden();
     out.extend(layer_tensors(c, |i, l, out| {
         let h = format!("model.layers.{i}");
         out.push(HfTensor::new(format!("{h}.input_layernorm.weight"), format!("{l}.attn_norm.weight")));
-        for p in ["q", "k", "v", "o"] {
-            linear(out, &format!("{h}.self_attn.{p}_proj"), &format!("{l}.attn.{p}"), c.bias);
+        for (p, rows) in [
+            ("q", Some(("num_attention_heads", att.heads))),
+            ("k", Some(("num_key_value_heads", att.kv_heads))),
+            ("v", None),
+            ("o", None),
+        ] {
+            linear_stating(out, &format!("{h}.self_attn.{p}_proj"), &format!("{l}.attn.{p}"), c.bias, rows);
         }
         out.push(HfTensor::new(format!("{h}.post_attention_layernorm.weight"), format!("{l}.ffn_norm.weight")));
+        let width = Some(("intermediate_size", hidden));
         match &c.ffn {
             Ffn::Moe { experts, .. } => {
                 let moe = format!("{h}.block_sparse_moe");
-                out.push(HfTensor::new(format!("{moe}.gate.weight"), format!("{l}.ffn.router.weight")));
+                out.push(
+                    HfTensor::new(format!("{moe}.gate.weight"), format!("{l}.ffn.router.weight"))
+                        .rows("num_local_experts", *experts),
+                );
                 for e in 0..*experts {
                     for (hf, ours) in [("w1", "gate"), ("w2", "down"), ("w3", "up")] {
-                        linear(out, &format!("{moe}.experts.{e}.{hf}"), &format!("{l}.ffn.experts.{e}.{ours}"), c.bias);
+                        let (hf, ours) = (format!("{moe}.experts.{e}.{hf}"), format!("{l}.ffn.experts.{e}.{ours}"));
+                        linear_stating(out, &hf, &ours, c.bias, width.filter(|_| ours.ends_with("gate")));
                     }
                 }
             }
             _ => {
                 for p in ["gate", "up", "down"] {
-                    linear(out, &format!("{h}.mlp.{p}_proj"), &format!("{l}.ffn.{p}"), c.bias);
+                    let (hf, ours) = (format!("{h}.mlp.{p}_proj"), format!("{l}.ffn.{p}"));
+                    linear_stating(out, &hf, &ours, c.bias, width.filter(|_| p == "gate"));
                 }
             }
         }
     }));
     out.push(HfTensor::new("model.norm.weight", "final_norm.weight"));
     if !c.tie_embeddings {
-        out.push(HfTensor::new("lm_head.weight", "lm_head.weight"));
+        out.push(HfTensor::new("lm_head.weight", "lm_head.weight").rows("vocab_size", c.vocab_size));
     }
     out
 }
@@ -413,16 +541,14 @@ fn llama_tensors(c: &ModelConfig) -> Vec<HfTensor> {
 fn phi_read(json: &HfJson) -> Result<ModelConfig> {
     let heads = json.usize("num_attention_heads")?;
     json.reject_if_set("qk_layernorm", "query/key LayerNorm is not implemented")?;
+    let context_length = json.usize("max_position_embeddings")?;
     Ok(ModelConfig {
         vocab_size: json.usize("vocab_size")?,
         d_model: json.usize("hidden_size")?,
         layers: json.usize("num_hidden_layers")?,
-        context_length: json.usize("max_position_embeddings")?,
+        context_length,
         norm_eps: json.f64_or("layer_norm_eps", 1e-5)?,
-        positions: Positions::Rope {
-            theta: rope_theta(json, 10_000.0)?,
-            fraction: json.f64_or("partial_rotary_factor", 0.5)?,
-        },
+        positions: read_rope(json, RopeDefaults { theta: 10_000.0, fraction: Some(0.5) }, context_length)?,
         attention: Attention {
             heads,
             kv_heads: json.usize_or("num_key_value_heads", heads)?,
@@ -447,7 +573,7 @@ fn phi_write(c: &ModelConfig) -> Option<Value> {
     let Ffn::Mlp { hidden, act } = c.ffn else {
         return None;
     };
-    let Positions::Rope { theta, fraction } = c.positions else {
+    let Positions::Rope { theta, fraction, scaling } = c.positions else {
         return None;
     };
     let ok = c.layout == Layout::DecoderOnly
@@ -463,7 +589,7 @@ fn phi_write(c: &ModelConfig) -> Option<Value> {
             "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": hidden,
             "num_hidden_layers": c.layers, "num_attention_heads": c.attention.heads,
             "num_key_value_heads": c.attention.kv_heads, "max_position_embeddings": c.context_length,
-            "layer_norm_eps": c.norm_eps, "rope_theta": theta, "partial_rotary_factor": fraction,
+            "layer_norm_eps": c.norm_eps, "rope_parameters": write_rope(theta, Some(fraction), scaling.as_ref()),
             "hidden_act": activation_to_hf(act), "tie_word_embeddings": c.tie_embeddings,
             "qk_layernorm": false, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
         })
@@ -471,71 +597,89 @@ fn phi_write(c: &ModelConfig) -> Option<Value> {
 }
 
 fn phi_tensors(c: &ModelConfig) -> Vec<HfTensor> {
-    let mut out = vec![HfTensor::new("model.embed_tokens.weight", "tok_embeddings.weight")];
+    let mut out = vec![HfTensor::new("model.embed_tokens.weight", "tok_embeddings.weight")
+        .rows("vocab_size", c.vocab_size)
+        .cols("hidden_size", c.d_model)];
+    let hidden = c.ffn.hidden();
     out.extend(layer_tensors(c, |i, l, out| {
         let h = format!("model.layers.{i}");
         linear(out, &format!("{h}.input_layernorm"), &format!("{l}.attn_norm"), true);
-        for (hf, ours) in [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("dense", "o")] {
-            linear(out, &format!("{h}.self_attn.{hf}"), &format!("{l}.attn.{ours}"), true);
+        for (hf, ours, rows) in [
+            ("q_proj", "q", Some(("num_attention_heads", c.attention.heads))),
+            ("k_proj", "k", Some(("num_key_value_heads", c.attention.kv_heads))),
+            ("v_proj", "v", None),
+            ("dense", "o", None),
+        ] {
+            linear_stating(out, &format!("{h}.self_attn.{hf}"), &format!("{l}.attn.{ours}"), true, rows);
         }
-        linear(out, &format!("{h}.mlp.fc1"), &format!("{l}.ffn.up"), true);
+        linear_stating(out, &format!("{h}.mlp.fc1"), &format!("{l}.ffn.up"), true, Some(("intermediate_size", hidden)));
         linear(out, &format!("{h}.mlp.fc2"), &format!("{l}.ffn.down"), true);
     }));
     linear(&mut out, "model.final_layernorm", "final_norm", true);
     if !c.tie_embeddings {
-        out.push(HfTensor::new("lm_head.weight", "lm_head.weight"));
+        out.push(HfTensor::new("lm_head.weight", "lm_head.weight").rows("vocab_size", c.vocab_size));
     }
     out.push(HfTensor::new("lm_head.bias", "lm_head.bias"));
     out
 }
 
 // ---------------------------------------------------------------------------------------------
-// MPT: ALiBi, no biases (norms included), exact GELU, fused Wqkv stored [3D, D], tied head.
+// MPT: ALiBi, no biases (norms included), exact GELU, fused Wqkv stored [3D, D].
+//
+// transformers' MPT (`modeling_mpt.py`, 5.x) builds one architecture whatever some of its config
+// fields say, and lmforge builds the same so that every checkpoint transformers loads, loads:
+// - the FFN is always 4 × d_model: `MptMLP` makes `nn.Linear(hidden_size, 4 * hidden_size)` and
+//   never reads `expansion_ratio`;
+// - ALiBi is always on with a maximum bias of 8: `MptModel.forward` calls
+//   `build_mpt_alibi_tensor(num_heads, max_seq_len)` without `alibi_bias_max`, and nothing
+//   reads `attn_config.alibi` or `learned_pos_emb`;
+// - there are no biases: every `nn.Linear` has `bias=False`, the norms' biases are deleted, and
+//   `no_bias` is never read;
+// - `attn_config.qk_ln` and `attn_type` are never read either.
+// A file whose tensors do not fit that (a MosaicML original with biases or learned positions)
+// is refused tensor by tensor, where transformers would drop them silently.
+
+/// The FFN width of transformers' MPT.
+const MPT_FFN_RATIO: usize = 4;
+/// The ALiBi maximum bias of transformers' MPT.
+const MPT_ALIBI_MAX_BIAS: f64 = 8.0;
 
 fn mpt_read(json: &HfJson) -> Result<ModelConfig> {
     let d = json.usize("d_model")?;
     let heads = json.usize("n_heads")?;
     let attn = json.object("attn_config");
-    if !attn.bool_or("alibi", false)? {
-        return Err(Error::checkpoint(&json.path, "attn_config.alibi = false: MPT without ALiBi is not supported"));
-    }
     attn.reject_if_set("clip_qkv", "QKV clipping is not implemented")?;
-    attn.reject_if_set("qk_ln", "query/key LayerNorm is not implemented")?;
     attn.reject_if_set("softmax_scale", "only the default 1/sqrt(head_dim) scale is implemented")?;
-    if !json.bool_or("no_bias", true)? {
-        return Err(Error::checkpoint(&json.path, "no_bias = false is not supported for MPT"));
-    }
     Ok(ModelConfig {
         vocab_size: json.usize("vocab_size")?,
         d_model: d,
         layers: json.usize("n_layers")?,
         context_length: json.usize("max_seq_len")?,
         norm_eps: json.f64_or("layer_norm_epsilon", 1e-5)?,
-        positions: Positions::Alibi { max_bias: attn.f64_or("alibi_bias_max", 8.0)? },
+        positions: Positions::Alibi { max_bias: MPT_ALIBI_MAX_BIAS },
         attention: Attention::new(heads, heads),
-        ffn: Ffn::Mlp { hidden: json.usize_or("expansion_ratio", 4)? * d, act: Activation::Gelu },
+        ffn: Ffn::Mlp { hidden: MPT_FFN_RATIO * d, act: Activation::Gelu },
         bias: false,
-        tie_embeddings: true,
+        tie_embeddings: json.bool_or("tie_word_embeddings", true)?,
         ..decoder(json)
     })
 }
 
+/// Only what transformers' MPT builds (see above): an export claiming more would load as a
+/// different model.
 fn mpt_write(c: &ModelConfig) -> Option<Value> {
     let k = common(c);
     let Ffn::Mlp { hidden, act: Activation::Gelu } = c.ffn else {
         return None;
     };
-    let Positions::Alibi { max_bias } = c.positions else {
-        return None;
-    };
     let ok = c.layout == Layout::DecoderOnly
         && c.norm == Norm::LayerNorm
         && c.norm_placement == NormPlacement::Pre
+        && c.positions == (Positions::Alibi { max_bias: MPT_ALIBI_MAX_BIAS })
+        && hidden == MPT_FFN_RATIO * c.d_model
         && c.residual == Residual::Sequential
         && !c.bias
         && !c.head_bias
-        && c.tie_embeddings
-        && hidden % c.d_model == 0
         && k.window_free
         && k.mha
         && k.default_head_dim;
@@ -543,36 +687,34 @@ fn mpt_write(c: &ModelConfig) -> Option<Value> {
         json!({
             "model_type": "mpt", "architectures": ["MptForCausalLM"],
             "vocab_size": c.vocab_size, "d_model": c.d_model, "n_layers": c.layers, "n_heads": c.attention.heads,
-            "max_seq_len": c.context_length, "expansion_ratio": hidden / c.d_model, "no_bias": true,
-            "layer_norm_epsilon": c.norm_eps,
-            // transformers' MptConfig wants an integer here (and, unlike MosaicML's own code, uses 8
-            // whatever it says).
-            "attn_config": { "alibi": true, "alibi_bias_max": integral_if_whole(max_bias) },
-            "resid_pdrop": 0.0, "emb_pdrop": 0.0,
+            "max_seq_len": c.context_length, "expansion_ratio": MPT_FFN_RATIO, "no_bias": true,
+            "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+            // transformers' MptAttentionConfig wants an integer here.
+            "attn_config": { "alibi": true, "alibi_bias_max": MPT_ALIBI_MAX_BIAS as i64 },
+            "learned_pos_emb": false, "resid_pdrop": 0.0, "emb_pdrop": 0.0,
         })
     })
 }
 
-fn integral_if_whole(x: f64) -> Value {
-    if x.fract() == 0.0 && x.abs() < 1e15 {
-        json!(x as i64)
-    } else {
-        json!(x)
-    }
-}
-
 fn mpt_tensors(c: &ModelConfig) -> Vec<HfTensor> {
-    let mut out = vec![HfTensor::new("transformer.wte.weight", "tok_embeddings.weight")];
+    let mut out = vec![HfTensor::new("transformer.wte.weight", "tok_embeddings.weight")
+        .rows("vocab_size", c.vocab_size)
+        .cols("d_model", c.d_model)];
     out.extend(layer_tensors(c, |i, l, out| {
         let h = format!("transformer.blocks.{i}");
         out.push(HfTensor::new(format!("{h}.norm_1.weight"), format!("{l}.attn_norm.weight")));
         let qkv = ["q", "k", "v"].iter().map(|p| format!("{l}.attn.{p}.weight")).collect();
-        out.push(HfTensor { hf: format!("{h}.attn.Wqkv.weight"), parts: qkv, transpose: false });
+        out.push(HfTensor::fused(format!("{h}.attn.Wqkv.weight"), qkv).cols("d_model", c.d_model));
         out.push(HfTensor::new(format!("{h}.attn.out_proj.weight"), format!("{l}.attn.o.weight")));
         out.push(HfTensor::new(format!("{h}.norm_2.weight"), format!("{l}.ffn_norm.weight")));
-        out.push(HfTensor::new(format!("{h}.ffn.up_proj.weight"), format!("{l}.ffn.up.weight")));
+        out.push(
+            HfTensor::new(format!("{h}.ffn.up_proj.weight"), format!("{l}.ffn.up.weight")).rows("d_model", c.d_model),
+        );
         out.push(HfTensor::new(format!("{h}.ffn.down_proj.weight"), format!("{l}.ffn.down.weight")));
     }));
     out.push(HfTensor::new("transformer.norm_f.weight", "final_norm.weight"));
+    if !c.tie_embeddings {
+        out.push(HfTensor::new("lm_head.weight", "lm_head.weight").rows("vocab_size", c.vocab_size));
+    }
     out
 }

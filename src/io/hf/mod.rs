@@ -7,7 +7,9 @@
 
 mod families;
 mod json;
+mod rope;
 mod safetensors_io;
+mod shapes;
 
 pub use families::{family_for_config, family_for_model_type, Family, HfTensor};
 pub use json::HfJson;
@@ -22,8 +24,8 @@ use super::{LoadedModel, TextTokenizer};
 use crate::config::ModelConfig;
 use crate::error::{bullet_list, Error, Result};
 
-/// The family of a directory's `config.json`, and the config itself.
-fn read_family_config(dir: &Path) -> Result<(&'static Family, ModelConfig)> {
+/// The family of a directory's `config.json`, the config, and the file it was read from.
+fn read_family_config(dir: &Path) -> Result<(&'static Family, ModelConfig, HfJson)> {
     let config_path = dir.join("config.json");
     let json = HfJson::read(&config_path)?;
     let model_type = json.str("model_type")?;
@@ -38,7 +40,7 @@ fn read_family_config(dir: &Path) -> Result<(&'static Family, ModelConfig)> {
     })?;
     let config = (family.read_config)(&json)?;
     config.validate()?;
-    Ok((family, config))
+    Ok((family, config, json))
 }
 
 /// The [`ModelConfig`] of a Hugging Face directory, from `config.json` alone.
@@ -48,7 +50,7 @@ pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
 
 /// Load a Hugging Face model directory.
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
-    let (family, config) = read_family_config(dir)?;
+    let (family, config, json) = read_family_config(dir)?;
     let mut file_tensors = read_safetensors_dir(dir, device)?;
     // Every layer has tensors: a layer count beyond the tensor count is a damaged config, and
     // listing its parameters could take unbounded time and memory.
@@ -58,22 +60,33 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
             format!("{} layers, but the weights hold only {} tensors", config.layers, file_tensors.len()),
         ));
     }
-    let weights = import_tensors(family, &config, &mut file_tensors, dir)?;
+    let weights = import_tensors(family, &config, &json, &mut file_tensors, dir)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
     Ok(LoadedModel { config, weights, tokenizer, source: dir.to_path_buf() })
 }
 
-/// Map a checkpoint's tensors to canonical names with the family's table.
+/// Map a checkpoint's tensors to canonical names with the family's table, after checking that
+/// the tensors agree with the fields of `json` they state.
 fn import_tensors(
     family: &Family,
     config: &ModelConfig,
+    json: &HfJson,
     file: &mut HashMap<String, Tensor>,
     origin: &Path,
 ) -> Result<HashMap<String, Tensor>> {
     let specs: HashMap<String, Vec<usize>> = config.param_specs().into_iter().map(|s| (s.name, s.shape)).collect();
+    let table = (family.tensors)(config);
+    let contradicted = shapes::contradictions(&table, file, &specs, family.optional_prefix, json);
+    if !contradicted.is_empty() {
+        let reason = format!(
+            "these fields contradict the weights:{}\nHINT: set these fields to what the weights hold (is this config.json from another model?)",
+            bullet_list(&contradicted, 12)
+        );
+        return Err(Error::checkpoint(&json.path, reason));
+    }
     let mut weights = HashMap::new();
     let mut problems = Vec::new();
-    for entry in (family.tensors)(config) {
+    for entry in table {
         let Some(tensor) = take_tensor(file, &entry.hf, family.optional_prefix) else {
             problems.push(format!("missing tensor `{}`", entry.hf));
             continue;

@@ -19,6 +19,7 @@
 
 pub mod blas;
 pub mod cross_entropy;
+pub mod dispatch;
 pub mod flash_attention;
 pub mod gemm;
 pub mod linear;
@@ -30,9 +31,10 @@ mod simd;
 mod tile;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
-pub use cross_entropy::softmax_cross_entropy;
+pub use cross_entropy::{label_smoothed_cross_entropy, softmax_cross_entropy};
+pub use dispatch::{combine_rows, gather_rows, grouped_linear, Dispatch};
 pub use flash_attention::{flash_attention, flash_attention_qkv, flash_attention_tokens, AttentionMask};
 pub use linear::{linear, linear_then};
 pub use norm::{layer_norm, rms_norm};

@@ -239,7 +239,7 @@ mod tests {
     use crate::nn::positions::Rope;
 
     fn tables(t: usize, rot: usize, dtype: DType) -> (Tensor, Tensor) {
-        let (cos, sin) = Rope::new(10_000.0, rot).tables(3, t, &Device::Cpu).unwrap();
+        let (cos, sin) = Rope::new(10_000.0, rot, None).tables(3, t, &Device::Cpu).unwrap();
         (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap())
     }
 
@@ -268,7 +268,7 @@ mod tests {
                 &[x.clone(), cos.clone(), sin.clone()],
                 1e-5,
             );
-            let layer = Rope::new(10_000.0, rot).apply(&x, &cos, &sin).unwrap();
+            let layer = Rope::new(10_000.0, rot, None).apply(&x, &cos, &sin).unwrap();
             crate::nn::ops::testing::assert_close("vs Rope::apply", &rope(&x, &cos, &sin).unwrap(), &layer, 1e-6, 1e-6);
         }
     }
