@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::config::{apply_overrides, Ffn, ModelConfig};
 use crate::error::Result;
 use crate::io::{self, TextTokenizer};
+use crate::model::upcycle::upcycled_config;
 
 /// Where a candidate comes from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -271,9 +272,7 @@ pub fn invent_upcycled(candidate: &Candidate, moe: MoeShape) -> Result<Option<Pl
     if dense_hidden(&candidate.config.ffn).is_none() {
         return Ok(None);
     }
-    let ffn =
-        serde_json::json!({"kind": "moe", "experts": moe.experts, "top_k": moe.top_k, "expert": candidate.config.ffn});
-    let config = apply_overrides(&candidate.config, &[format!("ffn={ffn}")])?;
+    let config = upcycled_config(&candidate.config, moe.experts, moe.top_k)?;
     Ok(Some(PlanSpec {
         approach: Approach::Invent,
         label: format!("invent: upcycle {} to {} experts top-{} + continue", candidate.name, moe.experts, moe.top_k),
