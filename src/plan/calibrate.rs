@@ -119,7 +119,10 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
         return Ok(rehearsal);
     }
     // From here on the peak is counted afresh: what evaluating, checkpointing and sampling
-    // add to what the steps left resident.
+    // add to what the steps left live. The memory the steps freed goes back to the system
+    // first: a long run's allocator may have returned it by the time it saves (and a run
+    // measured so did), and a checkpoint that happened to fit in it would read too low.
+    release_free_memory();
     let can_reset = reset_peak_rss();
     let evals = 2;
     rehearsal.eval_batch_seconds = Some((0..evals).map(|_| bench.eval_batch()).sum::<Result<f64>>()? / evals as f64);
@@ -166,6 +169,15 @@ fn write_checkpoint(bench: &StepBench, spec: &RehearsalSpec) -> Result<()> {
     let saved = checkpoint::save(&run_dir, &data);
     let _ = std::fs::remove_dir_all(&run_dir);
     saved.map(|_| ())
+}
+
+/// Hand the allocator's free memory back to the system (glibc's `malloc_trim`).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: no arguments beyond a pad size; glibc only releases memory no one holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Run [`rehearse`] in a fresh `lmforge plan --rehearse` process of `exe`.

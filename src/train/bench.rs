@@ -2,7 +2,8 @@
 //! calibrates with, so a plan's throughput is the benchmark's, not a second guess at it.
 //!
 //! A step here is what the trainer does per optimizer step at `grad_accum = 1`: the model's
-//! loss on a `(batch, seq)` batch, the backward pass, global-norm clipping and an AdamW update.
+//! training objective on a `(batch, seq)` batch (the language-model loss plus a mixture's
+//! router losses), the backward pass, global-norm clipping and an AdamW update.
 //! The tokens are a fixed pseudo-random pattern: a step's cost does not depend on their values.
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 
 use super::optim::{AdamW, AdamWConfig};
+use super::rng::TrainRng;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::Model;
@@ -45,6 +47,8 @@ pub struct StepBench {
     optimizer: AdamW,
     inputs: Tensor,
     targets: Tensor,
+    /// What a router's jitter draws from, as the trainer's generator.
+    rng: TrainRng,
 }
 
 impl StepBench {
@@ -62,15 +66,16 @@ impl StepBench {
         let targets: Vec<u32> = (0..batch * seq).map(|i| (i * 104_729 % vocab) as u32).collect();
         let inputs = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?; // (B, T)
         let targets = Tensor::from_vec(targets, (batch, seq), &Device::Cpu)?; // (B, T)
-        Ok(StepBench { model, vars, optimizer, inputs, targets })
+        Ok(StepBench { model, vars, optimizer, inputs, targets, rng: TrainRng::seed_from(0) })
     }
 
-    /// One training step; its phases and the loss.
+    /// One training step; its phases and the language-model loss.
     pub fn step(&mut self) -> Result<(StepPhases, f32)> {
         let t0 = Instant::now();
-        let loss = self.model.loss(&self.inputs, &self.targets)?;
+        let loss = self.model.training_loss(&self.inputs, &self.targets, &mut self.rng)?;
+        let objective = loss.objective()?;
         let t1 = Instant::now();
-        let mut grads = loss.backward()?;
+        let mut grads = objective.backward()?;
         let t2 = Instant::now();
         self.optimizer.clip_grad_norm(&mut grads, 1.0)?;
         self.optimizer.step(&grads, 1e-3)?;
@@ -80,13 +85,14 @@ impl StepBench {
             backward: (t2 - t1).as_secs_f64(),
             update: (t3 - t2).as_secs_f64(),
         };
-        Ok((phases, loss.to_scalar::<f32>()?))
+        Ok((phases, loss.lm.to_scalar::<f32>()?))
     }
 
-    /// Seconds of one evaluation batch: the loss without a graph, as the trainer's evaluation.
+    /// Seconds of one evaluation batch: the loss (and a mixture's routing) without a graph, as
+    /// the trainer's evaluation.
     pub fn eval_batch(&self) -> Result<f64> {
         let started = Instant::now();
-        self.model.loss(&self.inputs.detach(), &self.targets)?.to_scalar::<f32>()?;
+        self.model.loss_and_routing(&self.inputs.detach(), &self.targets)?.0.to_scalar::<f32>()?;
         Ok(started.elapsed().as_secs_f64())
     }
 

@@ -199,6 +199,9 @@ impl Trainer {
             self.state.guard.accept(&self.config.guard, loss);
             let lr = self.lr();
             self.optimizer.step(&grads, lr)?;
+            // The gradients (and whatever of the step's graph they hold) go before evaluating
+            // or saving, so those do not stack on top of them.
+            drop(grads);
             self.step += 1;
             self.tokens_seen += tokens_per_step;
             last_loss = loss;
