@@ -2,8 +2,9 @@
 //! implementation, train it, and run it.
 //!
 //! Layers, from the bottom: [`config`] (pure data) → [`nn`] (layers and fused ops) →
-//! [`model`] (blocks composed from a config) → [`generate`] / training loops / [`eval`]; [`io`]
-//! is the one place that knows file formats and checkpoint tensor names.
+//! [`model`] (blocks composed from a config) → [`generate`] / training loops / [`eval`] →
+//! [`plan`] (which run to make for a budget); [`io`] is the one place that knows file formats
+//! and checkpoint tensor names.
 
 pub mod config;
 pub mod data;
@@ -13,6 +14,7 @@ pub mod generate;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod plan;
 pub mod plot;
 pub mod train;
 

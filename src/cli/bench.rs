@@ -3,17 +3,16 @@
 //! GPT: 4 layers, 6 heads, d_model 384, seq 256, batch 8, vocab 256), `bench matmul` against
 //! candle's matmul.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use clap::Args;
 use lmforge::config::{apply_overrides, presets};
-use lmforge::model::{init_weights, Model};
-use lmforge::train::optim::{AdamW, AdamWConfig};
+use lmforge::model::init_weights;
+use lmforge::train::bench::{peak_rss_bytes, StepBench, StepPhases};
 
 /// The PyTorch side of `bench train`, embedded so the benchmark runs from any directory.
 const TORCH_SCRIPT: &str = include_str!("../../scripts/torch_gpt_step.py");
@@ -80,32 +79,14 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     ]
     .into();
     let config = apply_overrides(&presets::get("gpt2")?, &settings)?;
-    let weights = init_weights(&config, 0, &Device::Cpu)?;
-    let vars: HashMap<String, Var> =
-        weights.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<anyhow::Result<_>>()?;
-    let tensors: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    let model = Model::new(&config, &tensors, Path::new("bench"))?;
-    let mut optimizer = AdamW::for_model(AdamWConfig::default(), &config, &vars)?;
-    let ids: Vec<u32> = (0..a.batch_size * a.seq_len).map(|i| (i * 7919 % a.model.vocab) as u32).collect();
-    let targets: Vec<u32> = (0..a.batch_size * a.seq_len).map(|i| (i * 104_729 % a.model.vocab) as u32).collect();
-    let inputs = Tensor::from_vec(ids, (a.batch_size, a.seq_len), &Device::Cpu)?;
-    let targets = Tensor::from_vec(targets, (a.batch_size, a.seq_len), &Device::Cpu)?;
-    let mut step = |phases: &mut [f64; 3]| -> anyhow::Result<f32> {
-        let t0 = Instant::now();
-        let loss = model.loss(&inputs, &targets)?;
-        let t1 = Instant::now();
-        let mut grads = loss.backward()?;
-        let t2 = Instant::now();
-        optimizer.clip_grad_norm(&mut grads, 1.0)?;
-        optimizer.step(&grads, 1e-3)?;
-        let t3 = Instant::now();
-        for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
-            *phase += (b - a).as_secs_f64() * 1e3;
-        }
-        Ok(loss.to_scalar::<f32>()?)
+    let mut bench = StepBench::new(&config, init_weights(&config, 0, &Device::Cpu)?, a.batch_size, a.seq_len)?;
+    let mut step = |phases: &mut StepPhases| -> anyhow::Result<f32> {
+        let (took, loss) = bench.step()?;
+        phases.accumulate(took);
+        Ok(loss)
     };
     for _ in 0..a.warmup {
-        step(&mut [0.0; 3])?;
+        step(&mut StepPhases::default())?;
     }
     let script = match &a.torch {
         Some(_) => {
@@ -126,17 +107,19 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
             // Warm up again: our threads slept while PyTorch ran (its own 5 warm-up steps are
             // not timed either).
             for _ in 0..2 {
-                step(&mut [0.0; 3])?;
+                step(&mut StepPhases::default())?;
             }
         }
-        let mut phases = [0f64; 3];
+        let mut phases = StepPhases::default();
         let started = Instant::now();
         let mut loss = 0.0;
         for _ in 0..a.steps {
             loss = step(&mut phases)?;
         }
         let step_ms = started.elapsed().as_secs_f64() * 1e3 / a.steps as f64;
-        let [forward, backward, update] = phases.map(|p| p / a.steps as f64);
+        let per_step_ms = |seconds: f64| seconds * 1e3 / a.steps as f64;
+        let (forward, backward, update) =
+            (per_step_ms(phases.forward), per_step_ms(phases.backward), per_step_ms(phases.update));
         println!(
             "round {round}: lmforge threads={} params={} step_ms={step_ms:.2} tok_per_s={:.0} loss={loss:.4} (forward {forward:.0} ms, backward {backward:.0} ms, clip+AdamW {update:.0} ms)",
             lmforge::nn::ops::parallel::threads(),
@@ -145,8 +128,8 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         );
         ours.push(step_ms);
     }
-    if let Some(peak) = peak_rss_mib() {
-        println!("peak_rss_mib={peak:.0}");
+    if let Some(peak) = peak_rss_bytes() {
+        println!("peak_rss_mib={:.0}", peak as f64 / (1u64 << 20) as f64);
     }
     if !theirs.is_empty() {
         let (ours, theirs) = (median(&mut ours), median(&mut theirs));
@@ -190,14 +173,6 @@ fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result
 pub(super) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-/// The process's peak resident memory (VmHWM), where /proc reports it.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 #[derive(Args)]

@@ -6,6 +6,7 @@ mod bench_moe;
 mod data;
 mod eval;
 mod export;
+mod plan;
 mod run;
 mod show;
 mod train;
@@ -74,6 +75,8 @@ enum Command {
     /// Evaluate a model on held-out data.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Compare adopt, adapt and invent plans for a corpus and a compute budget.
+    Plan(Box<plan::PlanArgs>),
 }
 
 #[derive(Subcommand)]
@@ -105,6 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::export(args),
         Command::Upcycle(args) => upcycle::upcycle(args),
         Command::Train(args) => train::train(*args),
+        Command::Plan(args) => plan::plan(*args),
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("loss.png"));
             lmforge::plot::plot_run(&run, &out)?;

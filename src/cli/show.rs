@@ -65,16 +65,33 @@ fn print_report(config: &ModelConfig, r: &ArchReport) {
     );
     println!("weights           f32 {}  bf16 {}", bytes(r.weights_bytes_f32), bytes(r.weights_bytes_bf16));
     println!(
-        "KV cache / token  f32 {}  bf16 {}  (full context: f32 {})",
+        "KV cache / token  f32 {}  bf16 {}  (full context {}: f32 {}{})",
         bytes(r.kv_cache_bytes_per_token_f32),
         bytes(r.kv_cache_bytes_per_token_bf16),
-        bytes(r.kv_cache_bytes_per_token_f32 * config.context_length)
+        config.context_length,
+        bytes(r.kv_cache_bytes_full_context_f32),
+        rolling_buffer_note(config, r)
     );
     println!(
         "training state    f32 {}  bf16 {}  (weights + grads + 2 AdamW moments, activations excluded)",
         bytes(r.training_bytes_f32),
         bytes(r.training_bytes_bf16)
     );
+}
+
+/// Why the full-context KV cache is smaller than per-token × context, when it is.
+fn rolling_buffer_note(config: &ModelConfig, r: &ArchReport) -> String {
+    if r.kv_cache_capped_layers == 0 {
+        return String::new();
+    }
+    let windows: Vec<usize> =
+        (0..config.layers).filter_map(|l| config.window(l)).filter(|&w| w < config.context_length).collect();
+    let (min, max) = (windows.iter().min().copied().unwrap_or(0), windows.iter().max().copied().unwrap_or(0));
+    let span = if min == max { format!("{min}") } else { format!("{min}-{max}") };
+    format!(
+        "; rolling buffer: {} of {} layers keep only their last {span} positions (sliding window)",
+        r.kv_cache_capped_layers, config.layers
+    )
 }
 
 /// `124439808` → `124,439,808`.

@@ -95,6 +95,9 @@ pub struct TrainArgs {
     seed: Option<u64>,
     #[arg(long)]
     eval_every: Option<u64>,
+    /// Validation batches per evaluation (0 = the whole split).
+    #[arg(long)]
+    eval_batches: Option<u64>,
     #[arg(long)]
     checkpoint_every: Option<u64>,
     #[arg(long)]
@@ -246,7 +249,10 @@ fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> an
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { t.$field = v; } )* };
     }
-    set!(steps, batch_size, seq_len, grad_accum, lr, warmup_steps, seed, eval_every, checkpoint_every, sample_every);
+    set!(steps, batch_size, seq_len, grad_accum, lr, seed, eval_every, eval_batches, checkpoint_every, sample_every);
+    if let Some(v) = args.warmup_steps {
+        t.warmup_steps = Some(v);
+    }
     Ok(c)
 }
 

@@ -97,6 +97,15 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
     }
 }
 
+/// The tokenizer a model source carries, without reading its weights; `None` when it has none.
+pub fn read_tokenizer(path: &Path) -> Result<Option<TextTokenizer>> {
+    match source_kind(path)? {
+        SourceKind::Gguf => gguf::GgufFile::open(path)?.tokenizer(),
+        SourceKind::HuggingFace | SourceKind::Native => TextTokenizer::from_dir(path),
+        SourceKind::Run => TextTokenizer::from_dir(&newest_checkpoint(path)?),
+    }
+}
+
 /// The newest checkpoint of a run that passes verification.
 fn newest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
     let latest = crate::train::checkpoint::latest_valid(run_dir)?;

@@ -65,30 +65,33 @@ pub struct Upcycle {
     pub seed: u64,
 }
 
-/// The upcycled config and weights (canonical names) of a dense model.
-pub fn upcycle(
-    dense: &ModelConfig,
-    weights: &HashMap<String, Tensor>,
-    how: &Upcycle,
-) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
+/// The config of `dense` upcycled to `experts` experts routed `top_k` per token: every expert
+/// the dense feed-forward block, a default router. `upcycle` writes weights for it; `lmforge
+/// plan` costs it before anything is written.
+pub fn upcycled_config(dense: &ModelConfig, experts: usize, top_k: usize) -> Result<ModelConfig> {
     if let Ffn::Moe { experts, top_k, .. } = &dense.ffn {
         return Err(Error::Input(format!(
             "{} is already a mixture of experts ({experts} experts, top-{top_k}); upcycling starts from a dense model\nHINT: train it directly with `lmforge train --init-from`",
             label(dense)
         )));
     }
+    let mut config = dense.clone();
+    config.ffn = Ffn::Moe { experts, top_k, expert: Box::new(dense.ffn.clone()), router: Router::default() };
+    config.name = format!("{}-upcycled-{}x-top{}", label(dense), experts, top_k);
+    config.validate()?;
+    Ok(config)
+}
+
+/// The upcycled config and weights (canonical names) of a dense model.
+pub fn upcycle(
+    dense: &ModelConfig,
+    weights: &HashMap<String, Tensor>,
+    how: &Upcycle,
+) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
     if !(how.expert_noise >= 0.0 && how.expert_noise.is_finite()) {
         return Err(Error::Input(format!("expert noise {}: expected a standard deviation >= 0", how.expert_noise)));
     }
-    let mut config = dense.clone();
-    config.ffn = Ffn::Moe {
-        experts: how.experts,
-        top_k: how.top_k,
-        expert: Box::new(dense.ffn.clone()),
-        router: Router::default(),
-    };
-    config.name = format!("{}-upcycled-{}x-top{}", label(dense), how.experts, how.top_k);
-    config.validate()?;
+    let config = upcycled_config(dense, how.experts, how.top_k)?;
 
     // New tensors take the dtype and device of the dense model's.
     let like = weights.values().next().ok_or_else(|| Error::Input(format!("{}: no weights", label(dense))))?;

@@ -6,6 +6,7 @@
 //! (the schedule) or has its whole state readable and restorable (optimizer, RNG), so that
 //! "N steps + kill + resume N steps == 2N steps uninterrupted" holds bit for bit.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod corpus;
 pub mod expert_load;

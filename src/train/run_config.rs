@@ -109,8 +109,10 @@ pub struct TrainSpec {
     /// Defaults to lr / 10.
     #[serde(default)]
     pub min_lr: Option<f64>,
-    #[serde(default = "d_warmup")]
-    pub warmup_steps: u64,
+    /// Steps of linear warmup; unset means [`default_warmup_steps`] of `steps`, so a default
+    /// always fits the run it is used in. A value that cannot fit is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
     #[serde(default = "d_decay")]
     pub decay: Decay,
     /// Clip the global gradient norm to this (0 disables).
@@ -163,8 +165,11 @@ fn d_accum() -> usize {
 fn d_lr() -> f64 {
     3e-3
 }
-fn d_warmup() -> u64 {
-    30
+/// The default warmup of a run of `steps` optimizer steps: a tenth of the run, at least one
+/// step and at most 30 (the quickstart's 600 steps get 30, as before; a 16-step continuation
+/// gets 1 instead of a warmup longer than the run).
+pub fn default_warmup_steps(steps: u64) -> u64 {
+    (steps / 10).clamp(1, 30).min(steps)
 }
 fn d_decay() -> Decay {
     Decay::Cosine
@@ -221,7 +226,7 @@ impl RunConfig {
         LrSchedule {
             lr: t.lr,
             min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
-            warmup_steps: t.warmup_steps,
+            warmup_steps: t.warmup_steps.unwrap_or_else(|| default_warmup_steps(t.steps)),
             total_steps: t.steps,
             decay: t.decay.clone(),
         }

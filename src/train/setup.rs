@@ -141,7 +141,11 @@ pub(crate) fn open_run_dir(config: &RunConfig, resume: bool) -> Result<()> {
     }
     let run_config_path = run_dir.join(RUN_CONFIG_FILE);
     if !resume {
-        let text = toml::to_string_pretty(config).expect("run config serialises");
+        // The warmup a default gave this run is written down, so a resume with more --steps
+        // keeps the warmup the run started with.
+        let mut stored = config.clone();
+        stored.train.warmup_steps = Some(config.schedule().warmup_steps);
+        let text = toml::to_string_pretty(&stored).expect("run config serialises");
         std::fs::write(&run_config_path, text).map_err(|e| Error::io(&run_config_path, e))?;
     }
     Ok(())
@@ -156,7 +160,7 @@ fn training_files(config: &RunConfig) -> Result<Vec<PathBuf>> {
 }
 
 /// The tokenizer's end-of-document token: `<|endoftext|>` when it has one, else its EOS.
-fn end_of_text_token(tokenizer: &TextTokenizer) -> String {
+pub fn end_of_text_token(tokenizer: &TextTokenizer) -> String {
     if tokenizer.token_to_id(END_OF_TEXT).is_some() {
         return END_OF_TEXT.to_string();
     }

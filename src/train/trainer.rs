@@ -80,7 +80,7 @@ pub fn train(config: &RunConfig, resume: bool, faults: Vec<Fault>) -> Result<Tra
 }
 
 impl Trainer {
-    fn start(config: RunConfig, prepared: Prepared, faults: Vec<Fault>) -> Result<Self> {
+    fn start(config: RunConfig, mut prepared: Prepared, faults: Vec<Fault>) -> Result<Self> {
         let device = Device::Cpu;
         let run_dir = config.run_dir.clone();
         let latest = checkpoint::latest_valid(&run_dir)?;
@@ -99,10 +99,13 @@ impl Trainer {
                 }
                 (ckpt.model.clone(), Some(ckpt))
             }
-            None => (prepared.initial_weights.clone(), None),
+            // Taken, not cloned: the variables copy them, and a second copy of the weights
+            // would stay resident for the whole run.
+            None => (std::mem::take(&mut prepared.initial_weights), None),
         };
         let vars: HashMap<String, Var> =
             weights.iter().map(|(name, t)| Ok((name.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
+        drop(weights);
         let model = build_model(&prepared, &vars)?;
         let mut optimizer = AdamW::for_model(config.optimizer, &prepared.model_config, &vars)?;
         let (step, tokens_seen, sampler_state, rng, state) = match &checkpoint {
@@ -196,6 +199,9 @@ impl Trainer {
             self.state.guard.accept(&self.config.guard, loss);
             let lr = self.lr();
             self.optimizer.step(&grads, lr)?;
+            // The gradients (and whatever of the step's graph they hold) go before evaluating
+            // or saving, so those do not stack on top of them.
+            drop(grads);
             self.step += 1;
             self.tokens_seen += tokens_per_step;
             last_loss = loss;
