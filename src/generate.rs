@@ -67,37 +67,87 @@ impl Sampler {
         let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
         match &self.sampling {
             Sampling::Greedy => Ok(argmax(&logits)),
-            Sampling::Random { temperature, top_k, top_p, .. } => {
-                let mut order: Vec<usize> = (0..logits.len()).collect();
-                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-                order.truncate(top_k.unwrap_or(order.len()));
-                let max = logits[order[0]] as f64;
-                let mut probs: Vec<f64> =
-                    order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
-                let total: f64 = probs.iter().sum();
-                probs.iter_mut().for_each(|p| *p /= total);
-                if let Some(top_p) = top_p {
-                    let mut mass = 0.0;
-                    let keep = probs.iter().take_while(|&&p| {
-                        let before = mass;
-                        mass += p;
-                        before < *top_p
-                    });
-                    let keep = keep.count().max(1);
-                    order.truncate(keep);
-                    probs.truncate(keep);
-                }
-                let total: f64 = probs.iter().sum();
-                let mut draw = self.rng.random::<f64>() * total;
-                for (&id, p) in order.iter().zip(&probs) {
-                    draw -= p;
-                    if draw <= 0.0 {
-                        return Ok(id as u32);
-                    }
-                }
-                Ok(*order.last().expect("at least one candidate") as u32)
+            &Sampling::Random { temperature, top_k, top_p, .. } => {
+                Ok(sample(&logits, temperature, top_k, top_p, self.rng.random::<f64>()))
             }
         }
+    }
+}
+
+/// The token that the uniform draw `u` in `[0, 1)` picks from the softmax of
+/// `logits / temperature`, restricted to the `top_k` most likely tokens and then to the
+/// smallest set of most likely tokens whose probability reaches `top_p`.
+///
+/// The candidates are visited most likely first, so only as many are ranked as the draw, `k`
+/// or `p` need: a selection over the vocabulary (O(V)) and a sort of those few, instead of
+/// sorting all 49k logits of a SmolLM2 for every token.
+fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64>, u: f64) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weight = |id: usize| ((logits[id] as f64 - max) / temperature).exp();
+    let mut ranking = Ranking::new(logits);
+    let candidates = top_k.unwrap_or(logits.len()).min(logits.len());
+    // The softmax's denominator over the candidates.
+    let total: f64 = match top_k {
+        Some(_) => (0..candidates).map(|rank| weight(ranking.id(rank))).sum(),
+        None => (0..logits.len()).map(weight).sum(),
+    };
+    // Top-p: keep the most likely tokens while the mass before each is below p (at least one).
+    let kept = match top_p {
+        Some(top_p) => {
+            let mut mass = 0.0;
+            let mut kept = 0;
+            while kept < candidates && mass < top_p {
+                mass += weight(ranking.id(kept)) / total;
+                kept += 1;
+            }
+            kept.max(1)
+        }
+        None => candidates,
+    };
+    let kept_total = match top_p {
+        Some(_) => (0..kept).map(|rank| weight(ranking.id(rank))).sum(),
+        None => total,
+    };
+    let mut draw = u * kept_total;
+    for rank in 0..kept {
+        let id = ranking.id(rank);
+        draw -= weight(id);
+        if draw <= 0.0 {
+            return id as u32;
+        }
+    }
+    ranking.id(kept - 1) as u32
+}
+
+/// Token ids from the most likely down (ties: the lower id first), ranked on demand: asking
+/// for rank `r` ranks the top `max(64, 2·ranked)` at once, by a selection and a sort of those.
+struct Ranking<'l> {
+    logits: &'l [f32],
+    ids: Vec<usize>,
+    ranked: usize,
+}
+
+impl<'l> Ranking<'l> {
+    fn new(logits: &'l [f32]) -> Self {
+        Ranking { logits, ids: (0..logits.len()).collect(), ranked: 0 }
+    }
+
+    fn id(&mut self, rank: usize) -> usize {
+        if rank >= self.ranked {
+            let logits = self.logits;
+            let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+            let n = (rank + 1).max(64).max(2 * self.ranked).min(self.ids.len());
+            // The ids at ranks >= `ranked` are the unranked rest: move its best `n - ranked` to
+            // the front of it, then sort those.
+            let rest = &mut self.ids[self.ranked..];
+            let wanted = n - self.ranked;
+            if wanted < rest.len() {
+                rest.select_nth_unstable_by(wanted, before);
+            }
+            rest[..wanted].sort_unstable_by(before);
+            self.ranked = n;
+        }
+        self.ids[rank]
     }
 }
 
@@ -177,4 +227,83 @@ pub fn generate(
         logits = Some(model.forward(&Tensor::new(&[id], device)?.unsqueeze(0)?, Some(&mut cache))?);
     }
     Ok(new_ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition: sort the whole vocabulary, cut to k, renormalise, cut to p, draw.
+    fn sample_by_full_sort(logits: &[f32], temperature: f64, k: Option<usize>, p: Option<f64>, u: f64) -> u32 {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        order.truncate(k.unwrap_or(order.len()));
+        let max = logits[order[0]] as f64;
+        let probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        let mut kept = order.len();
+        if let Some(p) = p {
+            let mut mass = 0.0;
+            let below_p = |&&q: &&f64| {
+                let before = mass;
+                mass += q / total;
+                before < p
+            };
+            kept = probs.iter().take_while(below_p).count().max(1);
+        }
+        let kept_total: f64 = probs[..kept].iter().sum();
+        let mut draw = u * kept_total;
+        for (&id, q) in order.iter().zip(&probs).take(kept) {
+            draw -= q;
+            if draw <= 0.0 {
+                return id as u32;
+            }
+        }
+        order[kept - 1] as u32
+    }
+
+    /// Random logits of a 49k vocabulary, peaked or flat, with ties.
+    fn logits(rng: &mut rand::rngs::StdRng, vocab: usize, spread: f32) -> Vec<f32> {
+        (0..vocab).map(|_| (rng.random::<f32>() * spread * 8.0).round() / 8.0).collect()
+    }
+
+    #[test]
+    fn ranking_on_demand_samples_what_a_full_sort_samples() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut agreed = 0;
+        for case in 0..200 {
+            let vocab = [49_152, 1000, 70, 3][case % 4];
+            let logits = logits(&mut rng, vocab, [30.0, 4.0, 0.5][case % 3]);
+            let k = [None, Some(1), Some(40), Some(5000)][case % 4 / 2 + case % 2 * 2];
+            let p = [None, Some(0.9), Some(0.3), Some(1.0)][(case / 3) % 4];
+            let temperature = [0.7, 1.0, 1.6][case % 3];
+            for _ in 0..5 {
+                let u = rng.random::<f64>();
+                let ours = sample(&logits, temperature, k, p, u);
+                // Sums taken in another order may move a draw that lands on a boundary; the
+                // draws here never do, so the tokens agree exactly.
+                assert_eq!(ours, sample_by_full_sort(&logits, temperature, k, p, u), "case {case}: k {k:?} p {p:?}");
+                agreed += 1;
+            }
+        }
+        assert_eq!(agreed, 1000);
+    }
+
+    #[test]
+    fn top_k_and_top_p_keep_only_the_most_likely() {
+        let logits = [1.0, 5.0, 3.0, 5.0, -2.0, 4.0];
+        // Top-1 is the first of the tied best (id 1), whatever the draw.
+        for u in [0.0, 0.5, 0.999] {
+            assert_eq!(sample(&logits, 1.0, Some(1), None, u), 1);
+        }
+        // Top-3 is {1, 3, 5}: the last draw lands on the least likely of them.
+        assert_eq!(sample(&logits, 1.0, Some(3), None, 0.9999), 5);
+        // p small: only the most likely token.
+        assert_eq!(sample(&logits, 1.0, None, Some(0.01), 0.9999), 1);
+        let mut seen = [0; 6];
+        for i in 0..1000 {
+            seen[sample(&logits, 4.0, None, None, i as f64 / 1000.0) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 0), "every token is reachable without k or p: {seen:?}");
+    }
 }
