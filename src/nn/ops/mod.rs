@@ -17,6 +17,7 @@
 //! - Every op is tested against central finite differences in `f64` and against the composed
 //!   version in `f32` (values and every input gradient).
 
+pub mod bf16;
 pub mod blas;
 pub mod cross_entropy;
 pub mod flash_attention;
@@ -32,6 +33,7 @@ mod tile;
 #[cfg(test)]
 mod testing;
 
+pub use bf16::Precision;
 pub use cross_entropy::{label_smoothed_cross_entropy, softmax_cross_entropy};
 pub use flash_attention::{flash_attention, flash_attention_qkv, flash_attention_tokens, AttentionMask};
 pub use linear::{linear, linear_then};
