@@ -12,6 +12,7 @@ use super::optim::AdamWConfig;
 use super::schedule::{Decay, LrSchedule};
 use crate::data::parallel::ParallelData;
 use crate::error::{Error, Result};
+use crate::nn::ops::Precision;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +143,12 @@ pub struct TrainSpec {
     /// Print a progress line every this many steps.
     #[serde(default = "d_log")]
     pub log_every: u64,
+    /// Precision of the linear layers' matrix products in training and evaluation: `f32`, or
+    /// `bf16` (operands rounded to bf16, products summed in f32; the master weights, the
+    /// optimizer, norms, softmax, attention and the loss stay f32; see `nn::ops::bf16`).
+    /// Fixed for a run: a different value on resume is refused.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn d_steps() -> u64 {

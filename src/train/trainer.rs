@@ -244,6 +244,7 @@ impl Trainer {
     /// Mean loss over `grad_accum` micro-batches and the summed gradients of that mean.
     fn forward_backward(&mut self) -> Result<(f64, GradStore)> {
         let accum = self.config.train.grad_accum;
+        let _precision = self.config.train.precision.enter()?;
         let mut total_loss = 0.0;
         let mut summed: Option<GradStore> = None;
         for _ in 0..accum {
@@ -328,6 +329,7 @@ impl Trainer {
         let val: &TokenSplit = self.prepared.dataset.val();
         let batches = SequentialBatches::new(val.clone(), self.config.train.seq_len, self.config.train.batch_size)?;
         let limit = if self.config.train.eval_batches == 0 { u64::MAX } else { self.config.train.eval_batches };
+        let _precision = self.config.train.precision.enter()?;
         let (mut sum, mut count) = (0.0, 0u64);
         for batch in batches.take(limit as usize) {
             let (inputs, targets) = batch?.to_tensors(&Device::Cpu)?;
