@@ -192,6 +192,26 @@ fn bf16_training_tracks_f32_and_keeps_its_precision() {
     assert!(!out.status.success() && err.contains("--precision F32 (the run has Bf16)"), "{err}");
 }
 
+/// A bf16 kernel forced by name that cannot run is refused before any work, with the
+/// variable named, a HINT, and no backtrace even under RUST_BACKTRACE.
+#[test]
+fn a_forced_bf16_kernel_that_cannot_run_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("amx");
+    let config = write_config_at(tmp.path(), &run_dir, "tiny-llama", 4, "bf16");
+    let out = lmforge()
+        .args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"])
+        .env("LMFORGE_BF16_KERNEL", "amx")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("LMFORGE_BF16_KERNEL=amx") && err.contains("HINT:"), "{err}");
+    assert!(!err.contains("backtrace") && !err.contains(" 0: "), "{err}");
+    assert!(!run_dir.join("checkpoints").exists());
+}
+
 #[test]
 fn supervisor_restarts_a_crashed_worker_and_finishes_identically() {
     let tmp = tempfile::tempdir().unwrap();

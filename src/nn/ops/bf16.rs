@@ -133,7 +133,9 @@ pub fn kernel() -> candle_core::Result<Bf16Kernel> {
         return Ok(kernel);
     }
     static SELECTED: OnceLock<Result<Bf16Kernel, String>> = OnceLock::new();
-    SELECTED.get_or_init(|| select(std::env::var(KERNEL_ENV).ok().as_deref())).clone().map_err(candle_core::Error::msg)
+    // `Error::Msg` itself, not `Error::msg`: the latter attaches a backtrace under
+    // RUST_BACKTRACE, which the CLI would print before the message and its HINT.
+    SELECTED.get_or_init(|| select(std::env::var(KERNEL_ENV).ok().as_deref())).clone().map_err(candle_core::Error::Msg)
 }
 
 /// The kernel for a forced name (`None`: the best available).
