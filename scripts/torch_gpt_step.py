@@ -1,10 +1,13 @@
 """PyTorch eager reference for `lmforge bench train`: one nanoGPT-style training step (pre-LN
 GPT-2: learned positions, tied head, GELU, AdamW with weight decay 0.1, clip 1.0) on the CPU,
-in fp32, timed after 5 warm-up steps. The same model and step as ../shared/bench/torch_gpt_step.py.
+in fp32, or with `AMP=bf16` its forward under `torch.autocast("cpu", dtype=torch.bfloat16)`
+(the products in bf16, their gradients with them; master weights and AdamW stay fp32), timed
+after 5 warm-up steps. The same model and step as ../shared/bench/torch_gpt_step.py.
 
-Usage: python torch_gpt_step.py LAYERS HEADS D_MODEL SEQ BATCH VOCAB STEPS
-Prints one line: `torch <version> threads=N params=P step_ms=... tok_per_s=...`.
+Usage: [AMP=bf16] python torch_gpt_step.py LAYERS HEADS D_MODEL SEQ BATCH VOCAB STEPS
+Prints one line: `torch <version> amp=... threads=N params=P step_ms=... tok_per_s=...`.
 """
+import os
 import sys
 import time
 
@@ -13,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 L, H, C, T, B, V, S = (int(x) for x in sys.argv[1:8])
+AMP = os.environ.get("AMP") == "bf16"
 torch.manual_seed(0)
 
 
@@ -54,7 +58,8 @@ x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
 
 
 def step():
-    loss = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AMP):
+        loss = model(x, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -68,4 +73,4 @@ start = time.perf_counter()
 for _ in range(S):
     step()
 dt = (time.perf_counter() - start) / S
-print(f"torch {torch.__version__} threads={torch.get_num_threads()} params={params} step_ms={dt * 1e3:.2f} tok_per_s={B * T / dt:.0f}")
+print(f"torch {torch.__version__} amp={'bf16' if AMP else 'off'} threads={torch.get_num_threads()} params={params} step_ms={dt * 1e3:.2f} tok_per_s={B * T / dt:.0f}")

@@ -102,15 +102,29 @@ fn checkpoint(run: &Path, step: u64) -> PathBuf {
     run.join(format!("checkpoints/step-{step:06}"))
 }
 
-/// 2N steps uninterrupted == N steps, SIGKILL, resume: identical weights and loss lines.
+/// `write_config_with` with `train.precision` set.
+fn write_config_at(dir: &Path, run: &Path, arch: &str, steps: u64, extra: &[&str], precision: &str) -> PathBuf {
+    let config = write_config_with(dir, run, arch, steps, extra);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[train]\n", &format!("[train]\nprecision = \"{precision}\"\n"));
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 fn resume_is_bit_identical(arch: &str, extra: &[&str]) {
+    resume_at_precision_is_bit_identical(arch, extra, "f32")
+}
+
+/// 2N steps uninterrupted == N steps, SIGKILL, resume: identical weights and loss lines.
+fn resume_at_precision_is_bit_identical(arch: &str, extra: &[&str], precision: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let clean = tmp.path().join("clean");
     let killed = tmp.path().join("killed");
-    let clean_config = write_config_with(tmp.path(), &clean, arch, 48, extra);
-    run(&["train", "--config", clean_config.to_str().unwrap(), "--no-supervisor"]);
+    let config = write_config_at(tmp.path(), &clean, arch, 48, extra, precision);
+    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
 
-    let config = write_config_with(tmp.path(), &killed, arch, 48, extra);
+    let config = write_config_at(tmp.path(), &killed, arch, 48, extra, precision);
     let mut child = lmforge()
         .args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"])
         .stderr(Stdio::null())
@@ -147,6 +161,68 @@ fn gpt2_style_resume_after_sigkill_is_bit_identical() {
 #[test]
 fn moe_with_jitter_resume_after_sigkill_is_bit_identical() {
     resume_is_bit_identical("tiny-mixtral", &["ffn.router.jitter=0.2", "ffn.router.capacity_factor=1.0"]);
+}
+
+/// bf16 products (a tied head, GELU, learned positions): the f32 masters in the checkpoint
+/// and the rounding are enough to continue bit for bit.
+#[test]
+fn bf16_resume_after_sigkill_is_bit_identical() {
+    resume_at_precision_is_bit_identical("tiny-gpt2", &[], "bf16");
+}
+
+/// A bf16 run computes other numbers than an f32 one (the rounding is on), lands close to it,
+/// keeps f32 weights in its checkpoints, and cannot switch precision on resume.
+#[test]
+fn bf16_training_tracks_f32_and_keeps_its_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (f32_run, bf16_run) = (tmp.path().join("f32"), tmp.path().join("bf16"));
+    for (run_dir, precision) in [(&f32_run, "f32"), (&bf16_run, "bf16")] {
+        let config = write_config_at(tmp.path(), run_dir, "tiny-llama", 24, &[], precision);
+        run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    }
+    let (a, b) = (losses(&f32_run), losses(&bf16_run));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().zip(&b).all(|(x, y)| x.1 != y.1), "a bf16 loss equals the f32 one bit for bit");
+    let (val_f32, val_bf16) = (final_val_loss(&f32_run), final_val_loss(&bf16_run));
+    assert!((val_bf16 - val_f32).abs() < 0.02 * val_f32, "validation loss: bf16 {val_bf16}, f32 {val_f32}");
+    let weights = candle_core::safetensors::load(checkpoint(&bf16_run, 24).join("model.safetensors"), &Device::Cpu);
+    assert!(weights.unwrap().values().all(|t| t.dtype() == candle_core::DType::F32));
+
+    let out = lmforge()
+        .args([
+            "train",
+            "--resume",
+            bf16_run.to_str().unwrap(),
+            "--precision",
+            "f32",
+            "--steps",
+            "32",
+            "--no-supervisor",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--precision F32 (the run has Bf16)"), "{err}");
+}
+
+/// A bf16 kernel forced by name that cannot run is refused before any work, with the
+/// variable named, a HINT, and no backtrace even under RUST_BACKTRACE.
+#[test]
+fn a_forced_bf16_kernel_that_cannot_run_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("amx");
+    let config = write_config_at(tmp.path(), &run_dir, "tiny-llama", 4, &[], "bf16");
+    let out = lmforge()
+        .args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"])
+        .env("LMFORGE_BF16_KERNEL", "amx")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("LMFORGE_BF16_KERNEL=amx") && err.contains("HINT:"), "{err}");
+    assert!(!err.contains("backtrace") && !err.contains(" 0: "), "{err}");
+    assert!(!run_dir.join("checkpoints").exists());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Benchmarks that compare with the reference implementations on the same machine, in the
 //! same run: `bench train` against PyTorch eager on ../shared/bench's config (nanoGPT-style
-//! GPT: 4 layers, 6 heads, d_model 384, seq 256, batch 8, vocab 256), `bench matmul` against
-//! candle's matmul.
+//! GPT: 4 layers, 6 heads, d_model 384, seq 256, batch 8, vocab 256), in fp32 or with bf16
+//! products against PyTorch's bf16 autocast, `bench matmul` against candle's matmul.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use lmforge::config::{apply_overrides, presets};
 use lmforge::model::init_weights;
+use lmforge::nn::ops::{bf16, Precision};
 use lmforge::train::bench::{peak_rss_bytes, StepBench, StepPhases};
 
 /// The PyTorch side of `bench train`, embedded so the benchmark runs from any directory.
@@ -52,9 +53,14 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// A Python with torch installed: also run scripts/torch_gpt_step.py (the same model and
-    /// step in PyTorch eager fp32) and report the ratio.
+    /// step in PyTorch eager fp32, or under bf16 autocast with --precision bf16) and report
+    /// the ratio.
     #[arg(long)]
     torch: Option<PathBuf>,
+    /// Precision of the matrix products: f32, or bf16 (bf16 operands, f32 sums; PyTorch then
+    /// runs its forward under `torch.autocast("cpu", dtype=torch.bfloat16)`).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    precision: Precision,
 }
 
 /// A file deleted when dropped, so an early error return leaves nothing behind.
@@ -85,6 +91,8 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         phases.accumulate(took);
         Ok(loss)
     };
+    // Every product of this thread (forward and backward) at the chosen precision.
+    let _precision = a.precision.enter()?;
     for _ in 0..a.warmup {
         step(&mut StepPhases::default())?;
     }
@@ -96,7 +104,10 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    println!("gemm: {}", lmforge::nn::ops::gemm::backend());
+    match a.precision {
+        Precision::F32 => println!("gemm: {}", lmforge::nn::ops::gemm::backend()),
+        Precision::Bf16 => println!("gemm: bf16 products on {}", bf16::describe()),
+    }
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for round in 0..a.rounds.max(1) {
@@ -121,7 +132,8 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
         let (forward, backward, update) =
             (per_step_ms(phases.forward), per_step_ms(phases.backward), per_step_ms(phases.update));
         println!(
-            "round {round}: lmforge threads={} params={} step_ms={step_ms:.2} tok_per_s={:.0} loss={loss:.4} (forward {forward:.0} ms, backward {backward:.0} ms, clip+AdamW {update:.0} ms)",
+            "round {round}: lmforge precision={} threads={} params={} step_ms={step_ms:.2} tok_per_s={:.0} loss={loss:.4} (forward {forward:.0} ms, backward {backward:.0} ms, clip+AdamW {update:.0} ms)",
+            a.precision,
             lmforge::nn::ops::parallel::threads(),
             config.params_total(),
             (a.batch_size * a.seq_len) as f64 / step_ms * 1e3,
@@ -133,9 +145,14 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     }
     if !theirs.is_empty() {
         let (ours, theirs) = (median(&mut ours), median(&mut theirs));
+        let reference = match a.precision {
+            Precision::F32 => "PyTorch fp32",
+            Precision::Bf16 => "PyTorch bf16 autocast",
+        };
         println!(
-            "median over {} rounds: lmforge {ours:.1} ms/step, PyTorch {theirs:.1} ms/step: lmforge takes {:.2}x PyTorch's time",
+            "median over {} rounds ({}): lmforge {ours:.1} ms/step, {reference} {theirs:.1} ms/step: lmforge takes {:.2}x PyTorch's time",
             a.rounds.max(1),
+            a.precision,
             ours / theirs
         );
     }
@@ -150,6 +167,7 @@ fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result
         .arg(script)
         .args(&args)
         .env("OMP_NUM_THREADS", lmforge::nn::ops::parallel::threads().to_string())
+        .env("AMP", if a.precision == Precision::Bf16 { "bf16" } else { "" })
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -246,15 +264,17 @@ pub struct BenchMatmulArgs {
 
 /// The three products of a linear layer `(in → out)` over `tokens` rows — forward `X·Wᵀ`,
 /// input gradient `dY·W`, weight gradient `dYᵀ·X` — for the widths of the benchmark model,
-/// through lmforge's kernel, the loaded BLAS (`LMFORGE_BLAS`) if any, and candle's `matmul`,
-/// on the same operands.
+/// through lmforge's kernel, the loaded BLAS (`LMFORGE_BLAS`) if any, candle's `matmul`, and
+/// lmforge's bf16 products (bf16 operands, f32 sums: `--precision bf16`), on the same operands.
 ///
 /// The implementations take turns call by call and each reports its median: on a shared
 /// machine whose speed drifts from second to second, that is the only comparison that held
 /// still here (the best of each one's own run flattered whichever ran in a quiet moment).
 pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
-    use lmforge::nn::ops::gemm::{builtin_gemm, gemm, MatRef};
+    use lmforge::nn::ops::gemm::{builtin_gemm, gemm, gemm_in, MatRef};
     let blas = lmforge::nn::ops::blas::loaded();
+    // The bf16 column, unless LMFORGE_BF16_KERNEL asks for a kernel this CPU lacks (said so).
+    let bf16_kernel = bf16::kernel().map_err(|e| println!("bf16: not timed: {e}")).is_ok();
     let (t, d) = (a.tokens, a.d_model);
     println!(
         "threads={}, GFLOP/s (median, the implementations taking turns call by call for {:.1} s per product)",
@@ -264,8 +284,12 @@ pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
     if let Some(blas) = blas {
         println!("BLAS: {}", blas.description);
     }
+    if bf16_kernel {
+        println!("bf16: {}", bf16::describe());
+    }
     let blas_column = if blas.is_some() { format!(" {:>8}", "BLAS") } else { String::new() };
-    println!("{:<28} {:>8}{blas_column} {:>8}", "product (m×k · k×n)", "lmforge", "candle");
+    let bf16_column = if bf16_kernel { format!(" {:>8}", "bf16") } else { String::new() };
+    println!("{:<28} {:>8}{blas_column} {:>8}{bf16_column}", "product (m×k · k×n)", "lmforge", "candle");
     for (fan_in, fan_out) in [(d, d), (d, 4 * d), (4 * d, d)] {
         let x = random(t * fan_in, 1);
         let w = random(fan_out * fan_in, 2);
@@ -295,6 +319,10 @@ pub fn bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
             contenders.push(Box::new(|| {
                 lt.matmul(&rt).expect("candle matmul");
             }));
+            if bf16_kernel {
+                let mut c = vec![0f32; m * n];
+                contenders.push(Box::new(move || gemm_in(Precision::Bf16, lhs, rhs, &mut c, n, false)));
+            }
             let flops = 2.0 * (m * k * n) as f64;
             let gflops: Vec<String> = median_seconds_taking_turns(a.seconds, &mut contenders)
                 .iter()

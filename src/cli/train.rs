@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use clap::Args;
 use lmforge::data::parallel::ParallelData;
+use lmforge::nn::ops::Precision;
 use lmforge::train::checkpoint;
 use lmforge::train::inject::Fault;
 use lmforge::train::metrics::append_event;
@@ -102,6 +103,10 @@ pub struct TrainArgs {
     checkpoint_every: Option<u64>,
     #[arg(long)]
     sample_every: Option<u64>,
+    /// Precision of the matrix products: f32 (default) or bf16 (bf16 operands, f32 sums;
+    /// weights, optimizer and checkpoints stay f32).
+    #[arg(long, value_name = "f32|bf16")]
+    precision: Option<Precision>,
     /// Inject a fault to test recovery: `nan@step=N`, `spike@step=N`, `crash@step=N`.
     #[arg(long = "inject", value_name = "KIND@step=N")]
     inject: Vec<String>,
@@ -117,7 +122,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let faults: Vec<Fault> = args.inject.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
     let (config, resume) = resolve(&args)?;
     if args.worker || args.no_supervisor {
-        if let Some(blas) = lmforge::nn::ops::blas::loaded() {
+        if config.train.precision == Precision::Bf16 {
+            lmforge::nn::ops::bf16::kernel()?;
+            eprintln!("bf16 matrix products on {}", lmforge::nn::ops::bf16::describe());
+        } else if let Some(blas) = lmforge::nn::ops::blas::loaded() {
             eprintln!("matrix products on BLAS: {} (LMFORGE_BLAS)", blas.description);
         }
         let summary = lmforge::train::train(&config, resume, faults)?;
@@ -161,7 +169,7 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
             }
         )*};
     }
-    same!(batch_size: "--batch-size", seq_len: "--seq-len", grad_accum: "--grad-accum", lr: "--lr", warmup_steps: "--warmup-steps", seed: "--seed", label_smoothing: "--label-smoothing", decay: "--decay");
+    same!(batch_size: "--batch-size", seq_len: "--seq-len", grad_accum: "--grad-accum", lr: "--lr", warmup_steps: "--warmup-steps", seed: "--seed", label_smoothing: "--label-smoothing", decay: "--decay", precision: "--precision");
     if args.beta2.is_some() && requested.optimizer.beta2 != stored.optimizer.beta2 {
         fixed.push(format!("--beta2 {} (the run has {})", requested.optimizer.beta2, stored.optimizer.beta2));
     }
@@ -249,7 +257,19 @@ fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> an
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { t.$field = v; } )* };
     }
-    set!(steps, batch_size, seq_len, grad_accum, lr, seed, eval_every, eval_batches, checkpoint_every, sample_every);
+    set!(
+        steps,
+        batch_size,
+        seq_len,
+        grad_accum,
+        lr,
+        seed,
+        eval_every,
+        eval_batches,
+        checkpoint_every,
+        sample_every,
+        precision
+    );
     if let Some(v) = args.warmup_steps {
         t.warmup_steps = Some(v);
     }

@@ -12,6 +12,7 @@ use super::optim::AdamWConfig;
 use super::schedule::{Decay, LrSchedule};
 use crate::data::parallel::ParallelData;
 use crate::error::{Error, Result};
+use crate::nn::ops::Precision;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +149,12 @@ pub struct TrainSpec {
     /// share of the layer's routed tokens; unset: twice the uniform share (2 / experts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_expert_share: Option<f64>,
+    /// Precision of the linear layers' matrix products in training and evaluation: `f32`, or
+    /// `bf16` (operands rounded to bf16, products summed in f32; the master weights, the
+    /// optimizer, norms, softmax, attention and the loss stay f32; see `nn::ops::bf16`).
+    /// Fixed for a run: a different value on resume is refused.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn d_steps() -> u64 {

@@ -251,6 +251,7 @@ impl Trainer {
     /// objective (the language-model loss plus the weighted router losses).
     fn forward_backward(&mut self) -> Result<(StepLoss, GradStore)> {
         let accum = self.config.train.grad_accum;
+        let _precision = self.config.train.precision.enter()?;
         let mut step = StepLoss::default();
         let mut summed: Option<GradStore> = None;
         for _ in 0..accum {
@@ -360,6 +361,7 @@ impl Trainer {
         let val: &TokenSplit = self.prepared.dataset.val();
         let batches = SequentialBatches::new(val.clone(), self.config.train.seq_len, self.config.train.batch_size)?;
         let limit = if self.config.train.eval_batches == 0 { u64::MAX } else { self.config.train.eval_batches };
+        let _precision = self.config.train.precision.enter()?;
         let (mut sum, mut count) = (0.0, 0u64);
         let mut load = ExpertLoad::default();
         for batch in batches.take(limit as usize) {

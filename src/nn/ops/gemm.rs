@@ -40,6 +40,7 @@
 
 use std::cell::RefCell;
 
+use super::bf16::{self, Bf16Kernel, Precision};
 use super::parallel;
 use super::simd::{isa, multiversion, Isa, Real};
 
@@ -87,14 +88,50 @@ impl<'a, T: Copy> MatRef<'a, T> {
 /// `C = A·B`, or `C += A·B` when `accumulate`. `C` is row-major `A.rows × B.cols` with row
 /// stride `ldc`. On the loaded BLAS for `f32` when there is one, else on [`builtin_gemm`].
 pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+    gemm_in(Precision::F32, a, b, c, ldc, accumulate)
+}
+
+/// [`gemm`] at a chosen precision. [`Precision::Bf16`] rounds the operands of an `f32`
+/// product to bf16 as they are packed and accumulates in `f32`, on the kernel
+/// [`bf16::kernel`] picked (the BLAS, if loaded, is not used for it); `f64` products are
+/// never rounded (they are the exact reference of the gradient checks).
+///
+/// # Panics
+/// With [`Precision::Bf16`] for `f32`, if `LMFORGE_BF16_KERNEL` names a kernel this CPU
+/// cannot run: callers check [`bf16::kernel`] first, as [`Precision::enter`] does.
+pub fn gemm_in<T: Real>(precision: Precision, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
     check_shapes(a, b, c, ldc);
-    if let Some(blas) = super::blas::loaded().filter(|_| T::DTYPE == candle_core::DType::F32) {
+    let is_f32 = T::DTYPE == candle_core::DType::F32;
+    if is_f32 && precision == Precision::Bf16 {
+        let kernel = bf16::kernel().unwrap_or_else(|e| panic!("{e}"));
+        let (a32, b32) = (a.with_data(as_f32(a.data)), b.with_data(as_f32(b.data)));
+        return bf16_product(kernel, a32, b32, as_f32_mut(c), ldc, accumulate);
+    }
+    if let Some(blas) = super::blas::loaded().filter(|_| is_f32) {
         let (a32, b32) = (a.with_data(as_f32(a.data)), b.with_data(as_f32(b.data)));
         if a.rows * a.cols * b.cols > 0 && blas.sgemm(a32, b32, as_f32_mut(c), ldc, accumulate) {
             return;
         }
     }
     builtin_gemm_checked(a, b, c, ldc, accumulate)
+}
+
+/// `C (+)= bf16(A)·bf16(B)` with `f32` accumulation on `kernel` (shapes already checked).
+pub(super) fn bf16_product(
+    kernel: Bf16Kernel,
+    a: MatRef<f32>,
+    b: MatRef<f32>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    match kernel {
+        Bf16Kernel::F32 => blocked(Native::<f32>::new(true), a, b, c, ldc, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Avx512Bf16 => blocked(bf16::Pairs, a, b, c, ldc, accumulate),
+        #[cfg(not(target_arch = "x86_64"))]
+        Bf16Kernel::Avx512Bf16 => unreachable!("only chosen on x86-64"),
+    }
 }
 
 /// Products of fewer FLOPs run on one thread: below ~4 MFLOP one takes well under a
@@ -127,6 +164,16 @@ pub fn builtin_gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize
 
 /// [`builtin_gemm`] once [`check_shapes`] has passed.
 fn builtin_gemm_checked<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+    if a.rows == 1 && b.row_stride == 1 && a.col_stride == 1 && a.cols > 0 && b.cols > 0 {
+        // One row times a transposed weight (decoding a token): dot products straight from
+        // the weight's rows; packing would copy the whole weight for one use.
+        return row_times_transposed(a, b, c, accumulate);
+    }
+    blocked(Native::<T>::new(false), a, b, c, ldc, accumulate)
+}
+
+/// The blocked product on `kernel`, which packs the operands its own way.
+fn blocked<T: Real, K: Kernel<T>>(kernel: K, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
@@ -139,12 +186,7 @@ fn builtin_gemm_checked<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: u
         }
         return;
     }
-    if m == 1 && b.row_stride == 1 && a.col_stride == 1 {
-        // One row times a transposed weight (decoding a token): dot products straight from
-        // the weight's rows; packing would copy the whole weight for one use.
-        return row_times_transposed(a, b, c, accumulate);
-    }
-    let s = kernel_shape::<T>();
+    let s = kernel.shape();
     let (row_panels, col_panels) = (m.div_ceil(s.mr), n.div_ceil(s.nr));
     let in_parallel = 2 * m * n * k >= PARALLEL_FLOPS;
     let threads = if in_parallel { parallel::threads() } else { 1 };
@@ -158,17 +200,18 @@ fn builtin_gemm_checked<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: u
     // the most). Measured on dYᵀ·X 384×2048·2048×384: 248 → 261 GFLOP/s.
     let per_thread = units.div_ceil(threads * unit_limit);
     let chunk = units.div_ceil(threads * per_thread);
-    // The shared operand is packed for several KC blocks at once (up to 2M values), so that
+    // The shared operand is packed for several KC blocks at once (up to 8 MiB), so that
     // each thread runs the whole depth of its units without a barrier per block.
     let shared_width = if by_rows { s.nc.min(n).next_multiple_of(s.nr) } else { m.next_multiple_of(s.mr) };
-    let depth_limit = s.kc * ((2 << 20) / (shared_width * s.kc)).max(1);
-    let plan = Plan { a, b, ldc, accumulate, s, by_rows, shared_width };
+    let packed_bytes = std::mem::size_of::<K::Packed>() * kernel.depth(s.kc);
+    let depth_limit = s.kc * ((8 << 20) / (shared_width * packed_bytes)).max(1);
+    let plan = Plan { a, b, ldc, accumulate, s, by_rows, shared_width, kernel };
     let c_ptr = SendPtr(c.as_mut_ptr());
     SHARED_PACK.with_borrow_mut(|shared| {
         for jc in (0..n).step_by(s.nc) {
             for group in (0..k).step_by(depth_limit) {
                 let span = Span { jc, nc: s.nc.min(n - jc), group, depth: depth_limit.min(k - group) };
-                let shared = scratch::<T>(shared, shared_width * span.depth);
+                let shared = scratch::<K::Packed>(shared, shared_width * kernel.depth(span.depth));
                 // Packed by all threads, one panel at a time (it is up to k·n values: done by
                 // one thread, the others would wait).
                 let shared_ptr = SendPtr(shared.as_mut_ptr());
@@ -201,18 +244,43 @@ fn for_each_unit(in_parallel: bool, units: usize, chunk: usize, f: impl Fn(usize
     }
 }
 
+/// A micro-kernel and the packed layout it reads: [`blocked`] cuts and threads the product,
+/// the kernel packs the panels and multiplies them.
+pub(super) trait Kernel<T: Real>: Copy + Sync {
+    /// What a packed panel holds: `T` itself, or bf16 bits.
+    type Packed: Copy + Send + Sync;
+    fn shape(&self) -> KernelShape;
+    /// Packed values per line (row of A, column of B) of a panel `kc` steps deep.
+    fn depth(&self, kc: usize) -> usize {
+        kc
+    }
+    /// Pack `A[i0..i0+mc, p0..p0+kc]` into panels of `mr` rows, `depth(kc)·mr` values apart,
+    /// zero past row `mc`.
+    fn pack_a(&self, a: MatRef<T>, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [Self::Packed]);
+    /// Pack `B[p0..p0+kc, j0..j0+nc]` into panels of `nr` columns, `depth(kc)·nr` values
+    /// apart, zero past column `nc`.
+    fn pack_b(&self, b: MatRef<T>, p0: usize, kc: usize, j0: usize, nc: usize, out: &mut [Self::Packed]);
+    /// `C[rows × cols] (+)= Ap · Bp` for one panel of each.
+    ///
+    /// # Safety
+    /// `a` and `b` hold a full panel each, and `c` points at a `rows × cols` tile (row
+    /// stride `tile.ldc`) that this thread alone accesses.
+    unsafe fn tile(&self, tile: Tile, a: &[Self::Packed], b: &[Self::Packed], c: *mut T, rows: usize, cols: usize);
+}
+
 /// One call's product and how it is cut: units of rows of A against a shared packed B
 /// (`by_rows`), or units of columns of B against a shared packed A.
 #[derive(Clone, Copy)]
-struct Plan<'a, T> {
+struct Plan<'a, T, K> {
     a: MatRef<'a, T>,
     b: MatRef<'a, T>,
     ldc: usize,
     accumulate: bool,
     s: KernelShape,
     by_rows: bool,
-    /// Values per step of the packed shared operand (its columns or rows, padded).
+    /// Lines of the packed shared operand (its columns or rows, padded).
     shared_width: usize,
+    kernel: K,
 }
 
 /// Columns `jc..jc + nc` of C, and steps `group..group + depth` along k (whole KC blocks).
@@ -224,7 +292,7 @@ struct Span {
     depth: usize,
 }
 
-impl<T: Real> Plan<'_, T> {
+impl<T: Real, K: Kernel<T>> Plan<'_, T, K> {
     /// `(q, pc, kc)` of each KC block of the span: its index, first step and depth.
     fn blocks(&self, span: Span) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         let (kc, k) = (self.s.kc, self.a.cols);
@@ -245,26 +313,32 @@ impl<T: Real> Plan<'_, T> {
         span.depth.div_ceil(self.s.kc) * extent.div_ceil(width)
     }
 
+    /// Where KC block `q` of the packed shared operand starts.
+    fn shared_block(&self, q: usize) -> usize {
+        q * self.kernel.depth(self.s.kc) * self.shared_width
+    }
+
     /// Pack panel `unit` (block-major) of the span's shared operand into its slot: KC block
-    /// `q` at `q·KC·shared_width`, its panels `kc·width` apart.
+    /// `q` at [`Self::shared_block`], its panels `depth(kc)·width` apart.
     ///
     /// # Safety
-    /// `shared` holds `shared_width · depth` values, and no other thread writes this panel.
-    unsafe fn pack_shared_panel(&self, span: Span, unit: usize, shared: *mut T) {
+    /// `shared` holds `shared_width · depth(span.depth)` values, and no other thread writes
+    /// this panel.
+    unsafe fn pack_shared_panel(&self, span: Span, unit: usize, shared: *mut K::Packed) {
         let (width, extent) = self.shared_panel_shape(span);
         let per_block = extent.div_ceil(width);
         let (q, first) = (unit / per_block, unit % per_block * width);
         let pc = span.group + q * self.s.kc;
         let kc = self.s.kc.min(self.a.cols - pc);
         let len = width.min(extent - first);
+        let depth = self.kernel.depth(kc);
         // SAFETY: the slot lies inside `shared` (the caller's contract).
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(shared.add(q * self.s.kc * self.shared_width + first * kc), kc * width)
-        };
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(shared.add(self.shared_block(q) + first * depth), depth * width) };
         if self.by_rows {
-            pack_b(self.b, pc, kc, span.jc + first, len, self.s.nr, dst);
+            self.kernel.pack_b(self.b, pc, kc, span.jc + first, len, dst);
         } else {
-            pack_a(self.a, first, len, pc, kc, self.s.mr, dst);
+            self.kernel.pack_a(self.a, first, len, pc, kc, dst);
         }
     }
 
@@ -274,22 +348,31 @@ impl<T: Real> Plan<'_, T> {
     /// # Safety
     /// `c` is C's first element (`(m − 1)·ldc + n` values), and no other thread works on these
     /// units.
-    unsafe fn compute(&self, span: Span, first: usize, last: usize, shared: &[T], own: &mut Vec<f64>, c: *mut T) {
+    unsafe fn compute(
+        &self,
+        span: Span,
+        first: usize,
+        last: usize,
+        shared: &[K::Packed],
+        own: &mut Vec<f64>,
+        c: *mut T,
+    ) {
         let (s, m) = (self.s, self.a.rows);
         for (q, pc, kc) in self.blocks(span) {
             let tile = Tile { kc, ldc: self.ldc, accumulate: self.accumulate || pc > 0 };
-            let packed = &shared[q * s.kc * self.shared_width..][..kc * self.shared_width];
+            let depth = self.kernel.depth(kc);
+            let packed = &shared[self.shared_block(q)..][..depth * self.shared_width];
             // SAFETY (both arms): the block of C is these units' rows (or columns), inside C.
             if self.by_rows {
                 let (i0, rows) = (first * s.mr, ((last - first) * s.mr).min(m - first * s.mr));
-                let ap = scratch::<T>(own, rows.next_multiple_of(s.mr) * kc);
-                pack_a(self.a, i0, rows, pc, kc, s.mr, ap);
-                unsafe { macro_block(s, tile, ap, rows, packed, span.nc, c.add(i0 * self.ldc + span.jc)) };
+                let ap = scratch::<K::Packed>(own, rows.next_multiple_of(s.mr) * depth);
+                self.kernel.pack_a(self.a, i0, rows, pc, kc, ap);
+                unsafe { macro_block(self.kernel, tile, ap, rows, packed, span.nc, c.add(i0 * self.ldc + span.jc)) };
             } else {
                 let (j0, cols) = (first * s.nr, ((last - first) * s.nr).min(span.nc - first * s.nr));
-                let bp = scratch::<T>(own, cols.next_multiple_of(s.nr) * kc);
-                pack_b(self.b, pc, kc, span.jc + j0, cols, s.nr, bp);
-                unsafe { macro_block(s, tile, packed, m, bp, cols, c.add(span.jc + j0)) };
+                let bp = scratch::<K::Packed>(own, cols.next_multiple_of(s.nr) * depth);
+                self.kernel.pack_b(self.b, pc, kc, span.jc + j0, cols, bp);
+                unsafe { macro_block(self.kernel, tile, packed, m, bp, cols, c.add(span.jc + j0)) };
             }
         }
     }
@@ -297,19 +380,27 @@ impl<T: Real> Plan<'_, T> {
 
 /// `C[rows × cols] (+)= Ã · B̃` for packed operands: every `MR` panel of `Ã` against every
 /// `NR` panel of `B̃`. One operand's micro-panel stays in L1 across the inner loop while the
-/// other's stream past it: `Ã`'s for the AVX-512 kernel (it prefetches the B panels it
-/// streams), `B̃`'s for the portable one.
+/// other's stream past it: `Ã`'s for the AVX-512 kernels (they prefetch the B panels they
+/// stream), `B̃`'s for the portable one.
 ///
 /// # Safety
 /// `c` points at the block's first element; the `rows × cols` block (row stride `tile.ldc`)
 /// is accessed by this thread alone.
-unsafe fn macro_block<T: Real>(s: KernelShape, tile: Tile, ap: &[T], rows: usize, bp: &[T], cols: usize, c: *mut T) {
-    let kc = tile.kc;
+unsafe fn macro_block<T: Real, K: Kernel<T>>(
+    kernel: K,
+    tile: Tile,
+    ap: &[K::Packed],
+    rows: usize,
+    bp: &[K::Packed],
+    cols: usize,
+    c: *mut T,
+) {
+    let (s, depth) = (kernel.shape(), kernel.depth(tile.kc));
     let run = |ir: usize, jr: usize| {
-        let (a_panel, b_panel) = (&ap[ir * kc..(ir + s.mr) * kc], &bp[jr * kc..(jr + s.nr) * kc]);
+        let (a_panel, b_panel) = (&ap[ir * depth..(ir + s.mr) * depth], &bp[jr * depth..(jr + s.nr) * depth]);
         let (r, w) = (s.mr.min(rows - ir), s.nr.min(cols - jr));
         // SAFETY: a tile inside the block (the caller's contract).
-        unsafe { micro_kernel(tile, a_panel, b_panel, c.add(ir * tile.ldc + jr), r, w) };
+        unsafe { kernel.tile(tile, a_panel, b_panel, c.add(ir * tile.ldc + jr), r, w) };
     };
     if s.a_panel_in_l1 {
         for ir in (0..rows).step_by(s.mr) {
@@ -322,15 +413,17 @@ unsafe fn macro_block<T: Real>(s: KernelShape, tile: Tile, ap: &[T], rows: usize
     }
 }
 
-/// `buffer` viewed as at least `len` values of `T`, grown if needed.
-fn scratch<T: Real>(buffer: &mut Vec<f64>, len: usize) -> &mut [T] {
-    let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+/// `buffer` viewed as at least `len` values of `P`, grown if needed.
+fn scratch<P: Copy>(buffer: &mut Vec<f64>, len: usize) -> &mut [P] {
+    assert!(std::mem::align_of::<P>() <= std::mem::align_of::<f64>());
+    let words = (len * std::mem::size_of::<P>()).div_ceil(8);
     if buffer.len() < words {
         buffer.resize(words, 0.0);
     }
-    // SAFETY: the buffer holds at least `len` values of T (f32 or f64, plain old data with
-    // alignment ≤ f64's), and the returned borrow keeps it from being used otherwise.
-    unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut T, len) }
+    // SAFETY: the buffer holds at least `len` values of P (a packed value: f32, f64 or bf16
+    // bits, plain old data for which any bits are valid, aligned no stricter than f64, as
+    // asserted), and the returned borrow keeps it from being used otherwise.
+    unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut P, len) }
 }
 
 multiversion! {
@@ -381,26 +474,77 @@ impl<T> SendPtr<T> {
 
 /// Register tile and cache blocks.
 #[derive(Clone, Copy)]
-struct KernelShape {
-    mr: usize,
-    nr: usize,
+pub(super) struct KernelShape {
+    pub mr: usize,
+    pub nr: usize,
     /// Depth of a packed block: the micro-panel that stays in L1 across the inner loop of
     /// [`macro_block`] must fit there (AVX-512: A's 8 × 256 f32, 8 KiB; portable: B's
     /// 256 × 16, 16 KiB), and the shared operand's `KC × NC` block in L2.
-    kc: usize,
+    pub kc: usize,
     /// Which micro-panel stays in L1 in [`macro_block`]: A's (the other streams) or B's.
-    a_panel_in_l1: bool,
+    pub a_panel_in_l1: bool,
     /// Rows of A packed at once (`MC × KC` in L2).
-    mc: usize,
+    pub mc: usize,
     /// Columns of B packed at once (`KC × NC` in L2/L3).
-    nc: usize,
+    pub nc: usize,
 }
 
-fn kernel_shape<T: Real>() -> KernelShape {
-    if avx512_f32::<T>() {
-        KernelShape { mr: avx512::MR, nr: avx512::NR, kc: 256, a_panel_in_l1: true, mc: 192, nc: 1536 }
-    } else {
-        KernelShape { mr: PORTABLE_MR, nr: PORTABLE_NR, kc: 256, a_panel_in_l1: false, mc: 96, nc: 1024 }
+/// The kernels that multiply `T` panels: the AVX-512 8×48 tile for `f32` where the CPU has
+/// it, the portable tile otherwise. With `round_to_bf16`, every packed value is rounded to
+/// bf16 (kept in an `f32`): bf16 precision on CPUs without bf16 instructions.
+#[derive(Clone, Copy)]
+pub(super) struct Native<T> {
+    round_to_bf16: bool,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Real> Native<T> {
+    pub(super) fn new(round_to_bf16: bool) -> Self {
+        Native { round_to_bf16, _t: std::marker::PhantomData }
+    }
+
+    fn round(&self, panel: &mut [T]) {
+        if self.round_to_bf16 {
+            bf16::round_in_place(as_f32_mut(panel));
+        }
+    }
+}
+
+impl<T: Real> Kernel<T> for Native<T> {
+    type Packed = T;
+
+    fn shape(&self) -> KernelShape {
+        if avx512_f32::<T>() {
+            KernelShape { mr: avx512::MR, nr: avx512::NR, kc: 256, a_panel_in_l1: true, mc: 192, nc: 1536 }
+        } else {
+            KernelShape { mr: PORTABLE_MR, nr: PORTABLE_NR, kc: 256, a_panel_in_l1: false, mc: 96, nc: 1024 }
+        }
+    }
+
+    fn pack_a(&self, a: MatRef<T>, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [T]) {
+        pack_a(a, i0, mc, p0, kc, self.shape().mr, out);
+        self.round(&mut out[..mc.next_multiple_of(self.shape().mr) * kc]);
+    }
+
+    fn pack_b(&self, b: MatRef<T>, p0: usize, kc: usize, j0: usize, nc: usize, out: &mut [T]) {
+        pack_b(b, p0, kc, j0, nc, self.shape().nr, out);
+        self.round(&mut out[..nc.next_multiple_of(self.shape().nr) * kc]);
+    }
+
+    #[inline(always)]
+    unsafe fn tile(&self, tile: Tile, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
+        assert!(rows > 0 && cols > 0);
+        if avx512_f32::<T>() {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: the CPU has AVX-512 (checked by `isa`), the panels hold `kc·MR` /
+                // `kc·NR` values (sliced by the caller), `c` as this function's contract says.
+                unsafe { avx512::kernel(tile, as_f32(a), as_f32(b), c as *mut f32, rows, cols) };
+                return;
+            }
+        }
+        // SAFETY: as this function's contract says.
+        unsafe { portable_kernel::<T>(tile, a, b, c, rows, cols) };
     }
 }
 
@@ -418,29 +562,11 @@ thread_local! {
 
 /// What every micro-kernel call of one block shares.
 #[derive(Clone, Copy)]
-struct Tile {
-    kc: usize,
-    ldc: usize,
+pub(super) struct Tile {
+    pub kc: usize,
+    pub ldc: usize,
     /// Add to `C` rather than overwrite it.
-    accumulate: bool,
-}
-
-/// # Safety
-/// `c` points at a `rows × cols` tile (row stride `tile.ldc`) that this thread alone accesses.
-#[inline(always)]
-unsafe fn micro_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
-    assert!(rows > 0 && cols > 0);
-    if avx512_f32::<T>() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: the CPU has AVX-512 (checked by `isa`), the panels hold `kc·MR` /
-            // `kc·NR` values (sliced by the caller), `c` as this function's contract says.
-            unsafe { avx512::kernel(tile, as_f32(a), as_f32(b), c as *mut f32, rows, cols) };
-            return;
-        }
-    }
-    // SAFETY: as this function's contract says.
-    unsafe { portable_kernel::<T>(tile, a, b, c, rows, cols) };
+    pub accumulate: bool,
 }
 
 /// Copy `A[i0..i0+mc, p0..p0+kc]` into panels of `mr` rows: panel `r`, step `p` holds
@@ -571,7 +697,7 @@ unsafe fn portable_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: *mut T, rows
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::Tile;
@@ -579,7 +705,7 @@ mod avx512 {
     pub const MR: usize = 8;
     pub const NR: usize = 48;
     /// Registers per row of the tile.
-    const VECTORS: usize = NR / 16;
+    pub const VECTORS: usize = NR / 16;
     /// How many steps ahead the kernel prefetches its B panel (8 steps: 1.5 KiB).
     const PREFETCH_STEPS: usize = 8;
 
@@ -625,6 +751,19 @@ mod avx512 {
                 bp = bp.add(NR);
             }
         }
+        // SAFETY: as this function's contract says.
+        unsafe { store(tile, &acc, c, rows, cols) }
+    }
+
+    /// Write (or add) the accumulators of an `MR × NR` tile into the `rows × cols` corner of
+    /// `c`: whole registers for a full tile, through a spill buffer for a ragged one.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `c` points at a `rows × cols` tile (row stride `ldc`)
+    /// that this thread alone accesses.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn store(tile: Tile, acc: &[[__m512; VECTORS]; MR], c: *mut f32, rows: usize, cols: usize) {
         if rows == MR && cols == NR {
             for (r, acc_r) in acc.iter().enumerate() {
                 for (v, &sum) in acc_r.iter().enumerate() {
@@ -730,7 +869,7 @@ mod avx512 {
     /// elements, then pairs, then 128-bit lanes, then lane pairs.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    pub fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         // Round 1: interleave rows 2i, 2i+1 → per 128-bit lane (a0 b0 a1 b1), (a2 b2 a3 b3).
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {

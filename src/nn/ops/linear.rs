@@ -18,7 +18,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout,
 
 use std::sync::OnceLock;
 
-use super::gemm::{gemm, MatRef};
+use super::bf16::{self, Precision};
+use super::gemm::{gemm_in, MatRef};
 use super::pointwise::Epilogue;
 use super::simd::Real;
 use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice, with_slices};
@@ -55,7 +56,8 @@ fn apply(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, epilogue: Option<Ep
     let (x, weight) = (contiguous(x)?, contiguous(weight)?);
     let keep_pre_activation =
         epilogue.is_some() && (x.track_op() || weight.track_op() || bias.is_some_and(Tensor::track_op));
-    let op = LinearOp { epilogue, keep_pre_activation, pre_activation: OnceLock::new() };
+    let precision = bf16::current();
+    let op = LinearOp { epilogue, keep_pre_activation, pre_activation: OnceLock::new(), precision };
     match bias {
         Some(bias) => x.apply_op3(&weight, &contiguous(bias)?, op)?.to_dtype(dtype),
         None => x.apply_op2(&weight, op)?.to_dtype(dtype),
@@ -102,6 +104,9 @@ struct LinearOp {
     keep_pre_activation: bool,
     /// `x·weightᵀ + bias` `(rows, out)`, kept by the forward for the epilogue's backward.
     pre_activation: OnceLock<Tensor>,
+    /// The precision of this thread's scope when the forward ran; the backward's products
+    /// use it too, wherever `backward()` is called ([`bf16`]).
+    precision: Precision,
 }
 
 impl LinearOp {
@@ -118,7 +123,7 @@ impl LinearOp {
                 .iter()
                 .map(|(storage, layout)| storage_slice::<T>("linear", storage, layout))
                 .collect::<Result<Vec<_>>>()?;
-            let y = forward(slices[0], slices[1], slices.get(2).copied(), rows, fan_in, fan_out);
+            let y = forward(op.precision, slices[0], slices[1], slices.get(2).copied(), rows, fan_in, fan_out);
             let Some(epilogue) = op.epilogue else {
                 return Ok(T::to_cpu_storage_owned(y));
             };
@@ -161,7 +166,7 @@ impl LinearOp {
             let rows = x.elem_count() / fan_in.max(1);
             let (dx, dw, db) = match op.epilogue {
                 None => with_slices::<T, _>("linear", &[x, weight, grad], |s| {
-                    Ok(backward(s[0], s[1], s[2], rows, fan_in, fan_out, with_bias))
+                    Ok(backward(op.precision, s[0], s[1], s[2], rows, fan_in, fan_out, with_bias))
                 })?,
                 Some(epilogue) => {
                     let Some(pre) = op.pre_activation.get() else {
@@ -170,7 +175,7 @@ impl LinearOp {
                     let pre = pre.to_dtype(T::DTYPE)?;
                     with_slices::<T, _>("linear", &[x, weight, grad, &pre], |s| {
                         let dy = epilogue.backward(s[3], s[2], fan_out);
-                        Ok(backward(s[0], s[1], &dy, rows, fan_in, fan_out, with_bias))
+                        Ok(backward(op.precision, s[0], s[1], &dy, rows, fan_in, fan_out, with_bias))
                     })?
                 }
             };
@@ -241,7 +246,15 @@ impl CustomOp3 for LinearOp {
 }
 
 /// `(N, out)` for `x`: `(N, in)`, `w`: `(out, in)`; `b` is added to every row first.
-fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, fan_in: usize, fan_out: usize) -> Vec<T> {
+fn forward<T: Real>(
+    precision: Precision,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    rows: usize,
+    fan_in: usize,
+    fan_out: usize,
+) -> Vec<T> {
     // SAFETY: filled with the bias rows below, or written whole by `gemm` (not accumulating).
     let mut y = unsafe { output_buffer(rows * fan_out) };
     if let Some(b) = b {
@@ -251,12 +264,14 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, fan_in: usiz
     }
     let x = MatRef::row_major(x, rows, fan_in);
     let w_t = MatRef::row_major(w, fan_out, fan_in).t();
-    gemm(x, w_t, &mut y, fan_out, b.is_some());
+    gemm_in(precision, x, w_t, &mut y, fan_out, b.is_some());
     y
 }
 
 /// `(dX, dW, db)`; `db` only when `with_bias`.
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Real>(
+    precision: Precision,
     x: &[T],
     w: &[T],
     dy: &[T],
@@ -268,9 +283,9 @@ fn backward<T: Real>(
     let dy_m = MatRef::row_major(dy, rows, fan_out);
     // SAFETY (both): written whole by `gemm`, which does not accumulate here.
     let mut dx = unsafe { output_buffer(rows * fan_in) };
-    gemm(dy_m, MatRef::row_major(w, fan_out, fan_in), &mut dx, fan_in, false);
+    gemm_in(precision, dy_m, MatRef::row_major(w, fan_out, fan_in), &mut dx, fan_in, false);
     let mut dw = unsafe { output_buffer(fan_out * fan_in) };
-    gemm(dy_m.t(), MatRef::row_major(x, rows, fan_in), &mut dw, fan_in, false);
+    gemm_in(precision, dy_m.t(), MatRef::row_major(x, rows, fan_in), &mut dw, fan_in, false);
     let db = with_bias.then(|| column_sums(dy, fan_out));
     (dx, dw, db)
 }

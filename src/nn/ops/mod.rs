@@ -17,6 +17,7 @@
 //! - Every op is tested against central finite differences in `f64` and against the composed
 //!   version in `f32` (values and every input gradient).
 
+pub mod bf16;
 pub mod blas;
 pub mod cross_entropy;
 pub mod dispatch;
@@ -34,6 +35,7 @@ mod tile;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use bf16::Precision;
 pub use cross_entropy::{label_smoothed_cross_entropy, softmax_cross_entropy};
 pub use dispatch::{combine_rows, gather_rows, grouped_linear, Dispatch};
 pub use dropout::{dropout, DropoutMask};
