@@ -377,7 +377,7 @@ impl Trainer {
         let options = Seq2SeqOptions { max_new_tokens: self.config.train.sample_tokens, stop: vec![] };
         let out =
             generate_seq2seq_batch(&self.model, std::slice::from_ref(source), &options, Search::Greedy, |_| Ok(()))?;
-        let text = format!("{} → {}", tokenizer.decode(source)?, tokenizer.decode(&out[0].ids)?);
+        let text = format!("{} → {}", tokenizer.decode_with(source, true)?, tokenizer.decode_with(&out[0].ids, true)?);
         eprintln!("sample at step {}: {text}", self.step);
         self.metrics.write(json!({"step": self.step, "sample": text}))?;
         Ok(Some(text))
