@@ -100,7 +100,7 @@ pub fn prepare_run(config: &RunConfig, resume: bool) -> Result<Prepared> {
     Ok(Prepared {
         model_config,
         initial_weights,
-        data: TrainData::Text(dataset),
+        data: TrainData::Text(Box::new(dataset)),
         tokenizer: Some(tokenizer),
         tokenizer_file: Some(tokenizer_file),
         resume,

@@ -29,7 +29,7 @@ use crate::model::{Model, Seq2SeqBatch, TrainingLoss};
 /// The data of a prepared run.
 pub enum TrainData {
     /// A prepared token dataset, cut into windows.
-    Text(TokenDataset),
+    Text(Box<TokenDataset>),
     /// Aligned token pairs of the training and validation books.
     Pairs(PairData),
 }
@@ -63,6 +63,7 @@ impl Task {
     pub fn new(data: TrainData, shape: BatchShape, seed: u64, position: Option<&Value>) -> Result<Self> {
         Ok(match data {
             TrainData::Text(dataset) => {
+                let dataset = *dataset;
                 let state = match position {
                     Some(p) => parse_position::<SamplerState>(p)?,
                     None => SamplerState::start(seed),
@@ -193,8 +194,8 @@ impl Task {
         }
     }
 
-    /// The first `n` validation sources (token ids with `</s>`), shortest first, with their
-    /// references' token ids; for printing sample translations. Empty for a language model.
+    /// The `n` shortest validation sources (token ids with `</s>`), for printing sample
+    /// translations. Empty for a language model.
     pub fn sample_sources(&self, n: usize) -> Vec<Vec<u32>> {
         let Task::Translation { data, .. } = self else { return vec![] };
         let mut pairs: Vec<_> = data.val.pairs.iter().collect();
