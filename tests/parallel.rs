@@ -48,9 +48,13 @@ fn train_args<'a>(run: &'a str, tsv: &'a str) -> Vec<&'a str> {
         "--run",
         run,
         "--arch",
-        "transformer-base",
+        "tiny-transformer",
         "--set",
         "vocab_size=320",
+        "--set",
+        "d_model=64",
+        "--set",
+        "ffn.hidden=128",
         "--parallel-file",
         tsv,
         "--source",
@@ -65,18 +69,22 @@ fn train_args<'a>(run: &'a str, tsv: &'a str) -> Vec<&'a str> {
 }
 
 #[test]
-fn train_prepares_the_parallel_run_then_says_the_model_is_not_wired() {
+fn train_prepares_the_parallel_run_and_trains() {
     let dir = tempfile::tempdir().unwrap();
     let tsv = small_tsv(dir.path());
     let run = dir.path().join("run");
     let (run_s, tsv_s) = (run.to_str().unwrap(), tsv.to_str().unwrap());
     let mut args = train_args(run_s, tsv_s);
     args.extend(["--label-smoothing", "0.1", "--decay", "inverse-sqrt", "--beta2", "0.98", "--batch-tokens", "512"]);
-    let stderr = fails(&args);
+    args.extend(["--steps", "4", "--warmup-steps", "2", "--sample-every", "0"]);
+    let out = lmforge(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert_mentions(
         &stderr,
-        &["en → es: 67 training pairs (4 books), 6 validation pairs (Delta), 5 test pairs (Zeta)", "not wired"],
+        &["en → es: 67 training pairs (4 books), 6 validation pairs (Delta), 5 test pairs (Zeta)", "step      4/4"],
     );
+    assert!(run.join("checkpoints/step-000004/manifest.json").exists());
 
     let split: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
@@ -100,12 +108,14 @@ fn train_prepares_the_parallel_run_then_says_the_model_is_not_wired() {
     let err = fails(&["train", "--no-supervisor", "--resume", run_s, "--books", "Alpha"]);
     assert_mentions(&err, &["differ from the run being resumed", "Alpha"]);
 
-    // Evaluating the run: only on its held-out books, and the model call is not wired yet.
+    // Evaluating the run: only on its held-out books.
     let err = fails(&["eval", "translate", "--model", run_s, "--books", "Alpha"]);
     assert_mentions(&err, &["the run trained on Alpha", "HINT: evaluate on its held-out books: Zeta"]);
-    let err = fails(&["eval", "translate", "--model", run_s]);
-    assert_mentions(&err, &["encoder–decoder generation is not wired", "--copy-source"]);
     assert!(!run.join("eval").exists(), "no hypotheses file without hypotheses");
+    let out = lmforge(&["eval", "translate", "--model", run_s, "--beams", "1", "--max-new-tokens", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BLEU = "));
+    assert_eq!(std::fs::read_to_string(run.join("eval/en-es.txt")).unwrap().lines().count(), 5);
 }
 
 #[test]

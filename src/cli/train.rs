@@ -70,7 +70,8 @@ pub struct TrainArgs {
     /// Most tokens of either side in a batch of pairs, padding included (default 4096).
     #[arg(long)]
     batch_tokens: Option<usize>,
-    /// Label smoothing of the loss, 0 <= e < 1 (the original Transformer: 0.1).
+    /// Label smoothing of the training loss, 0 <= e < 1 (default for parallel data: 0.1, as the
+    /// original Transformer).
     #[arg(long)]
     label_smoothing: Option<f64>,
     /// Learning-rate decay after warmup: cosine (default), linear, constant, inverse_sqrt (the
@@ -169,7 +170,11 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
             }
         )*};
     }
-    same!(batch_size: "--batch-size", seq_len: "--seq-len", grad_accum: "--grad-accum", lr: "--lr", warmup_steps: "--warmup-steps", seed: "--seed", label_smoothing: "--label-smoothing", decay: "--decay", precision: "--precision");
+    same!(batch_size: "--batch-size", seq_len: "--seq-len", grad_accum: "--grad-accum", lr: "--lr", warmup_steps: "--warmup-steps", seed: "--seed", decay: "--decay", precision: "--precision");
+    if args.label_smoothing.is_some() && requested.label_smoothing() != stored.label_smoothing() {
+        let (requested, stored) = (requested.label_smoothing(), stored.label_smoothing());
+        fixed.push(format!("--label-smoothing {requested} (the run has {stored})"));
+    }
     if args.beta2.is_some() && requested.optimizer.beta2 != stored.optimizer.beta2 {
         fixed.push(format!("--beta2 {} (the run has {})", requested.optimizer.beta2, stored.optimizer.beta2));
     }
@@ -251,7 +256,7 @@ fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> an
         c.optimizer.beta2 = v;
     }
     if let Some(v) = args.label_smoothing {
-        c.train.label_smoothing = v;
+        c.train.label_smoothing = Some(v);
     }
     let t = &mut c.train;
     macro_rules! set {

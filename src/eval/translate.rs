@@ -16,6 +16,7 @@ use std::path::Path;
 use crate::data::parallel::{BookSplit, ParallelCorpus, ParallelData, SplitRole};
 use crate::error::{Error, Result};
 use crate::eval::{Bleu, Chrf};
+use crate::generate::{generate_seq2seq_batch, Search, Seq2SeqOptions};
 
 /// The pairs of some books of a corpus, in file order.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,18 +102,60 @@ pub struct DecodeOptions {
     pub max_new_tokens: Option<usize>,
 }
 
-/// THE WIRING POINT for encoder–decoder generation (issue 13, items 1–4): translate `sources`
-/// with the model at `model` (a run or checkpoint directory), one hypothesis per source, in
-/// order.
+/// Sources decoded together: enough to keep the matrix products busy, few enough that a batch
+/// of similar lengths wastes little on padding.
+const SOURCES_PER_BATCH: usize = 16;
+
+/// Translate `sources` with the model at `model` (a run, one of its checkpoints, or a model
+/// directory with a tokenizer), one hypothesis per source, in order.
 ///
-/// When the encoder–decoder model lands, this loads the model and its tokenizer, encodes each
-/// source as tokens + `</s>` (see `data::parallel::encode_pairs`), decodes from `<s>` with
-/// `options` (beam search, stopping at `</s>`), and detokenizes with special tokens skipped.
-/// Until then it is an error, never a made-up result.
+/// Each source is encoded as training encodes it (its tokens + `</s>`, see
+/// `data::parallel::encode_pairs`), and decoded from the model's start token with `options`
+/// until its end token. Sources are decoded in batches of similar length (sorted, so padding
+/// stays small), and put back in their own order.
 pub fn translate(model: &Path, sources: &[String], options: &DecodeOptions) -> Result<Vec<String>> {
-    let _ = (sources, options);
-    Err(Error::Unsupported(format!(
-        "translating with {}: encoder–decoder generation is not wired into `eval translate` yet (issue 13)\nHINT: --copy-source scores the copy-the-source baseline, which needs no model",
-        model.display()
-    )))
+    let loaded = crate::io::load_model(model, &candle_core::Device::Cpu)?;
+    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
+        Error::Input(format!(
+            "{} has no tokenizer.json, so its translations cannot be read\nHINT: evaluate a training run or a model directory with its tokenizer",
+            model.display()
+        ))
+    })?;
+    let model_built = loaded.build()?;
+    let (Some(_), Some(eos)) = (model_built.decoder_start_token_id(), model_built.eos_token_id()) else {
+        return Err(Error::Input(format!(
+            "{} is not an encoder–decoder model with an end token (layout.eos_token_id); it cannot translate\nHINT: evaluate a run trained with --parallel-file",
+            model.display()
+        )));
+    };
+    let encoded: Vec<Vec<u32>> = sources
+        .iter()
+        .map(|text| Ok(tokenizer.encode(text, false)?.into_iter().chain(std::iter::once(eos)).collect()))
+        .collect::<Result<_>>()?;
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    order.sort_by_key(|&i| (encoded[i].len(), i));
+    let decode = Seq2SeqOptions {
+        max_new_tokens: options.max_new_tokens.unwrap_or(model_built.config().context_length),
+        stop: tokenizer.eos_ids().to_vec(),
+    };
+    let mut stop = decode.stop.clone();
+    stop.push(eos);
+    let mut hypotheses = vec![String::new(); sources.len()];
+    for (done, batch) in order.chunks(SOURCES_PER_BATCH).enumerate() {
+        let batch_sources: Vec<Vec<u32>> = batch.iter().map(|&i| encoded[i].clone()).collect();
+        let search = match options.beams {
+            1 => Search::Greedy,
+            beams => Search::Beam { beams, length_penalty: options.length_penalty },
+        };
+        let out = generate_seq2seq_batch(&model_built, &batch_sources, &decode, search, |_| Ok(()))?;
+        for (&i, hypothesis) in batch.iter().zip(out) {
+            let ids: Vec<u32> = hypothesis.ids.into_iter().filter(|id| !stop.contains(id)).collect();
+            hypotheses[i] = tokenizer.decode(&ids)?.trim().to_string();
+        }
+        eprint!("\rtranslated {}/{}", (done * SOURCES_PER_BATCH + batch.len()), sources.len());
+    }
+    if !sources.is_empty() {
+        eprintln!();
+    }
+    Ok(hypotheses)
 }

@@ -20,6 +20,7 @@ pub mod run_config;
 pub mod schedule;
 pub mod seq2seq;
 pub mod setup;
+pub mod task;
 pub mod trainer;
 
 pub use checkpoint::{BestCheckpoint, Checkpoint, CheckpointData, CheckpointState, LatestValid, SkippedCheckpoint};

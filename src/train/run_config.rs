@@ -119,10 +119,10 @@ pub struct TrainSpec {
     /// Clip the global gradient norm to this (0 disables).
     #[serde(default = "d_clip")]
     pub grad_clip: f64,
-    /// Label smoothing ε of the loss (0 = none; the original Transformer used 0.1). Applies to
-    /// encoder–decoder training on `data.parallel`.
-    #[serde(default)]
-    pub label_smoothing: f64,
+    /// Label smoothing ε of the training loss (0 = none), for encoder–decoder training on
+    /// `data.parallel`; unset: 0.1, as the original Transformer. Validation is unsmoothed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_smoothing: Option<f64>,
     /// Seed of the data order and every other random choice of the run.
     #[serde(default = "default_seed")]
     pub seed: u64,
@@ -239,6 +239,13 @@ impl RunConfig {
         }
     }
 
+    /// Label smoothing ε of the training loss: the configured one, or for parallel data the
+    /// paper's 0.1 (Vaswani et al. §5.4); 0 for language modelling.
+    pub fn label_smoothing(&self) -> f64 {
+        let paper = if self.data.parallel.is_some() { 0.1 } else { 0.0 };
+        self.train.label_smoothing.unwrap_or(paper)
+    }
+
     /// Every problem at once, each with its field path.
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
@@ -269,8 +276,8 @@ impl RunConfig {
                 problems.push(format!("data.val_fraction = {f}, expected 0 <= f < 1"));
             }
         }
-        if !(0.0..1.0).contains(&t.label_smoothing) {
-            problems.push(format!("train.label_smoothing = {}, expected 0 <= smoothing < 1", t.label_smoothing));
+        if let Some(smoothing) = t.label_smoothing.filter(|s| !(0.0..1.0).contains(s)) {
+            problems.push(format!("train.label_smoothing = {smoothing}, expected 0 <= smoothing < 1"));
         }
         match &self.data.parallel {
             Some(parallel) => {
@@ -281,9 +288,9 @@ impl RunConfig {
                     problems.push("data.parallel replaces data.dataset, train_files, val_files and val_fraction; give one or the other".into());
                 }
             }
-            None if t.label_smoothing > 0.0 => problems.push(format!(
+            None if t.label_smoothing.is_some_and(|s| s > 0.0) => problems.push(format!(
                 "train.label_smoothing = {} applies to encoder–decoder training on data.parallel; decoder-only training does not use it",
-                t.label_smoothing
+                t.label_smoothing.unwrap_or_default()
             )),
             None => {}
         }

@@ -1,27 +1,29 @@
 //! Getting an encoder–decoder run ready on parallel text: its directory, the corpus split by
-//! books, the shared tokenizer, the token pairs of every split, and the model config they must
-//! fit.
+//! books, the shared tokenizer, the token pairs of every split, the model config they must fit
+//! and its first weights.
 //!
-//! The training loop itself is the decoder-only one (`trainer.rs`) once the encoder–decoder
-//! model exists: the same checkpoints, resume, supervisor and rollback, with a
-//! [`PairSampler`](crate::data::parallel::PairSampler) in place of the window sampler and the
-//! model's sequence-to-sequence loss in place of the language-model loss. Until then
-//! [`train`] prepares everything and stops with an error saying so.
+//! The training loop is the decoder-only one (`trainer.rs`): the same checkpoints, resume,
+//! supervisor and rollback, with a [`PairSampler`](crate::data::parallel::PairSampler) in place
+//! of the window sampler and the model's sequence-to-sequence loss in place of the
+//! language-model loss (see [`super::task`]).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use super::run_config::RunConfig;
-use super::setup::open_run_dir;
-use super::trainer::TrainSummary;
+use super::setup::{init_config, open_run_dir, Prepared};
+use super::task::{PairData, TrainData};
 use crate::config::{Layout, ModelConfig};
 use crate::data::parallel::{
-    encode_pairs, train_shared_bpe, BookSplit, ParallelCorpus, ParallelData, SpecialIds, SplitRole, TokenPairs,
+    encode_pairs, train_shared_bpe, BookSplit, ParallelCorpus, ParallelData, SpecialIds, SplitRole, TokenPairs, PAD,
 };
 use crate::error::{Error, Result};
 use crate::io::{self, TextTokenizer};
+use crate::model::init_weights;
 
 const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Which books went where, and how many pairs each split has: written for people and tools
@@ -30,7 +32,11 @@ pub const SPLIT_FILE: &str = "split.json";
 
 /// An encoder–decoder run ready to train.
 pub struct Seq2SeqPrepared {
+    /// With `layout.decoder_start_token_id` and `eos_token_id` set to the tokenizer's `<s>`
+    /// and `</s>` (a fresh model), or the pretrained model's own (`--init-from`).
     pub model_config: ModelConfig,
+    /// The weights of step 0 (fresh init or `init_from`); empty when resuming.
+    pub initial_weights: HashMap<String, Tensor>,
     pub tokenizer: TextTokenizer,
     pub tokenizer_file: PathBuf,
     pub specials: SpecialIds,
@@ -60,15 +66,16 @@ pub fn check_data_fits_layout(model: &ModelConfig, parallel: Option<&ParallelDat
 
 /// Create or reopen the run directory and prepare everything encoder–decoder training needs.
 pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: bool) -> Result<Seq2SeqPrepared> {
-    if let Some(init) = &config.model.init_from {
-        return Err(Error::Unsupported(format!(
-            "--init-from {} with parallel data: loading encoder–decoder weights is not wired yet (issue 13)\nHINT: train from scratch with --arch",
-            init.display()
-        )));
-    }
     open_run_dir(config, resume)?;
     let run_dir = &config.run_dir;
-    let model_config = io::resolve_arch(&config.model.arch, &config.model.set)?;
+    let init = match &config.model.init_from {
+        Some(path) => Some(io::load_model(path, &Device::Cpu)?),
+        None => None,
+    };
+    let mut model_config = match &init {
+        Some(loaded) => init_config(loaded, &config.model.set)?,
+        None => io::resolve_arch(&config.model.arch, &config.model.set)?,
+    };
     check_data_fits_layout(&model_config, Some(parallel))?;
 
     let corpus = ParallelCorpus::read(&parallel.file, &parallel.source, &parallel.target)?;
@@ -78,6 +85,15 @@ pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: 
     if !tokenizer_file.exists() {
         match &config.data.tokenizer {
             Some(path) => TextTokenizer::from_file(path)?.save(&tokenizer_file)?,
+            None if init.is_some() => match init.as_ref().and_then(|l| l.tokenizer.as_ref()) {
+                Some(tokenizer) => tokenizer.save(&tokenizer_file)?,
+                None => {
+                    return Err(Error::Input(format!(
+                        "--init-from {} has no tokenizer.json, and a pretrained model only continues with its own vocabulary\nHINT: pass its tokenizer with --tokenizer",
+                        init.as_ref().map(|l| l.source.display().to_string()).unwrap_or_default()
+                    )))
+                }
+            },
             None => {
                 eprintln!(
                     "training a {}-token byte-level BPE shared by `{}` and `{}` on the training books",
@@ -88,7 +104,17 @@ pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: 
         }
     }
     let tokenizer = TextTokenizer::from_file(&tokenizer_file)?;
-    let specials = SpecialIds::of(&tokenizer)?;
+    let specials = match &init {
+        Some(_) => pretrained_specials(&model_config, &tokenizer)?,
+        None => {
+            let specials = SpecialIds::of(&tokenizer)?;
+            if let Layout::EncoderDecoder { decoder_start_token_id, eos_token_id, .. } = &mut model_config.layout {
+                *decoder_start_token_id = specials.start;
+                *eos_token_id = Some(specials.eos);
+            }
+            specials
+        }
+    };
     if tokenizer.vocab_size() > model_config.vocab_size {
         return Err(Error::Input(format!(
             "the tokenizer ({}) has {} tokens, more than the model's vocab_size {}\nHINT: --set vocab_size={}",
@@ -120,12 +146,32 @@ pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: 
     let text = serde_json::to_string_pretty(&summary).expect("split summary serialises");
     std::fs::write(&split_path, text + "\n").map_err(|e| Error::io(&split_path, e))?;
 
-    Ok(Seq2SeqPrepared { model_config, tokenizer, tokenizer_file, specials, split, train, val, test })
+    let initial_weights = match init {
+        Some(loaded) => loaded.weights,
+        None if resume => HashMap::new(),
+        None => init_weights(&model_config, config.model.init_seed, &Device::Cpu)?,
+    };
+    Ok(Seq2SeqPrepared { model_config, initial_weights, tokenizer, tokenizer_file, specials, split, train, val, test })
 }
 
-/// Encoder–decoder training on `parallel`. Everything up to the model is real; the training
-/// loop needs the encoder–decoder model and stops with an error until it is wired.
-pub fn train(config: &RunConfig, parallel: &ParallelData, resume: bool) -> Result<TrainSummary> {
+/// The special ids of a pretrained encoder–decoder: start and end from its config (Marian
+/// starts from `<pad>`), padding from its tokenizer.
+fn pretrained_specials(model: &ModelConfig, tokenizer: &TextTokenizer) -> Result<SpecialIds> {
+    let Layout::EncoderDecoder { decoder_start_token_id: start, eos_token_id: Some(eos), .. } = model.layout else {
+        return Err(Error::Input(
+            "the --init-from model has no layout.eos_token_id, so its targets cannot be closed\nHINT: --set layout.eos_token_id=ID (its `</s>`)".into(),
+        ));
+    };
+    let pad = tokenizer.token_to_id(PAD).ok_or_else(|| {
+        Error::Input(format!(
+            "the --init-from model's tokenizer has no `{PAD}` token to pad batches with\nHINT: pass a tokenizer that has one with --tokenizer"
+        ))
+    })?;
+    Ok(SpecialIds { pad, start, eos })
+}
+
+/// Prepare an encoder–decoder run for the training loop.
+pub fn prepare_training(config: &RunConfig, parallel: &ParallelData, resume: bool) -> Result<Prepared> {
     let prepared = prepare_seq2seq_run(config, parallel, resume)?;
     let list = |role| prepared.split.books(role).join(", ");
     eprintln!(
@@ -140,13 +186,18 @@ pub fn train(config: &RunConfig, parallel: &ParallelData, resume: bool) -> Resul
         list(SplitRole::Test),
         prepared.tokenizer.vocab_size()
     );
-    // THE WIRING POINT for the training loop: `Trainer` with a `PairSampler` over
-    // `prepared.train` (batch_tokens = parallel.batch_tokens), validation over
-    // `SequentialPairBatches` of `prepared.val`, and the model's encoder–decoder loss with
-    // `label_smoothed_cross_entropy(.., Some(specials.pad), config.train.label_smoothing)`.
-    Err(Error::Unsupported(format!(
-        "training {} on parallel data: the encoder–decoder model is not wired into the trainer yet (issue 13); the data in {} is prepared",
-        prepared.model_config.name,
-        config.run_dir.display()
-    )))
+    let data = PairData {
+        train: prepared.train,
+        val: prepared.val,
+        batch_tokens: parallel.batch_tokens,
+        label_smoothing: config.label_smoothing(),
+    };
+    Ok(Prepared {
+        model_config: prepared.model_config,
+        initial_weights: prepared.initial_weights,
+        data: TrainData::Pairs(data),
+        tokenizer: Some(prepared.tokenizer),
+        tokenizer_file: Some(prepared.tokenizer_file),
+        resume,
+    })
 }

@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use super::checkpoint;
 use super::corpus;
 use super::run_config::RunConfig;
+use super::task::TrainData;
 use crate::config::ModelConfig;
 use crate::data::{check_vocab, prepare, train_bpe, PrepareConfig, TokenDataset, ValSplit, END_OF_TEXT};
 use crate::error::{Error, Result};
@@ -22,7 +23,8 @@ pub struct Prepared {
     pub model_config: ModelConfig,
     /// The weights of step 0 (fresh init or `init_from`); unused when resuming.
     pub initial_weights: HashMap<String, Tensor>,
-    pub dataset: TokenDataset,
+    /// What the run trains on: a token dataset, or aligned pairs for an encoder–decoder.
+    pub data: TrainData,
     pub tokenizer: Option<TextTokenizer>,
     pub tokenizer_file: Option<PathBuf>,
     pub resume: bool,
@@ -38,16 +40,7 @@ pub fn prepare_run(config: &RunConfig, resume: bool) -> Result<Prepared> {
         None => None,
     };
     let model_config = match &init {
-        Some(loaded) => {
-            let changed = crate::config::apply_overrides(&loaded.config, &config.model.set)?;
-            if changed.param_specs() != loaded.config.param_specs() {
-                return Err(Error::Input(format!(
-                    "--set on --init-from {} changes the parameter shapes; only shape-preserving settings (window, positions' theta, eps, ...) can change a pretrained model",
-                    loaded.source.display()
-                )));
-            }
-            changed
-        }
+        Some(loaded) => init_config(loaded, &config.model.set)?,
         None => io::resolve_arch(&config.model.arch, &config.model.set)?,
     };
     super::seq2seq::check_data_fits_layout(&model_config, config.data.parallel.as_ref())?;
@@ -109,11 +102,24 @@ pub fn prepare_run(config: &RunConfig, resume: bool) -> Result<Prepared> {
     Ok(Prepared {
         model_config,
         initial_weights,
-        dataset,
+        data: TrainData::Text(Box::new(dataset)),
         tokenizer: Some(tokenizer),
         tokenizer_file: Some(tokenizer_file),
         resume,
     })
+}
+
+/// The config of a pretrained model with `settings` applied; only settings that keep every
+/// parameter's shape can change a pretrained model.
+pub(crate) fn init_config(loaded: &io::LoadedModel, settings: &[String]) -> Result<ModelConfig> {
+    let changed = crate::config::apply_overrides(&loaded.config, settings)?;
+    if changed.param_specs() != loaded.config.param_specs() {
+        return Err(Error::Input(format!(
+            "--set on --init-from {} changes the parameter shapes; only shape-preserving settings (window, positions' theta, eps, ...) can change a pretrained model",
+            loaded.source.display()
+        )));
+    }
+    Ok(changed)
 }
 
 /// Create the run directory and write its `run.toml` for a new run, or check that there is a

@@ -20,10 +20,12 @@ use super::optim::{grad_norm, AdamW};
 use super::rng::TrainRng;
 use super::run_config::RunConfig;
 use super::setup::{prepare_run, Prepared};
+use super::task::{BatchShape, Task};
 use crate::config::{Ffn, ModelConfig};
-use crate::data::{Sampler, SamplerState, SequentialBatches, TokenSplit};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerateOptions, Sampler as TokenSampler, Sampling};
+use crate::generate::{
+    generate, generate_seq2seq_batch, GenerateOptions, Sampler as TokenSampler, Sampling, Search, Seq2SeqOptions,
+};
 use crate::io::TextTokenizer;
 use crate::model::{Model, TrainingLoss};
 
@@ -32,8 +34,9 @@ use crate::model::{Model, TrainingLoss};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 struct LoopState {
     guard: LossStats,
-    /// Sampler positions of batches that made the run diverge; skipped when met again.
-    skip: Vec<SamplerState>,
+    /// Batch positions (as [`Task::position`]) of batches that made the run diverge; skipped
+    /// when met again.
+    skip: Vec<serde_json::Value>,
     /// Steps at which a rollback happened (for the "K rollbacks in a window" stop).
     rollbacks: Vec<u64>,
     /// The learning rate is lowered until this step after a rollback.
@@ -54,11 +57,13 @@ pub struct TrainSummary {
 /// Everything that changes as the run goes.
 struct Trainer {
     config: RunConfig,
-    prepared: Prepared,
+    model_config: ModelConfig,
+    tokenizer: Option<TextTokenizer>,
+    tokenizer_file: Option<PathBuf>,
     vars: HashMap<String, Var>,
     model: Model,
     optimizer: AdamW,
-    sampler: Sampler,
+    task: Task,
     rng: TrainRng,
     step: u64,
     tokens_seen: u64,
@@ -71,10 +76,10 @@ struct Trainer {
 /// checkpoint of `config.run_dir`.
 pub fn train(config: &RunConfig, resume: bool, faults: Vec<Fault>) -> Result<TrainSummary> {
     config.validate()?;
-    if let Some(parallel) = &config.data.parallel {
-        return super::seq2seq::train(config, parallel, resume);
-    }
-    let prepared = prepare_run(config, resume)?;
+    let prepared = match &config.data.parallel {
+        Some(parallel) => super::seq2seq::prepare_training(config, parallel, resume)?,
+        None => prepare_run(config, resume)?,
+    };
     let mut trainer = Trainer::start(config.clone(), prepared, faults)?;
     trainer.run()
 }
@@ -106,23 +111,19 @@ impl Trainer {
         let vars: HashMap<String, Var> =
             weights.iter().map(|(name, t)| Ok((name.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
         drop(weights);
-        let model = build_model(&prepared, &vars)?;
-        let mut optimizer = AdamW::for_model(config.optimizer, &prepared.model_config, &vars)?;
-        let (step, tokens_seen, sampler_state, rng, state) = match &checkpoint {
+        let Prepared { model_config, data, tokenizer, tokenizer_file, .. } = prepared;
+        let model = build_model(&model_config, &vars)?;
+        let mut optimizer = AdamW::for_model(config.optimizer, &model_config, &vars)?;
+        let (step, tokens_seen, position, rng, state) = match &checkpoint {
             Some(ckpt) => {
                 optimizer.load_state(&ckpt.optimizer)?;
-                let (sampler, rng, state) = restored_state(ckpt)?;
-                (ckpt.state.step, ckpt.state.tokens_seen, sampler, rng, state)
+                let (position, rng, state) = restored_state(ckpt)?;
+                (ckpt.state.step, ckpt.state.tokens_seen, Some(position), rng, state)
             }
-            None => (
-                0,
-                0,
-                SamplerState::start(config.train.seed),
-                TrainRng::seed_from(config.train.seed),
-                LoopState::default(),
-            ),
+            None => (0, 0, None, TrainRng::seed_from(config.train.seed), LoopState::default()),
         };
-        let sampler = Sampler::new(prepared.dataset.train().clone(), config.train.seq_len, true, sampler_state)?;
+        let shape = BatchShape { batch_size: config.train.batch_size, seq_len: config.train.seq_len };
+        let task = Task::new(data, shape, config.train.seed, position.as_ref())?;
         let metrics = MetricsLog::open(&run_dir, checkpoint.as_ref().map(|c| c.state.step))?;
         let injector = Injector::new(faults, &run_dir)?;
         if let Some(dir) = &resumed {
@@ -130,11 +131,13 @@ impl Trainer {
         }
         let mut trainer = Trainer {
             config,
-            prepared,
+            model_config,
+            tokenizer,
+            tokenizer_file,
             vars,
             model,
             optimizer,
-            sampler,
+            task,
             rng,
             step,
             tokens_seen,
@@ -151,15 +154,12 @@ impl Trainer {
 
     fn run(&mut self) -> Result<TrainSummary> {
         let total = self.config.train.steps;
-        let tokens_per_step =
-            (self.config.train.batch_size * self.config.train.seq_len * self.config.train.grad_accum) as u64;
         eprintln!(
-            "training {} ({} parameters) on {} tokens, {} steps of {} tokens, run dir {}",
-            self.prepared.model_config.name,
-            self.prepared.model_config.params_total(),
-            self.prepared.dataset.train().len(),
-            total,
-            tokens_per_step,
+            "training {} ({} parameters) for {total} steps of {} micro-batch(es) on {}; run dir {}",
+            self.model_config.name,
+            self.model_config.params_total(),
+            self.config.train.grad_accum,
+            self.task.describe(),
             self.config.run_dir.display()
         );
         if self.step == 0 && self.config.train.eval_every > 0 {
@@ -168,13 +168,14 @@ impl Trainer {
             self.evaluate_and_log()?;
         }
         let started = Instant::now();
-        let first_step = self.step;
+        let (first_step, first_tokens) = (self.step, self.tokens_seen);
         let mut last_loss = f64::NAN;
         let mut val_loss = None;
         while self.step < total {
             let step_started = Instant::now();
-            let batch_start = self.sampler.state();
+            let batch_start = self.task.position();
             let (step_loss, grads) = self.forward_backward()?;
+            let tokens_per_step = step_loss.tokens;
             let mut loss = step_loss.lm;
             if self.injector.take(FaultKind::Nan, self.step + 1)? {
                 loss = f64::NAN;
@@ -210,7 +211,7 @@ impl Trainer {
                 "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                 "tokens": self.tokens_seen, "tok_per_s": tokens_per_step as f64 / step_time,
             });
-            step_loss.add_router_fields(&mut record, &self.prepared.model_config);
+            step_loss.add_router_fields(&mut record, &self.model_config);
             self.metrics.write(record)?;
             if self.step.is_multiple_of(self.config.train.log_every) || self.step == total {
                 let done = (self.step - first_step) as f64;
@@ -219,7 +220,7 @@ impl Trainer {
                 eprintln!(
                     "step {:>6}/{total} | loss {loss:.4} | lr {lr:.2e} | {:>8.0} tok/s | ETA {}",
                     self.step,
-                    tokens_per_step as f64 / per_step,
+                    (self.tokens_seen - first_tokens) as f64 / started.elapsed().as_secs_f64(),
                     format_duration(eta)
                 );
             }
@@ -255,9 +256,9 @@ impl Trainer {
         let mut step = StepLoss::default();
         let mut summed: Option<GradStore> = None;
         for _ in 0..accum {
-            let (inputs, targets) = self.next_batch()?;
-            let loss = self.model.training_loss(&inputs, &targets, &mut self.rng)?;
+            let (loss, tokens) = self.task.next_loss(&self.model, &self.state.skip, &mut self.rng)?;
             step.add(&loss, accum)?;
+            step.tokens += tokens;
             let grads = (loss.objective()? / accum as f64)?.backward()?;
             summed = Some(match summed {
                 None => grads,
@@ -275,14 +276,6 @@ impl Trainer {
         Ok((step, summed.expect("grad_accum >= 1")))
     }
 
-    /// The next training batch, passing over batches that once made the run diverge.
-    fn next_batch(&mut self) -> Result<(Tensor, Tensor)> {
-        while self.state.skip.contains(&self.sampler.state()) {
-            self.sampler.skip(1, self.config.train.batch_size);
-        }
-        self.sampler.next_batch(self.config.train.batch_size)?.to_tensors(&Device::Cpu)
-    }
-
     fn lr(&self) -> f64 {
         let lr = self.config.schedule().lr_at(self.step);
         if self.step < self.state.cooldown_until {
@@ -294,7 +287,7 @@ impl Trainer {
 
     /// Go back to the newest valid checkpoint, remember the offending batch so it is skipped,
     /// and lower the learning rate for a while.
-    fn roll_back(&mut self, divergence: Divergence, bad_batch: SamplerState) -> Result<()> {
+    fn roll_back(&mut self, divergence: Divergence, bad_batch: serde_json::Value) -> Result<()> {
         let failed_step = self.step + 1;
         let guard = &self.config.guard;
         self.state.rollbacks.retain(|&s| s + guard.rollback_window > failed_step);
@@ -315,9 +308,8 @@ impl Trainer {
             var.set(&ckpt.model[name])?;
         }
         self.optimizer.load_state(&ckpt.optimizer)?;
-        let (sampler_state, rng, restored) = restored_state(&ckpt)?;
-        self.sampler =
-            Sampler::new(self.prepared.dataset.train().clone(), self.config.train.seq_len, true, sampler_state)?;
+        let (position, rng, restored) = restored_state(&ckpt)?;
+        self.task.restore(&position)?;
         self.rng = rng;
         self.state.guard = restored.guard;
         self.state.skip.push(bad_batch);
@@ -340,7 +332,7 @@ impl Trainer {
         if !load.is_empty() {
             record["expert_load"] = load.to_json();
             if let Some(warning) = load.warning(self.config.train.max_expert_share) {
-                let coef = match &self.prepared.model_config.ffn {
+                let coef = match &self.model_config.ffn {
                     Ffn::Moe { router, .. } => router.balance_loss_coef,
                     _ => 0.0,
                 };
@@ -358,31 +350,16 @@ impl Trainer {
     /// Mean loss over the validation split (the first `eval_batches` batches, in order), and
     /// the expert load of those batches (empty for a dense model).
     fn evaluate(&self) -> Result<(f64, ExpertLoad)> {
-        let val: &TokenSplit = self.prepared.dataset.val();
-        let batches = SequentialBatches::new(val.clone(), self.config.train.seq_len, self.config.train.batch_size)?;
-        let limit = if self.config.train.eval_batches == 0 { u64::MAX } else { self.config.train.eval_batches };
         let _precision = self.config.train.precision.enter()?;
-        let (mut sum, mut count) = (0.0, 0u64);
-        let mut load = ExpertLoad::default();
-        for batch in batches.take(limit as usize) {
-            let (inputs, targets) = batch?.to_tensors(&Device::Cpu)?;
-            let (loss, routing) = self.model.loss_and_routing(&inputs.detach(), &targets)?;
-            sum += loss.to_scalar::<f32>()? as f64;
-            load.add(&routing);
-            count += 1;
-        }
-        if count == 0 {
-            return Err(Error::Input(format!(
-                "the validation split has fewer than seq_len + 1 = {} tokens\nHINT: give more validation text or a shorter seq_len",
-                self.config.train.seq_len + 1
-            )));
-        }
-        Ok((sum / count as f64, load))
+        self.task.evaluate(&self.model, self.config.train.eval_batches)
     }
 
     /// Generate a sample from the configured prompt, print it and log it.
     fn sample(&mut self) -> Result<Option<String>> {
-        let Some(tokenizer) = &self.prepared.tokenizer else { return Ok(None) };
+        if self.model.is_encoder_decoder() {
+            return self.sample_translation();
+        }
+        let Some(tokenizer) = &self.tokenizer else { return Ok(None) };
         let prompt = tokenizer.encode(&self.config.train.sample_prompt, false)?;
         if prompt.is_empty() {
             return Ok(None);
@@ -402,6 +379,18 @@ impl Trainer {
         Ok(Some(text))
     }
 
+    /// Translate the shortest validation source greedily, print it and log it.
+    fn sample_translation(&mut self) -> Result<Option<String>> {
+        let (Some(tokenizer), [source]) = (&self.tokenizer, &self.task.sample_sources(1)[..]) else { return Ok(None) };
+        let options = Seq2SeqOptions { max_new_tokens: self.config.train.sample_tokens, stop: vec![] };
+        let out =
+            generate_seq2seq_batch(&self.model, std::slice::from_ref(source), &options, Search::Greedy, |_| Ok(()))?;
+        let text = format!("{} → {}", tokenizer.decode_with(source, true)?, tokenizer.decode_with(&out[0].ids, true)?);
+        eprintln!("sample at step {}: {text}", self.step);
+        self.metrics.write(json!({"step": self.step, "sample": text}))?;
+        Ok(Some(text))
+    }
+
     fn save_checkpoint(&mut self, val_loss: Option<f64>) -> Result<()> {
         if let Some(v) = val_loss {
             if self.state.best_val_loss.is_none_or(|best| v < best) {
@@ -416,10 +405,10 @@ impl Trainer {
             tokens_seen: self.tokens_seen,
             schedule: self.config.schedule(),
             optimizer: optimizer.meta.clone(),
-            sampler: serde_json::to_value(self.sampler.state()).expect("sampler state serialises"),
+            sampler: self.task.position(),
             rng: [("run".to_string(), self.rng.state())].into_iter().collect(),
-            model: self.prepared.model_config.clone(),
-            tokenizer: self.prepared.tokenizer_file.as_ref().map(|p| p.display().to_string()),
+            model: self.model_config.clone(),
+            tokenizer: self.tokenizer_file.as_ref().map(|p| p.display().to_string()),
             val_loss,
             extra: serde_json::to_value(&self.state).expect("loop state serialises"),
         };
@@ -427,7 +416,7 @@ impl Trainer {
             state: &state,
             model: &weights,
             optimizer: &optimizer.tensors,
-            tokenizer_file: self.prepared.tokenizer_file.as_deref(),
+            tokenizer_file: self.tokenizer_file.as_deref(),
         };
         checkpoint::save(&self.config.run_dir, &data)?;
         checkpoint::prune(&self.config.run_dir, self.config.train.keep_last)?;
@@ -439,6 +428,8 @@ impl Trainer {
 #[derive(Default)]
 struct StepLoss {
     lm: f64,
+    /// Tokens the step trained on (see [`Task::next_loss`]).
+    tokens: u64,
     balance: f64,
     z: f64,
     load: ExpertLoad,
@@ -469,17 +460,16 @@ impl StepLoss {
 }
 
 /// The loop's non-tensor state from a checkpoint: data position, RNG, guard and skip list.
-fn restored_state(ckpt: &Checkpoint) -> Result<(SamplerState, TrainRng, LoopState)> {
-    let sampler = serde_json::from_value(ckpt.state.sampler.clone())
-        .map_err(|e| Error::checkpoint(&ckpt.dir, format!("state.json: bad sampler state: {e}")))?;
+fn restored_state(ckpt: &Checkpoint) -> Result<(serde_json::Value, TrainRng, LoopState)> {
+    let sampler = ckpt.state.sampler.clone();
     let rng = ckpt.state.rng.get("run").ok_or_else(|| Error::checkpoint(&ckpt.dir, "state.json: no `run` RNG"))?;
     let state = serde_json::from_value(ckpt.state.extra.clone()).unwrap_or_default();
     Ok((sampler, TrainRng::from_state(*rng)?, state))
 }
 
-fn build_model(prepared: &Prepared, vars: &HashMap<String, Var>) -> Result<Model> {
+fn build_model(model_config: &ModelConfig, vars: &HashMap<String, Var>) -> Result<Model> {
     let tensors: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    Model::new(&prepared.model_config, &tensors, Path::new("training weights"))
+    Model::new(model_config, &tensors, Path::new("training weights"))
 }
 
 fn format_duration(seconds: f64) -> String {
