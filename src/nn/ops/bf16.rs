@@ -22,8 +22,9 @@
 //!
 //! Precision is chosen per thread by a scope ([`Precision::enter`]), like PyTorch's autocast:
 //! the trainer enters it around the forward and backward passes and the evaluation. The
-//! linear op reads it once, when it runs forward, and keeps it for its backward, so the
-//! backward products run at the precision of their forward whenever `backward()` is called.
+//! linear op, and the grouped product of a mixture's experts ([`super::grouped_linear`]),
+//! read it once, when they run forward, and keep it for their backward, so the backward
+//! products run at the precision of their forward whenever `backward()` is called.
 //! Why a scope rather than a property of the weights: the weights stay `f32` (they are the
 //! masters); what changes is how their products are computed, for one run.
 //!

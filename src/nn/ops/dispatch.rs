@@ -26,7 +26,8 @@ use std::sync::{Arc, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use super::gemm::{gemm, MatRef};
+use super::bf16::{self, Precision};
+use super::gemm::{gemm_in, MatRef};
 use super::pointwise::Epilogue;
 use super::simd::Real;
 use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice, with_slices};
@@ -242,7 +243,13 @@ pub fn grouped_linear(
     let (x, weight) = (contiguous(x)?, contiguous(weight)?);
     let keep_pre_activation =
         epilogue.is_some() && (x.track_op() || weight.track_op() || bias.is_some_and(Tensor::track_op));
-    let op = Grouped { dispatch: dispatch.clone(), epilogue, keep_pre_activation, pre_activation: OnceLock::new() };
+    let op = Grouped {
+        dispatch: dispatch.clone(),
+        epilogue,
+        keep_pre_activation,
+        pre_activation: OnceLock::new(),
+        precision: bf16::current(),
+    };
     match bias {
         Some(bias) => x.apply_op3(&weight, &contiguous(bias)?, op)?.to_dtype(dtype),
         None => x.apply_op2(&weight, op)?.to_dtype(dtype),
@@ -428,6 +435,10 @@ struct Grouped {
     keep_pre_activation: bool,
     /// The products before the epilogue `(M, out)`, for the epilogue's backward.
     pre_activation: OnceLock<Tensor>,
+    /// The precision of this thread's scope when the forward ran, which the backward's
+    /// products keep (as the linear op's do): the experts of a `--precision bf16` run multiply
+    /// bf16 operands like every other linear layer.
+    precision: Precision,
 }
 
 impl Grouped {
@@ -455,7 +466,7 @@ impl Grouped {
                 }
                 let x_rows = MatRef::row_major(&x[rows.start * fan_in..], rows.len(), fan_in);
                 let w_g = MatRef::row_major(&w[g * fan_out * fan_in..], fan_out, fan_in);
-                gemm(x_rows, w_g.t(), out, fan_out, b.is_some());
+                gemm_in(op.precision, x_rows, w_g.t(), out, fan_out, b.is_some());
             });
             let Some(epilogue) = op.epilogue else {
                 return Ok(T::to_cpu_storage_owned(pre));
@@ -521,7 +532,8 @@ impl Grouped {
                 parallel::for_each_part(parallel::Split::parts(&mut dx, parts), |i, dx| {
                     let RowTask { group: g, rows } = tasks[i].clone();
                     let dy_rows = MatRef::row_major(&dy[rows.start * fan_out..], rows.len(), fan_out);
-                    gemm(dy_rows, MatRef::row_major(&w[g * fan_out * fan_in..], fan_out, fan_in), dx, fan_in, false);
+                    let w_g = MatRef::row_major(&w[g * fan_out * fan_in..], fan_out, fan_in);
+                    gemm_in(op.precision, dy_rows, w_g, dx, fan_in, false);
                 });
                 // dW_g and db_g in blocks of output features: dW_g[o] = Σ_rows dY[row, o] · X[row].
                 let tasks = feature_tasks(d.group_sizes.len(), fan_out);
@@ -549,7 +561,8 @@ impl Grouped {
                             row_stride: 1,
                             col_stride: fan_out,
                         };
-                        gemm(dy_t, MatRef::row_major(&x[start * fan_in..], size, fan_in), dw, fan_in, false);
+                        let x_g = MatRef::row_major(&x[start * fan_in..], size, fan_in);
+                        gemm_in(op.precision, dy_t, x_g, dw, fan_in, false);
                         for row in dy[start * fan_out..(start + size) * fan_out].chunks_exact(fan_out) {
                             db.iter_mut().zip(&row[features.clone()]).for_each(|(s, &v)| *s += v);
                         }

@@ -378,3 +378,62 @@ fn forced_kernels_are_checked_against_the_cpu() {
     assert_eq!(select(None), Ok(best));
     assert_eq!(select(Some("")), Ok(best));
 }
+
+/// A mixture's experts multiply at the precision of their forward too: in a bf16 scope the
+/// grouped products (values, and both gradients, after a backward outside the scope) are those
+/// of the bf16-rounded operands summed in f32, and so differ from the f32 products.
+#[test]
+fn grouped_expert_products_are_bf16_in_a_bf16_scope() {
+    use std::sync::Arc;
+
+    use crate::nn::ops::{grouped_linear, Dispatch};
+
+    let (tokens, groups, fan_in, fan_out) = (23, 3, 29, 40);
+    // Every token to two experts; the third expert's share differs from the others'.
+    let tokens_of: Vec<u32> = (0..tokens as u32).flat_map(|t| [t, t]).collect();
+    let groups_of: Vec<u32> = (0..tokens as u32).flat_map(|t| [t % 3, (t / 2 + 1) % 3]).collect();
+    let dispatch = Arc::new(Dispatch::sort(tokens, groups, &tokens_of, &groups_of).unwrap());
+    let slots = dispatch.slots();
+    let x = rand_f32(&[slots, fan_in], 31, 1.0, false);
+    let w = rand_f32(&[groups * fan_out, fan_in], 32, 0.5, false);
+    // The incoming gradient is bf16-representable, so rounding it changes nothing.
+    let g = rand_f32(&[slots, fan_out], 33, 1.0, true);
+    let grouped = |x: &Tensor, w: &Tensor| grouped_linear(x, w, None, &dispatch, None).unwrap();
+    let rounded = |t: &Tensor| {
+        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(round).collect();
+        Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
+    };
+    // The reference: the same op in f64 on the rounded operands.
+    let (x64, w64) = (Var::from_tensor(&rounded(&x)).unwrap(), Var::from_tensor(&rounded(&w)).unwrap());
+    let want_y = grouped(x64.as_tensor(), w64.as_tensor());
+    let want = (&want_y * g.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let f32_y = grouped(&x, &w);
+    for kernel in kernels_to_test() {
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let y = on_kernel(kernel, || {
+            let _bf16 = Precision::Bf16.enter().unwrap();
+            grouped(xv.as_tensor(), wv.as_tensor())
+        });
+        let grads = on_kernel(kernel, || (&y * &g).unwrap().sum_all().unwrap().backward().unwrap());
+        let what = |name: &str| format!("{kernel:?}: {name}");
+        // Sums of fan_in terms ≤ 0.5 (y), fan_out terms ≤ 0.5 (dX), and ≤ 2 rows per token ≤ 1 (dW).
+        let bound = |terms: usize, size: f64| (terms as f64 + 1.0) * U32 * terms as f64 * size;
+        assert_close(&what("y"), &y, &want_y, 0.0, bound(fan_in, 0.5) + 1e-9);
+        assert_close(
+            &what("dX"),
+            grads.get(xv.as_tensor()).unwrap(),
+            want.get(x64.as_tensor()).unwrap(),
+            0.0,
+            bound(fan_out, 0.5) + 1e-9,
+        );
+        assert_close(
+            &what("dW"),
+            grads.get(wv.as_tensor()).unwrap(),
+            want.get(w64.as_tensor()).unwrap(),
+            0.0,
+            bound(slots, 1.0) + 1e-9,
+        );
+        let moved = (&y - &f32_y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 1e-3, "{kernel:?}: the bf16 products equal the f32 ones (max difference {moved})");
+    }
+}
