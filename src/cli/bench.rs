@@ -22,13 +22,28 @@ const TORCH_SCRIPT: &str = include_str!("../../scripts/torch_gpt_step.py");
 #[derive(Args, Clone, Copy)]
 pub struct BenchModel {
     #[arg(long, default_value_t = 4)]
-    layers: usize,
+    pub(super) layers: usize,
     #[arg(long, default_value_t = 6)]
-    heads: usize,
+    pub(super) heads: usize,
     #[arg(long, default_value_t = 384)]
-    d_model: usize,
+    pub(super) d_model: usize,
     #[arg(long, default_value_t = 256)]
-    vocab: usize,
+    pub(super) vocab: usize,
+}
+
+impl BenchModel {
+    /// The `--set`s that make the `gpt2` preset this model at a context of `seq_len`; its
+    /// feed-forward is the caller's to set.
+    pub(super) fn shape_settings(&self, seq_len: usize) -> Vec<String> {
+        vec![
+            format!("layers={}", self.layers),
+            format!("attention.heads={}", self.heads),
+            format!("attention.kv_heads={}", self.heads),
+            format!("d_model={}", self.d_model),
+            format!("context_length={seq_len}"),
+            format!("vocab_size={}", self.vocab),
+        ]
+    }
 }
 
 #[derive(Args)]
@@ -73,17 +88,9 @@ impl Drop for RemovedOnDrop {
 }
 
 pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
-    let settings: Vec<String> = [
-        format!("layers={}", a.model.layers),
-        format!("attention.heads={}", a.model.heads),
-        format!("attention.kv_heads={}", a.model.heads),
-        format!("d_model={}", a.model.d_model),
-        format!("ffn.hidden={}", 4 * a.model.d_model),
-        format!("context_length={}", a.seq_len),
-        format!("vocab_size={}", a.model.vocab),
-        format!("attention.implementation={}", a.attention),
-    ]
-    .into();
+    let mut settings = a.model.shape_settings(a.seq_len);
+    settings.push(format!("ffn.hidden={}", 4 * a.model.d_model));
+    settings.push(format!("attention.implementation={}", a.attention));
     let config = apply_overrides(&presets::get("gpt2")?, &settings)?;
     let mut bench = StepBench::new(&config, init_weights(&config, 0, &Device::Cpu)?, a.batch_size, a.seq_len)?;
     let mut step = |phases: &mut StepPhases| -> anyhow::Result<f32> {

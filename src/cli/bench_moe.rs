@@ -14,7 +14,7 @@ use lmforge::train::optim::{AdamW, AdamWConfig};
 use lmforge::train::TrainRng;
 
 use super::arch::load;
-use super::bench::median;
+use super::bench::{median, BenchModel};
 
 #[derive(Args)]
 pub struct BenchMoeArgs {
@@ -22,14 +22,8 @@ pub struct BenchMoeArgs {
     experts: usize,
     #[arg(long, default_value_t = 2)]
     top_k: usize,
-    #[arg(long, default_value_t = 4)]
-    layers: usize,
-    #[arg(long, default_value_t = 6)]
-    heads: usize,
-    #[arg(long, default_value_t = 384)]
-    d_model: usize,
-    #[arg(long, default_value_t = 256)]
-    vocab: usize,
+    #[command(flatten)]
+    model: BenchModel,
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
     #[arg(long, default_value_t = 8)]
@@ -93,17 +87,10 @@ impl Stepper {
 }
 
 pub fn bench_moe(a: BenchMoeArgs) -> anyhow::Result<()> {
-    let expert_hidden = 4 * a.d_model / a.top_k;
+    let expert_hidden = 4 * a.model.d_model / a.top_k;
     let kind = if a.gated { "gated" } else { "mlp" };
     let act = if a.gated { "silu" } else { "gelu_tanh" };
-    let base: Vec<String> = vec![
-        format!("layers={}", a.layers),
-        format!("attention.heads={}", a.heads),
-        format!("attention.kv_heads={}", a.heads),
-        format!("d_model={}", a.d_model),
-        format!("context_length={}", a.seq_len),
-        format!("vocab_size={}", a.vocab),
-    ];
+    let base = a.model.shape_settings(a.seq_len);
     let with = |ffn: String| -> anyhow::Result<ModelConfig> {
         let settings: Vec<String> = base.iter().cloned().chain([ffn]).collect();
         Ok(apply_overrides(&presets::get("gpt2")?, &settings)?)
