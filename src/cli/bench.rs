@@ -13,7 +13,7 @@ use clap::Args;
 use lmforge::config::{apply_overrides, presets};
 use lmforge::model::init_weights;
 use lmforge::nn::ops::{bf16, Precision};
-use lmforge::train::bench::{peak_rss_bytes, StepBench, StepPhases};
+use lmforge::train::bench::{median, peak_rss_bytes, StepBench, StepPhases};
 
 /// The PyTorch side of `bench train`, embedded so the benchmark runs from any directory.
 const TORCH_SCRIPT: &str = include_str!("../../scripts/torch_gpt_step.py");
@@ -193,11 +193,6 @@ fn run_torch(python: &Path, script: &Path, a: &BenchTrainArgs) -> anyhow::Result
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no step_ms= in the PyTorch output: {line}"))?;
     Ok((line, step_ms))
-}
-
-pub(super) fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 #[derive(Args)]

@@ -14,7 +14,9 @@ use lmforge::train::optim::{AdamW, AdamWConfig};
 use lmforge::train::TrainRng;
 
 use super::arch::load;
-use super::bench::{median, BenchModel};
+use lmforge::train::bench::median;
+
+use super::bench::BenchModel;
 
 #[derive(Args)]
 pub struct BenchMoeArgs {

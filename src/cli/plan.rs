@@ -253,7 +253,8 @@ fn print_details(number: usize, row: &PlanRow) {
 }
 
 /// Milliseconds below a second, else [`seconds`].
-fn duration(s: f64) -> String {
+/// Seconds as `350 ms` below one second, else as [`seconds`].
+pub(super) fn duration(s: f64) -> String {
     if s < 1.0 {
         format!("{:.0} ms", s * 1e3)
     } else {

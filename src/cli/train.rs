@@ -7,12 +7,14 @@ use anyhow::{bail, Context};
 use clap::Args;
 use lmforge::data::parallel::ParallelData;
 use lmforge::nn::ops::Precision;
+use lmforge::plan::seconds;
 use lmforge::train::checkpoint;
 use lmforge::train::inject::Fault;
 use lmforge::train::metrics::append_event;
 use lmforge::train::run_config::RunConfig;
 use lmforge::train::schedule::Decay;
 use lmforge::train::setup::read_run_config;
+use lmforge::train::RunTime;
 use serde_json::json;
 
 /// Restarts after crashes before the supervisor gives up.
@@ -137,9 +139,26 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             summary.val_loss.map(|v| format!(", val loss {v:.4} (ppl {:.2})", v.exp())).unwrap_or_default(),
             summary.run_dir.join("checkpoints").display()
         );
+        print_run_time(&summary.time);
         return Ok(());
     }
     supervise(&config, resume)
+}
+
+/// Where the run's time went, in the form `plan` prints its prediction, so the two compare
+/// part by part.
+fn print_run_time(t: &RunTime) {
+    use super::plan::duration;
+    eprintln!(
+        "time: start-up {} + {} steps x {} + evaluation {} + checkpoints {} + samples {} = {}",
+        seconds(t.start_up),
+        t.steps_taken,
+        duration(t.steps / t.steps_taken.max(1) as f64),
+        seconds(t.evaluation),
+        seconds(t.checkpoints),
+        seconds(t.samples),
+        seconds(t.total)
+    );
 }
 
 /// The run config from --config / --resume and the flags, and whether to resume.

@@ -25,7 +25,7 @@ use super::corpus::hex16;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerateOptions, Sampler, Sampling};
-use crate::train::bench::{peak_rss_bytes, reset_peak_rss, StepBench};
+use crate::train::bench::{median, peak_rss_bytes, reset_peak_rss, StepBench};
 use crate::train::checkpoint::{self, CheckpointData, CheckpointState};
 use crate::train::schedule::{Decay, LrSchedule};
 
@@ -53,7 +53,7 @@ pub struct RehearsalSpec {
 pub struct Rehearsal {
     /// Building the starting weights: reading a checkpoint or initialising.
     pub load_seconds: f64,
-    /// The first step (allocations, thread start) and the mean of the steady ones after it.
+    /// The first step (allocations, thread start) and the median of the steady ones after it.
     pub first_step_seconds: f64,
     pub step_seconds: f64,
     pub steps_timed: usize,
@@ -89,16 +89,20 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
     let load_seconds = started.elapsed().as_secs_f64();
 
     let first_step_seconds = bench.step()?.0.total();
-    let (mut steps, mut timed) = (0usize, crate::train::bench::StepPhases::default());
-    let mut range = (f64::INFINITY, 0f64);
+    let mut timed = crate::train::bench::StepPhases::default();
+    let mut step_times = Vec::new();
     let timing = Instant::now();
-    while steps < spec.min_steps || timing.elapsed().as_secs_f64() < spec.timed_seconds {
-        let phases = bench.step()?.0;
-        range = (range.0.min(phases.total()), range.1.max(phases.total()));
-        timed.accumulate(phases);
-        steps += 1;
+    while step_times.len() < spec.min_steps || timing.elapsed().as_secs_f64() < spec.timed_seconds {
+        let started = Instant::now();
+        timed.accumulate(bench.step()?.0);
+        step_times.push(started.elapsed().as_secs_f64());
     }
-    let step_seconds = timing.elapsed().as_secs_f64() / steps as f64;
+    let steps = step_times.len();
+    let range = step_times.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+    // The median, not the mean: on a shared machine a few seconds of another process taking
+    // the cores would otherwise speak for the whole run (a tiny-llama rehearsal's mean once came
+    // out 30% above the run that followed; the medians of rehearsal and run agree within 2%).
+    let step_seconds = median(&mut step_times);
     let step_peak_bytes = peak_rss_bytes().unwrap_or(0);
     let mut rehearsal = Rehearsal {
         load_seconds,
@@ -124,8 +128,11 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
     // measured so did), and a checkpoint that happened to fit in it would read too low.
     release_free_memory();
     let can_reset = reset_peak_rss();
-    let evals = 2;
-    rehearsal.eval_batch_seconds = Some((0..evals).map(|_| bench.eval_batch()).sum::<Result<f64>>()? / evals as f64);
+    // The first evaluation after the steps pays for memory handed back above; the median of
+    // the next few is what the run's evaluations (many batches in a row) cost each.
+    bench.eval_batch()?;
+    let mut eval_times = (0..3).map(|_| bench.eval_batch()).collect::<Result<Vec<f64>>>()?;
+    rehearsal.eval_batch_seconds = Some(median(&mut eval_times));
 
     let started = Instant::now();
     write_checkpoint(&bench, spec)?;

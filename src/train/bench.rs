@@ -110,6 +110,13 @@ impl StepBench {
     }
 }
 
+/// The middle of `values` (the upper one of an even count): a timing that one slow outlier,
+/// another process taking the core for a moment, does not move. Sorts `values`.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// The process's peak resident memory in bytes (`VmHWM`), where `/proc` reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
     proc_status_kib("VmHWM:").map(|kib| kib * 1024)

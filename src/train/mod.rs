@@ -21,10 +21,12 @@ pub mod schedule;
 pub mod seq2seq;
 pub mod setup;
 pub mod task;
+pub mod timing;
 pub mod trainer;
 
 pub use checkpoint::{BestCheckpoint, Checkpoint, CheckpointData, CheckpointState, LatestValid, SkippedCheckpoint};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, AdamWMeta, AdamWState, Param, UpdateKernel};
 pub use rng::{RngState, TrainRng};
 pub use schedule::{vaswani_peak_lr, Decay, DecayShape, LrSchedule};
+pub use timing::RunTime;
 pub use trainer::{train, TrainSummary};

@@ -21,6 +21,7 @@ use super::rng::TrainRng;
 use super::run_config::RunConfig;
 use super::setup::{prepare_run, Prepared};
 use super::task::{BatchShape, Task};
+use super::timing::{Part, RunClock, RunTime};
 use crate::config::{Ffn, ModelConfig};
 use crate::error::{Error, Result};
 use crate::generate::{
@@ -52,6 +53,8 @@ pub struct TrainSummary {
     pub final_loss: f64,
     pub val_loss: Option<f64>,
     pub sample: Option<String>,
+    /// Where the wall-clock went, in the parts `plan` predicts.
+    pub time: RunTime,
 }
 
 /// Everything that changes as the run goes.
@@ -70,22 +73,24 @@ struct Trainer {
     state: LoopState,
     metrics: MetricsLog,
     injector: Injector,
+    clock: RunClock,
 }
 
 /// Train (or resume) the run described by `config`. `resume`: continue from the newest valid
 /// checkpoint of `config.run_dir`.
 pub fn train(config: &RunConfig, resume: bool, faults: Vec<Fault>) -> Result<TrainSummary> {
+    let began = Instant::now();
     config.validate()?;
     let prepared = match &config.data.parallel {
         Some(parallel) => super::seq2seq::prepare_training(config, parallel, resume)?,
         None => prepare_run(config, resume)?,
     };
-    let mut trainer = Trainer::start(config.clone(), prepared, faults)?;
+    let mut trainer = Trainer::start(config.clone(), prepared, faults, RunClock::new(began))?;
     trainer.run()
 }
 
 impl Trainer {
-    fn start(config: RunConfig, mut prepared: Prepared, faults: Vec<Fault>) -> Result<Self> {
+    fn start(config: RunConfig, mut prepared: Prepared, faults: Vec<Fault>, clock: RunClock) -> Result<Self> {
         let device = Device::Cpu;
         let run_dir = config.run_dir.clone();
         let latest = checkpoint::latest_valid(&run_dir)?;
@@ -144,10 +149,13 @@ impl Trainer {
             state,
             metrics,
             injector,
+            clock,
         };
         if resumed.is_none() {
             // A checkpoint before the first update, so even an early divergence can roll back.
+            let saving = Instant::now();
             trainer.save_checkpoint(None)?;
+            trainer.clock.add(Part::Checkpoints, saving);
         }
         Ok(trainer)
     }
@@ -165,7 +173,9 @@ impl Trainer {
         if self.step == 0 && self.config.train.eval_every > 0 {
             // The starting point: for continued pretraining, the pretrained model's loss on the
             // new domain.
+            let evaluating = Instant::now();
             self.evaluate_and_log()?;
+            self.clock.add(Part::Evaluation, evaluating);
         }
         let started = Instant::now();
         let (first_step, first_tokens) = (self.step, self.tokens_seen);
@@ -195,6 +205,7 @@ impl Trainer {
             };
             if let Err(divergence) = self.state.guard.check(&self.config.guard, loss, norm.is_finite()) {
                 self.roll_back(divergence, batch_start)?;
+                self.clock.add(Part::Steps, step_started);
                 continue;
             }
             self.state.guard.accept(&self.config.guard, loss);
@@ -224,27 +235,39 @@ impl Trainer {
                     format_duration(eta)
                 );
             }
+            self.clock.add(Part::Steps, step_started);
             let at_end = self.step == total;
             let eval_now =
                 self.config.train.eval_every > 0 && (self.step.is_multiple_of(self.config.train.eval_every) || at_end);
             if eval_now {
+                let evaluating = Instant::now();
                 val_loss = Some(self.evaluate_and_log()?);
+                self.clock.add(Part::Evaluation, evaluating);
             }
             if self.config.train.sample_every > 0 && self.step.is_multiple_of(self.config.train.sample_every) && !at_end
             {
+                let sampling = Instant::now();
                 self.sample()?;
+                self.clock.add(Part::Samples, sampling);
             }
             if self.step.is_multiple_of(self.config.train.checkpoint_every) || at_end {
+                let saving = Instant::now();
                 self.save_checkpoint(if eval_now { val_loss } else { None })?;
+                self.clock.add(Part::Checkpoints, saving);
             }
         }
+        let sampling = Instant::now();
         let sample = self.sample()?;
+        self.clock.add(Part::Samples, sampling);
+        let time = self.clock.so_far();
+        self.metrics.write(json!({"event": "time", "step": self.step, "seconds": time}))?;
         Ok(TrainSummary {
             run_dir: self.config.run_dir.clone(),
             steps: self.step,
             final_loss: last_loss,
             val_loss,
             sample,
+            time,
         })
     }
 
