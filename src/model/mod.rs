@@ -25,7 +25,7 @@ use crate::config::{self, ModelConfig, NormPlacement, Positions, Residual};
 use crate::error::{Error, Result};
 use crate::nn::attention::{RopeTables, Step};
 use crate::nn::ops;
-use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope};
+use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope, CACHED_ROPE_POSITIONS};
 use crate::nn::{
     Attention, CrossKv, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, Pass, RollingCache, RouterReport,
 };
@@ -199,7 +199,10 @@ impl Model {
         let tok = params.get("tok_embeddings.weight");
         let device = tok.device().clone();
         let rope = match config.positions {
-            Positions::Rope { theta, scaling, .. } => Some(Rope::new(theta, config.rotary_dims(), scaling.as_ref())),
+            Positions::Rope { theta, scaling, .. } => Some(
+                Rope::new(theta, config.rotary_dims(), scaling.as_ref())
+                    .with_cached_tables(config.context_length.min(CACHED_ROPE_POSITIONS), &device)?,
+            ),
             _ => None,
         };
         let head_weight = if config.tie_embeddings { tok.clone() } else { params.get("lm_head.weight") };

@@ -20,7 +20,14 @@ pub struct Rope {
     inv_freq: Vec<f32>,
     /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
     table_scale: f32,
+    /// cos and sin `(P, rot)` of positions `0..P`, computed once: a decoding step slices its row
+    /// instead of building a table per token. Positions past `P` are computed when asked.
+    cached: Option<(Tensor, Tensor)>,
 }
+
+/// The most positions whose tables a model keeps: 4,096 × 128 dims × cos and sin is 4 MiB in
+/// f32, where a 128k-context model's whole table would be 128 MiB for tokens it rarely reaches.
+pub const CACHED_ROPE_POSITIONS: usize = 4096;
 
 impl Rope {
     pub fn new(theta: f64, rotary_dims: usize, scaling: Option<&RopeScaling>) -> Self {
@@ -30,7 +37,14 @@ impl Rope {
             None => (plain, 1.0),
             Some(scaling) => scaled_frequencies(&plain, theta, rotary_dims, scaling),
         };
-        Rope { inv_freq: inv_freq.iter().map(|&f| f as f32).collect(), table_scale: table_scale as f32 }
+        Rope { inv_freq: inv_freq.iter().map(|&f| f as f32).collect(), table_scale: table_scale as f32, cached: None }
+    }
+
+    /// This rope with the tables of positions `0..positions` computed now, on `device`. The
+    /// cached rows are the very values [`tables`](Self::tables) would compute.
+    pub fn with_cached_tables(mut self, positions: usize, device: &Device) -> Result<Self> {
+        self.cached = Some(self.compute_tables(0, positions, device)?);
+        Ok(self)
     }
 
     fn dims(&self) -> usize {
@@ -39,6 +53,15 @@ impl Rope {
 
     /// `(cos, sin)`, each `(T, rot)`, for absolute positions `start..start + len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        match &self.cached {
+            Some((cos, sin)) if start + len <= cos.dim(0)? && cos.device().same_device(device) => {
+                Ok((cos.narrow(0, start, len)?, sin.narrow(0, start, len)?))
+            }
+            _ => self.compute_tables(start, len, device),
+        }
+    }
+
+    fn compute_tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut angles = Vec::with_capacity(len * half * 2);
         for pos in start..start + len {
@@ -192,6 +215,22 @@ mod tests {
             assert!((f64::from(got) - want).abs() <= 1e-6 * want, "{scaling:?}: frequency {i}: {got} vs {want}");
         }
         assert!((f64::from(rope.table_scale) - want_scale).abs() < 1e-6, "{scaling:?}: {}", rope.table_scale);
+    }
+
+    #[test]
+    fn cached_tables_are_the_computed_ones_and_positions_past_them_are_computed() {
+        let scaling = RopeScaling::Linear { factor: 2.5 };
+        let plain = Rope::new(10_000.0, 16, Some(&scaling));
+        let cached = Rope::new(10_000.0, 16, Some(&scaling)).with_cached_tables(10, &Device::Cpu).unwrap();
+        // Inside the cache (a decoding step, a chunk), across its end, and past it.
+        for (start, len) in [(0, 10), (7, 1), (3, 5), (8, 4), (12, 3)] {
+            let want = plain.tables(start, len, &Device::Cpu).unwrap();
+            let got = cached.tables(start, len, &Device::Cpu).unwrap();
+            for (g, w) in [(&got.0, &want.0), (&got.1, &want.1)] {
+                assert_eq!(g.dims(), [len, 16]);
+                assert_eq!(g.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap(), "positions {start}..+{len}");
+            }
+        }
     }
 
     #[test]
