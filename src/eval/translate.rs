@@ -11,6 +11,7 @@
 //! hypothesis. For KJV → WEB (archaic → modern English) it is high, since most words are shared:
 //! a modernizer that does not beat it has not learned anything useful.
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use crate::data::parallel::{BookSplit, ParallelCorpus, ParallelData, SplitRole};
@@ -141,6 +142,7 @@ pub fn translate(model: &Path, sources: &[String], options: &DecodeOptions) -> R
     let mut stop = decode.stop.clone();
     stop.push(eos);
     let mut hypotheses = vec![String::new(); sources.len()];
+    let mut progress = Progress::new(sources.len());
     for (done, batch) in order.chunks(SOURCES_PER_BATCH).enumerate() {
         let batch_sources: Vec<Vec<u32>> = batch.iter().map(|&i| encoded[i].clone()).collect();
         let search = match options.beams {
@@ -152,10 +154,38 @@ pub fn translate(model: &Path, sources: &[String], options: &DecodeOptions) -> R
             let ids: Vec<u32> = hypothesis.ids.into_iter().filter(|id| !stop.contains(id)).collect();
             hypotheses[i] = tokenizer.decode(&ids)?.trim().to_string();
         }
-        eprint!("\rtranslated {}/{}", (done * SOURCES_PER_BATCH + batch.len()), sources.len());
+        progress.report(done * SOURCES_PER_BATCH + batch.len());
     }
-    if !sources.is_empty() {
-        eprintln!();
-    }
+    progress.finish();
     Ok(hypotheses)
+}
+
+/// "translated N/M" on stderr: rewritten in place on a terminal, and in a log file (where `\r`
+/// would pile every update onto one line) one line per tenth of the work.
+struct Progress {
+    total: usize,
+    terminal: bool,
+    /// Tenths of `total` already logged (non-terminal only).
+    logged: usize,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Progress { total, terminal: std::io::stderr().is_terminal(), logged: 0 }
+    }
+
+    fn report(&mut self, done: usize) {
+        if self.terminal {
+            eprint!("\rtranslated {done}/{}", self.total);
+        } else if done * 10 >= (self.logged + 1) * self.total {
+            self.logged = done * 10 / self.total.max(1);
+            eprintln!("translated {done}/{}", self.total);
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal && self.total > 0 {
+            eprintln!();
+        }
+    }
 }

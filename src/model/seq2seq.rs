@@ -22,10 +22,10 @@
 use candle_core::{DType, Device, Tensor};
 use rand::RngCore;
 
-use super::{Cache, Model};
+use super::{Cache, Model, TrainingLoss};
 use crate::config::Layout;
 use crate::error::{Error, Result};
-use crate::nn::{KvCache, Pass};
+use crate::nn::{KvCache, Pass, RouterReport};
 
 /// An encoder output: what the decoder's cross-attention reads.
 #[derive(Clone)]
@@ -205,6 +205,32 @@ impl Model {
             Some(rng) => Pass::training(rng),
             None => Pass::inference(),
         };
+        self.seq2seq_pass(batch, label_smoothing, &mut pass)
+    }
+
+    /// What a training step on `batch` minimises, in parts: [`seq2seq_loss`](Self::seq2seq_loss)
+    /// with dropout drawn from `rng`, and, for mixture-of-experts layers (encoder and decoder
+    /// alike), the routers' auxiliary losses, as [`Model::training_loss`] for a language model.
+    pub fn seq2seq_training_loss(
+        &self,
+        batch: &Seq2SeqBatch,
+        label_smoothing: f64,
+        rng: &mut dyn RngCore,
+    ) -> Result<TrainingLoss> {
+        let mut pass = Pass::training(rng);
+        let loss = self.seq2seq_pass(batch, label_smoothing, &mut pass)?;
+        TrainingLoss::new(loss, &self.config.ffn, pass.into_routing())
+    }
+
+    /// The evaluation loss of `batch` (no dropout, no smoothing) and each mixture-of-experts
+    /// layer's routing of it (empty for a dense model).
+    pub fn seq2seq_loss_and_routing(&self, batch: &Seq2SeqBatch) -> Result<(Tensor, Vec<RouterReport>)> {
+        let mut pass = Pass::inference();
+        let loss = self.seq2seq_pass(batch, 0.0, &mut pass)?;
+        Ok((loss, pass.into_routing()))
+    }
+
+    fn seq2seq_pass(&self, batch: &Seq2SeqBatch, label_smoothing: f64, pass: &mut Pass) -> Result<Tensor> {
         let (b, s) = batch.source.dims2()?;
         check_lengths("source", &batch.source_lengths, b, s)?;
         let (tb, t) = batch.decoder_input.dims2()?;
@@ -217,8 +243,8 @@ impl Model {
             )));
         }
         check_lengths("target", &batch.target_lengths, b, t)?;
-        let encoded = self.run_encoder(&batch.source, Some(&batch.source_lengths), &mut pass)?;
-        let hidden = self.decode(&batch.decoder_input, None, Some(&encoded), &mut pass)?;
+        let encoded = self.run_encoder(&batch.source, Some(&batch.source_lengths), pass)?;
+        let hidden = self.decode(&batch.decoder_input, None, Some(&encoded), pass)?;
         let logits = self.head(&hidden)?; // (B, T, V)
         token_cross_entropy(&logits, &batch.targets, &batch.target_lengths, label_smoothing)
     }

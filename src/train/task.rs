@@ -147,10 +147,8 @@ impl Task {
             }
             Task::Translation { data, sampler } => {
                 let batch = seq2seq_batch(&sampler.next_batch(), &Device::Cpu)?;
-                let loss = model.seq2seq_loss(&batch, data.label_smoothing, Some(rng))?;
-                let tokens = batch.target_tokens() as u64;
-                // An encoder–decoder's loss carries no router terms (`seq2seq_loss` is dense-only).
-                Ok((TrainingLoss { lm: loss, router: None, routing: vec![] }, tokens))
+                let loss = model.seq2seq_training_loss(&batch, data.label_smoothing, rng)?;
+                Ok((loss, batch.target_tokens() as u64))
             }
         }
     }
@@ -185,7 +183,9 @@ impl Task {
                 let (mut sum, mut tokens) = (0.0, 0usize);
                 for batch in SequentialPairBatches::new(data.val.clone(), data.batch_tokens)?.take(limit) {
                     let batch = seq2seq_batch(&batch, &Device::Cpu)?;
-                    let loss = model.seq2seq_loss(&batch, 0.0, None)?.to_scalar::<f32>()? as f64;
+                    let (loss, routing) = model.seq2seq_loss_and_routing(&batch)?;
+                    let loss = loss.to_scalar::<f32>()? as f64;
+                    load.add(&routing);
                     sum += loss * batch.target_tokens() as f64;
                     tokens += batch.target_tokens();
                 }
