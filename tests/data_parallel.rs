@@ -302,7 +302,8 @@ mod with_mpi {
     }
 }
 
-/// `--data-parallel` outside an MPI launcher is refused, whether or not the build has MPI.
+/// `--data-parallel` outside an MPI launcher, and `--ranks` without one installed, are refused,
+/// whether or not the build has MPI.
 #[test]
 fn data_parallel_without_a_launcher_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
@@ -313,4 +314,14 @@ fn data_parallel_without_a_launcher_is_an_error() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--data-parallel needs an MPI launcher") && err.contains("HINT"), "{err}");
     assert!(!run.exists(), "nothing written");
+
+    // `--ranks` with no launcher installed.
+    let out = lmforge()
+        .args(["train", "--ranks", "2", "--config", config.to_str().unwrap()])
+        .env("LMFORGE_MPIRUN", "/nonexistent/mpirun")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("starting the training job with `/nonexistent/mpirun`") && err.contains("HINT"), "{err}");
 }

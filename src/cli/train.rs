@@ -397,7 +397,12 @@ fn supervise(config: &RunConfig, mut resume: bool, launcher: &[String]) -> anyho
         if resume && !worker_args.iter().any(|a| a == "--resume") {
             command.args(["--resume", &config.run_dir.display().to_string()]);
         }
-        let status = command.status().context("starting the training worker")?;
+        let status = command.status().with_context(|| match launcher.first() {
+            Some(program) => format!(
+                "starting the training job with `{program}`\nHINT: install an MPI launcher (Debian: apt-get install openmpi-bin), or name yours in LMFORGE_MPIRUN"
+            ),
+            None => "starting the training worker".into(),
+        })?;
         if status.success() {
             return Ok(());
         }

@@ -49,7 +49,7 @@ pub enum Wait {
 ///
 /// Implementations: [`SingleProcess`] (one rank; every collective is the identity) and, with
 /// the `mpi` feature, MPI (`src/distributed/mpi.rs`). A GPU transport (NCCL) implements the
-/// same five methods over device buffers.
+/// same methods over device buffers.
 pub trait Collectives {
     /// This process's rank, `0..ranks()`; rank 0 writes checkpoints and logs.
     fn rank(&self) -> usize;
