@@ -41,6 +41,10 @@ pub enum Error {
     #[error("not supported: {0}")]
     Unsupported(String),
 
+    /// Data-parallel training: no launcher, ranks that disagree, a batch that does not split.
+    #[error("data-parallel training: {0}")]
+    Distributed(String),
+
     /// A tensor operation failed (its backtrace, if candle captured one, removed: see
     /// [`without_backtrace`]).
     #[error(transparent)]

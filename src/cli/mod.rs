@@ -4,6 +4,7 @@ mod arch;
 mod bench;
 mod bench_moe;
 mod data;
+mod data_parallel;
 mod eval;
 mod export;
 mod plan;

@@ -17,6 +17,8 @@ use lmforge::train::setup::read_run_config;
 use lmforge::train::RunTime;
 use serde_json::json;
 
+use super::data_parallel;
+
 /// Restarts after crashes before the supervisor gives up.
 const MAX_RESTARTS: usize = 5;
 
@@ -114,8 +116,24 @@ pub struct TrainArgs {
     #[arg(long = "inject", value_name = "KIND@step=N")]
     inject: Vec<String>,
     /// Run in this process, without restarts after a crash.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ranks")]
     no_supervisor: bool,
+    /// Data-parallel training over N processes: lmforge starts them with `mpirun -np N` (or
+    /// $LMFORGE_MPIRUN) and restarts the whole job from the newest checkpoint after a crash.
+    /// Needs a build with `--features mpi`.
+    #[arg(long, value_name = "N")]
+    ranks: Option<usize>,
+    /// With --ranks: the MPI hostfile naming the machines (passed to mpirun as --hostfile).
+    #[arg(long, requires = "ranks", value_name = "FILE")]
+    hostfile: Option<PathBuf>,
+    /// This process is one rank of a data-parallel job started by an MPI launcher
+    /// (`mpirun -np N lmforge train --data-parallel ...`); no restarts after a crash.
+    #[arg(long, conflicts_with_all = ["ranks", "no_supervisor"])]
+    data_parallel: bool,
+    /// Data-parallel: seconds a rank may wait in a collective for the others before the job is
+    /// ended as hung (default 300); the supervisor of --ranks then restarts it.
+    #[arg(long, value_name = "SECS")]
+    collective_timeout: Option<u64>,
     /// Internal: this process is the supervised worker.
     #[arg(long, hide = true)]
     worker: bool,
@@ -124,25 +142,43 @@ pub struct TrainArgs {
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let faults: Vec<Fault> = args.inject.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
     let (config, resume) = resolve(&args)?;
+    if args.data_parallel || (args.worker && args.ranks.is_some()) {
+        let timeout = args.collective_timeout.map(std::time::Duration::from_secs);
+        return data_parallel::run_rank(&config, resume, faults, args.ranks, timeout);
+    }
     if args.worker || args.no_supervisor {
-        if config.train.precision == Precision::Bf16 {
-            lmforge::nn::ops::bf16::kernel()?;
-            eprintln!("bf16 matrix products on {}", lmforge::nn::ops::bf16::describe());
-        } else if let Some(blas) = lmforge::nn::ops::blas::loaded() {
-            eprintln!("matrix products on BLAS: {} (LMFORGE_BLAS)", blas.description);
-        }
+        announce_kernels(&config)?;
         let summary = lmforge::train::train(&config, resume, faults)?;
-        eprintln!(
-            "done: {} steps, final loss {:.4}{}; checkpoints in {}",
-            summary.steps,
-            summary.final_loss,
-            summary.val_loss.map(|v| format!(", val loss {v:.4} (ppl {:.2})", v.exp())).unwrap_or_default(),
-            summary.run_dir.join("checkpoints").display()
-        );
-        print_run_time(&summary.time);
+        report_done(&summary);
         return Ok(());
     }
-    supervise(&config, resume)
+    let launcher = match args.ranks {
+        Some(ranks) => data_parallel::launcher(ranks, args.hostfile.as_deref())?,
+        None => vec![],
+    };
+    supervise(&config, resume, &launcher)
+}
+
+/// Say which kernels the matrix products run on, when not the default.
+pub(super) fn announce_kernels(config: &RunConfig) -> anyhow::Result<()> {
+    if config.train.precision == Precision::Bf16 {
+        lmforge::nn::ops::bf16::kernel()?;
+        eprintln!("bf16 matrix products on {}", lmforge::nn::ops::bf16::describe());
+    } else if let Some(blas) = lmforge::nn::ops::blas::loaded() {
+        eprintln!("matrix products on BLAS: {} (LMFORGE_BLAS)", blas.description);
+    }
+    Ok(())
+}
+
+pub(super) fn report_done(summary: &lmforge::train::TrainSummary) {
+    eprintln!(
+        "done: {} steps, final loss {:.4}{}; checkpoints in {}",
+        summary.steps,
+        summary.final_loss,
+        summary.val_loss.map(|v| format!(", val loss {v:.4} (ppl {:.2})", v.exp())).unwrap_or_default(),
+        summary.run_dir.join("checkpoints").display()
+    );
+    print_run_time(&summary.time);
 }
 
 /// Where the run's time went, in the form `plan` prints its prediction, so the two compare
@@ -360,18 +396,32 @@ fn parse_decay(kind: &str) -> anyhow::Result<Decay> {
 
 /// Run the worker as a child process; after a crash (panic, abort, kill), restart it from the
 /// newest valid checkpoint. A clean error (bad input, divergence stop) is not retried.
-fn supervise(config: &RunConfig, mut resume: bool) -> anyhow::Result<()> {
+/// `launcher`: the command that starts the worker's ranks (`mpirun -np N`), empty for one
+/// process; the launcher ends the whole job when one rank fails, and passes on its status.
+fn supervise(config: &RunConfig, mut resume: bool, launcher: &[String]) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the lmforge executable")?;
     let mut worker_args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--worker").collect();
     worker_args.push("--worker".into());
     let mut restarts = 0;
     loop {
-        let mut command = Command::new(&exe);
+        let mut command = match launcher.split_first() {
+            Some((program, launcher_args)) => {
+                let mut command = Command::new(program);
+                command.args(launcher_args).arg(&exe);
+                command
+            }
+            None => Command::new(&exe),
+        };
         command.args(&worker_args);
         if resume && !worker_args.iter().any(|a| a == "--resume") {
             command.args(["--resume", &config.run_dir.display().to_string()]);
         }
-        let status = command.status().context("starting the training worker")?;
+        let status = command.status().with_context(|| match launcher.first() {
+            Some(program) => format!(
+                "starting the training job with `{program}`\nHINT: install an MPI launcher (Debian: apt-get install openmpi-bin), or name yours in LMFORGE_MPIRUN"
+            ),
+            None => "starting the training worker".into(),
+        })?;
         if status.success() {
             return Ok(());
         }

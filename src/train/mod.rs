@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod corpus;
+pub mod data_parallel;
 pub mod expert_load;
 pub mod guard;
 pub mod inject;
@@ -29,4 +30,4 @@ pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, AdamWMeta, AdamWS
 pub use rng::{RngState, TrainRng};
 pub use schedule::{vaswani_peak_lr, Decay, DecayShape, LrSchedule};
 pub use timing::RunTime;
-pub use trainer::{train, TrainSummary};
+pub use trainer::{train, train_on, TrainSummary};

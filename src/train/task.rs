@@ -23,6 +23,7 @@ use serde_json::Value;
 use super::expert_load::ExpertLoad;
 use crate::data::parallel::{PairBatch, PairSampler, PairSamplerState, SequentialPairBatches, TokenPairs};
 use crate::data::{Sampler, SamplerState, SequentialBatches, TokenDataset};
+use crate::distributed::Shard;
 use crate::error::{Error, Result};
 use crate::model::{Model, Seq2SeqBatch, TrainingLoss};
 
@@ -53,8 +54,17 @@ pub struct BatchShape {
 
 /// A run's data with its live batch position.
 pub enum Task {
-    Language { dataset: TokenDataset, sampler: Sampler, shape: BatchShape },
-    Translation { data: PairData, sampler: PairSampler },
+    /// `shard`: the rows of every global batch this process trains on (data parallelism).
+    Language {
+        dataset: Box<TokenDataset>,
+        sampler: Sampler,
+        shape: BatchShape,
+        shard: Shard,
+    },
+    Translation {
+        data: PairData,
+        sampler: PairSampler,
+    },
 }
 
 impl Task {
@@ -63,13 +73,12 @@ impl Task {
     pub fn new(data: TrainData, shape: BatchShape, seed: u64, position: Option<&Value>) -> Result<Self> {
         Ok(match data {
             TrainData::Text(dataset) => {
-                let dataset = *dataset;
                 let state = match position {
                     Some(p) => parse_position::<SamplerState>(p)?,
                     None => SamplerState::start(seed),
                 };
                 let sampler = Sampler::new(dataset.train().clone(), shape.seq_len, true, state)?;
-                Task::Language { dataset, sampler, shape }
+                Task::Language { dataset, sampler, shape, shard: Shard::WHOLE }
             }
             TrainData::Pairs(data) => {
                 let state = match position {
@@ -82,10 +91,26 @@ impl Task {
         })
     }
 
+    /// Train on `shard`'s slice of every global batch from now on. The position stays that of
+    /// the global batch, the same on every rank and for any number of ranks.
+    pub fn set_shard(&mut self, new: Shard) -> Result<()> {
+        match self {
+            Task::Language { shape, shard, .. } => {
+                new.rows(shape.batch_size)?;
+                *shard = new;
+                Ok(())
+            }
+            Task::Translation { .. } if new.ranks == 1 => Ok(()),
+            Task::Translation { .. } => Err(Error::Unsupported(
+                "data-parallel training of an encoder–decoder on parallel data (its batches are cut by token count, not rows)\nHINT: train it in one process".into(),
+            )),
+        }
+    }
+
     /// Move the batch position back to a saved one (rollback).
     pub fn restore(&mut self, position: &Value) -> Result<()> {
         match self {
-            Task::Language { dataset, sampler, shape } => {
+            Task::Language { dataset, sampler, shape, .. } => {
                 *sampler = Sampler::new(dataset.train().clone(), shape.seq_len, true, parse_position(position)?)?;
             }
             Task::Translation { data, sampler } => {
@@ -140,8 +165,14 @@ impl Task {
             }
         }
         match self {
-            Task::Language { sampler, shape, .. } => {
-                let (inputs, targets) = sampler.next_batch(shape.batch_size)?.to_tensors(&Device::Cpu)?;
+            Task::Language { sampler, shape, shard, .. } => {
+                // This rank's rows of the global batch: the windows of the ranks before it are
+                // skipped, its own read, the ranks' after it skipped.
+                let rows = shard.rows(shape.batch_size)?;
+                sampler.skip(1, shard.rank * rows);
+                let batch = sampler.next_batch(rows)?;
+                sampler.skip(1, (shard.ranks - 1 - shard.rank) * rows);
+                let (inputs, targets) = batch.to_tensors(&Device::Cpu)?;
                 let tokens = inputs.elem_count() as u64;
                 Ok((model.training_loss(&inputs, &targets, rng)?, tokens))
             }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint, CheckpointData, CheckpointState};
+use super::data_parallel;
 use super::expert_load::ExpertLoad;
 use super::guard::{Divergence, LossStats};
 use super::inject::{Fault, FaultKind, Injector};
@@ -23,6 +24,7 @@ use super::setup::{prepare_run, Prepared};
 use super::task::{BatchShape, Task};
 use super::timing::{Part, RunClock, RunTime};
 use crate::config::{Ffn, ModelConfig};
+use crate::distributed::{average_gradients, weights_checksum, Collectives, Shard, SingleProcess};
 use crate::error::{Error, Result};
 use crate::generate::{
     generate, generate_seq2seq_batch, GenerateOptions, Sampler as TokenSampler, Sampling, Search, Seq2SeqOptions,
@@ -43,6 +45,14 @@ struct LoopState {
     /// The learning rate is lowered until this step after a rollback.
     cooldown_until: u64,
     best_val_loss: Option<f64>,
+    /// Ranks of the data-parallel job that saved the checkpoint (its global batch and data
+    /// position do not depend on it; the bits of its sums do).
+    #[serde(default = "one_rank")]
+    world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// What a finished run reports.
@@ -58,7 +68,7 @@ pub struct TrainSummary {
 }
 
 /// Everything that changes as the run goes.
-struct Trainer {
+struct Trainer<'a> {
     config: RunConfig,
     model_config: ModelConfig,
     tokenizer: Option<TextTokenizer>,
@@ -71,26 +81,46 @@ struct Trainer {
     step: u64,
     tokens_seen: u64,
     state: LoopState,
-    metrics: MetricsLog,
+    /// Rank 0's log; other ranks of a data-parallel job log nothing.
+    metrics: Option<MetricsLog>,
     injector: Injector,
     clock: RunClock,
+    collectives: &'a dyn Collectives,
 }
 
 /// Train (or resume) the run described by `config`. `resume`: continue from the newest valid
 /// checkpoint of `config.run_dir`.
 pub fn train(config: &RunConfig, resume: bool, faults: Vec<Fault>) -> Result<TrainSummary> {
+    train_on(config, resume, faults, &SingleProcess)
+}
+
+/// [`train`] as one rank of a data-parallel job over `collectives`: every rank trains on its
+/// slice of each global batch, and all of them take the same step from the mean gradient (see
+/// `train/data_parallel.rs`). With [`SingleProcess`] this is [`train`].
+pub fn train_on(
+    config: &RunConfig,
+    resume: bool,
+    faults: Vec<Fault>,
+    collectives: &dyn Collectives,
+) -> Result<TrainSummary> {
     let began = Instant::now();
     config.validate()?;
-    let prepared = match &config.data.parallel {
-        Some(parallel) => super::seq2seq::prepare_training(config, parallel, resume)?,
-        None => prepare_run(config, resume)?,
-    };
-    let mut trainer = Trainer::start(config.clone(), prepared, faults, RunClock::new(began))?;
+    let prepared = data_parallel::in_rank_order(config, collectives, || match &config.data.parallel {
+        Some(parallel) => super::seq2seq::prepare_training(config, parallel, resume),
+        None => prepare_run(config, resume),
+    })?;
+    let mut trainer = Trainer::start(config.clone(), prepared, faults, collectives, RunClock::new(began))?;
     trainer.run()
 }
 
-impl Trainer {
-    fn start(config: RunConfig, mut prepared: Prepared, faults: Vec<Fault>, clock: RunClock) -> Result<Self> {
+impl<'a> Trainer<'a> {
+    fn start(
+        config: RunConfig,
+        mut prepared: Prepared,
+        faults: Vec<Fault>,
+        collectives: &'a dyn Collectives,
+        clock: RunClock,
+    ) -> Result<Self> {
         let device = Device::Cpu;
         let run_dir = config.run_dir.clone();
         let latest = checkpoint::latest_valid(&run_dir)?;
@@ -128,11 +158,17 @@ impl Trainer {
             None => (0, 0, None, TrainRng::seed_from(config.train.seed), LoopState::default()),
         };
         let shape = BatchShape { batch_size: config.train.batch_size, seq_len: config.train.seq_len };
-        let task = Task::new(data, shape, config.train.seed, position.as_ref())?;
-        let metrics = MetricsLog::open(&run_dir, checkpoint.as_ref().map(|c| c.state.step))?;
-        let injector = Injector::new(faults, &run_dir)?;
-        if let Some(dir) = &resumed {
+        let mut task = Task::new(data, shape, config.train.seed, position.as_ref())?;
+        task.set_shard(Shard::of(collectives))?;
+        let leader = collectives.rank() == 0;
+        let metrics = match leader {
+            true => Some(MetricsLog::open(&run_dir, checkpoint.as_ref().map(|c| c.state.step))?),
+            false => None,
+        };
+        let injector = Injector::new(faults, &run_dir, collectives.rank())?;
+        if let (Some(dir), true) = (&resumed, leader) {
             eprintln!("resumed from {} (step {step})", dir.display());
+            data_parallel::note_world_size_change(state.world_size, collectives.ranks());
         }
         let mut trainer = Trainer {
             config,
@@ -150,7 +186,9 @@ impl Trainer {
             metrics,
             injector,
             clock,
+            collectives,
         };
+        data_parallel::agree_on_start(collectives, trainer.step, &trainer.task.position(), &trainer.sorted_vars())?;
         if resumed.is_none() {
             // A checkpoint before the first update, so even an early divergence can roll back.
             let saving = Instant::now();
@@ -162,14 +200,25 @@ impl Trainer {
 
     fn run(&mut self) -> Result<TrainSummary> {
         let total = self.config.train.steps;
-        eprintln!(
-            "training {} ({} parameters) for {total} steps of {} micro-batch(es) on {}; run dir {}",
-            self.model_config.name,
-            self.model_config.params_total(),
-            self.config.train.grad_accum,
-            self.task.describe(),
-            self.config.run_dir.display()
-        );
+        let leader = self.collectives.rank() == 0;
+        let ranks = self.collectives.ranks();
+        if leader {
+            eprintln!(
+                "training {} ({} parameters) for {total} steps of {} micro-batch(es) on {}; run dir {}",
+                self.model_config.name,
+                self.model_config.params_total(),
+                self.config.train.grad_accum,
+                self.task.describe(),
+                self.config.run_dir.display()
+            );
+            if ranks > 1 {
+                let batch = self.config.train.batch_size;
+                eprintln!(
+                    "data-parallel over {ranks} ranks: each trains on {} of the {batch} windows of every batch",
+                    batch / ranks
+                );
+            }
+        }
         if self.step == 0 && self.config.train.eval_every > 0 {
             // The starting point: for continued pretraining, the pretrained model's loss on the
             // new domain.
@@ -184,26 +233,43 @@ impl Trainer {
         while self.step < total {
             let step_started = Instant::now();
             let batch_start = self.task.position();
-            let (step_loss, grads) = self.forward_backward()?;
-            let tokens_per_step = step_loss.tokens;
-            let mut loss = step_loss.lm;
+            let (mut step_loss, mut grads) = self.forward_backward()?;
             if self.injector.take(FaultKind::Nan, self.step + 1)? {
-                loss = f64::NAN;
+                step_loss.lm = f64::NAN;
             }
             if self.injector.take(FaultKind::Spike, self.step + 1)? {
-                loss *= 10.0;
+                step_loss.lm *= 10.0;
             }
             if self.injector.take(FaultKind::Crash, self.step + 1)? {
                 eprintln!("injected crash at step {}", self.step + 1);
                 std::process::abort();
             }
-            let mut grads = grads;
+            if self.injector.take(FaultKind::Hang, self.step + 1)? {
+                eprintln!("injected hang at step {}", self.step + 1);
+                loop {
+                    std::thread::park();
+                }
+            }
+            // From here on every value is the global batch's, the same bits on every rank: the
+            // mean gradient, its norm and the mean loss, so every rank takes the same decision
+            // (step or roll back) and the same step.
+            let comm_started = self.collectives.seconds_in_collectives();
+            self.reduce_across_ranks(&mut step_loss, &mut grads)?;
+            let tokens_per_step = step_loss.tokens;
+            let loss = step_loss.lm;
             let norm = if self.config.train.grad_clip > 0.0 {
                 self.optimizer.clip_grad_norm(&mut grads, self.config.train.grad_clip)?
             } else {
                 grad_norm(&grads, self.vars.values())?
             };
-            if let Err(divergence) = self.state.guard.check(&self.config.guard, loss, norm.is_finite()) {
+            let verdict = self.state.guard.check(&self.config.guard, loss, norm.is_finite());
+            if ranks > 1 {
+                // Equal by construction; checked, because ranks that decided differently would
+                // wait in different collectives for ever.
+                let what = format!("the divergence guard's decision at step {}", self.step + 1);
+                self.collectives.agree(&what, verdict.is_err() as u64)?;
+            }
+            if let Err(divergence) = verdict {
                 self.roll_back(divergence, batch_start)?;
                 self.clock.add(Part::Steps, step_started);
                 continue;
@@ -223,8 +289,11 @@ impl Trainer {
                 "tokens": self.tokens_seen, "tok_per_s": tokens_per_step as f64 / step_time,
             });
             step_loss.add_router_fields(&mut record, &self.model_config);
-            self.metrics.write(record)?;
-            if self.step.is_multiple_of(self.config.train.log_every) || self.step == total {
+            if ranks > 1 {
+                record["comm_s"] = json!(self.collectives.seconds_in_collectives() - comm_started);
+            }
+            self.log(record)?;
+            if leader && (self.step.is_multiple_of(self.config.train.log_every) || self.step == total) {
                 let done = (self.step - first_step) as f64;
                 let per_step = started.elapsed().as_secs_f64() / done.max(1.0);
                 let eta = per_step * (total - self.step) as f64;
@@ -244,7 +313,10 @@ impl Trainer {
                 val_loss = Some(self.evaluate_and_log()?);
                 self.clock.add(Part::Evaluation, evaluating);
             }
-            if self.config.train.sample_every > 0 && self.step.is_multiple_of(self.config.train.sample_every) && !at_end
+            if leader
+                && self.config.train.sample_every > 0
+                && self.step.is_multiple_of(self.config.train.sample_every)
+                && !at_end
             {
                 let sampling = Instant::now();
                 self.sample()?;
@@ -257,10 +329,10 @@ impl Trainer {
             }
         }
         let sampling = Instant::now();
-        let sample = self.sample()?;
+        let sample = if leader { self.sample()? } else { None };
         self.clock.add(Part::Samples, sampling);
         let time = self.clock.so_far();
-        self.metrics.write(json!({"event": "time", "step": self.step, "seconds": time}))?;
+        self.log(json!({"event": "time", "step": self.step, "seconds": time}))?;
         Ok(TrainSummary {
             run_dir: self.config.run_dir.clone(),
             steps: self.step,
@@ -279,7 +351,16 @@ impl Trainer {
         let mut step = StepLoss::default();
         let mut summed: Option<GradStore> = None;
         for _ in 0..accum {
-            let (loss, tokens) = self.task.next_loss(&self.model, &self.state.skip, &mut self.rng)?;
+            let (loss, tokens) = match self.collectives.ranks() {
+                1 => self.task.next_loss(&self.model, &self.state.skip, &mut self.rng)?,
+                // Each rank its own dropout stream, drawn from the shared one: the run's RNG
+                // advances the same on every rank, so the checkpoint's is every rank's.
+                _ => {
+                    let seed =
+                        self.rng.next_u64() ^ (self.collectives.rank() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    self.task.next_loss(&self.model, &self.state.skip, &mut TrainRng::seed_from(seed))?
+                }
+            };
             step.add(&loss, accum)?;
             step.tokens += tokens;
             let grads = (loss.objective()? / accum as f64)?.backward()?;
@@ -299,6 +380,35 @@ impl Trainer {
         Ok((step, summed.expect("grad_accum >= 1")))
     }
 
+    /// The step's losses and gradients averaged over the ranks (token counts summed); a no-op
+    /// in one process.
+    fn reduce_across_ranks(&self, step: &mut StepLoss, grads: &mut GradStore) -> Result<()> {
+        let ranks = self.collectives.ranks();
+        if ranks == 1 {
+            return Ok(());
+        }
+        let mut sums = [step.lm, step.balance, step.z, step.tokens as f64];
+        self.collectives.sum_f64(&mut sums)?;
+        let mean = |sum: f64| sum / ranks as f64;
+        (step.lm, step.balance, step.z, step.tokens) = (mean(sums[0]), mean(sums[1]), mean(sums[2]), sums[3] as u64);
+        average_gradients(self.collectives, &self.sorted_vars(), grads)
+    }
+
+    /// The trained variables in name order: the order every rank reduces and checksums them in.
+    fn sorted_vars(&self) -> Vec<&Var> {
+        let mut named: Vec<(&String, &Var)> = self.vars.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, var)| var).collect()
+    }
+
+    /// Append `record` to the run's metrics (rank 0 only).
+    fn log(&mut self, record: serde_json::Value) -> Result<()> {
+        match &mut self.metrics {
+            Some(metrics) => metrics.write(record),
+            None => Ok(()),
+        }
+    }
+
     fn lr(&self) -> f64 {
         let lr = self.config.schedule().lr_at(self.step);
         if self.step < self.state.cooldown_until {
@@ -312,11 +422,11 @@ impl Trainer {
     /// and lower the learning rate for a while.
     fn roll_back(&mut self, divergence: Divergence, bad_batch: serde_json::Value) -> Result<()> {
         let failed_step = self.step + 1;
-        let guard = &self.config.guard;
+        let guard = &self.config.guard.clone();
         self.state.rollbacks.retain(|&s| s + guard.rollback_window > failed_step);
         self.state.rollbacks.push(failed_step);
         if self.state.rollbacks.len() > guard.max_rollbacks {
-            self.metrics.write(json!({"event": "stopped", "step": failed_step, "reason": divergence.to_string()}))?;
+            self.log(json!({"event": "stopped", "step": failed_step, "reason": divergence.to_string()}))?;
             return Err(Error::Diverged(format!(
                 "{} rollbacks within {} steps (last at step {failed_step}: {divergence})\nHINT: lower the learning rate, raise guard.spike_zscore, or check the data",
                 self.state.rollbacks.len(),
@@ -339,8 +449,10 @@ impl Trainer {
         self.state.cooldown_until = failed_step + guard.cooldown_steps;
         self.step = ckpt.state.step;
         self.tokens_seen = ckpt.state.tokens_seen;
-        eprintln!("step {failed_step}: {divergence}; rolled back to step {} and will skip that batch", self.step);
-        self.metrics.write(json!({
+        if self.collectives.rank() == 0 {
+            eprintln!("step {failed_step}: {divergence}; rolled back to step {} and will skip that batch", self.step);
+        }
+        self.log(json!({
             "event": "rollback", "step": failed_step, "reason": divergence.to_string(),
             "to_step": self.step, "lr_factor": guard.cooldown_factor, "until_step": self.state.cooldown_until,
         }))
@@ -350,6 +462,9 @@ impl Trainer {
     /// warning when one expert takes too much); returns the loss.
     fn evaluate_and_log(&mut self) -> Result<f64> {
         let (v, load) = self.evaluate()?;
+        if self.collectives.rank() != 0 {
+            return Ok(v);
+        }
         eprintln!("step {:>6} | val loss {v:.4} | val ppl {:.2}", self.step, v.exp());
         let mut record = json!({"step": self.step, "val_loss": v, "val_ppl": v.exp()});
         if !load.is_empty() {
@@ -366,7 +481,7 @@ impl Trainer {
                 record["expert_warning"] = json!(warning);
             }
         }
-        self.metrics.write(record)?;
+        self.log(record)?;
         Ok(v)
     }
 
@@ -398,7 +513,7 @@ impl Trainer {
         let ids = generate(&self.model, &prompt, &options, &mut TokenSampler::new(sampling)?, |_| Ok(()))?;
         let text = format!("{}{}", self.config.train.sample_prompt, tokenizer.decode(&ids)?);
         eprintln!("sample at step {}: {text}", self.step);
-        self.metrics.write(json!({"step": self.step, "sample": text}))?;
+        self.log(json!({"step": self.step, "sample": text}))?;
         Ok(Some(text))
     }
 
@@ -410,15 +525,29 @@ impl Trainer {
             generate_seq2seq_batch(&self.model, std::slice::from_ref(source), &options, Search::Greedy, |_| Ok(()))?;
         let text = format!("{} → {}", tokenizer.decode_with(source, true)?, tokenizer.decode_with(&out[0].ids, true)?);
         eprintln!("sample at step {}: {text}", self.step);
-        self.metrics.write(json!({"step": self.step, "sample": text}))?;
+        self.log(json!({"step": self.step, "sample": text}))?;
         Ok(Some(text))
     }
 
+    /// Save a checkpoint: rank 0 writes it, once every rank has arrived and holds the same
+    /// weights (the checksum agreement is the barrier: rank 0 cannot finish it before every rank
+    /// has joined). The others go on to the next step and wait for rank 0 in its all-reduce.
     fn save_checkpoint(&mut self, val_loss: Option<f64>) -> Result<()> {
+        self.state.world_size = self.collectives.ranks();
+        if self.collectives.ranks() > 1 {
+            let what = format!(
+                "the weights at step {} (checksum): the ranks have drifted apart\nHINT: this is a bug (or faulty hardware) on the ranks named; resume from the last checkpoint",
+                self.step
+            );
+            self.collectives.agree(&what, weights_checksum(&self.sorted_vars())?)?;
+        }
         if let Some(v) = val_loss {
             if self.state.best_val_loss.is_none_or(|best| v < best) {
                 self.state.best_val_loss = Some(v);
             }
+        }
+        if self.collectives.rank() != 0 {
+            return Ok(());
         }
         let weights: HashMap<String, Tensor> =
             self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
