@@ -1,8 +1,8 @@
 //! SmolLM2-135M-Instruct (Q4_1, its embedding Q8_0) run on its quantized blocks, against the
 //! same file dequantized to f32: the logits agree within a stated tolerance, the greedy chat
 //! answer is transformers' own, and the weights held are the file's bytes. (With
-//! `LMFORGE_QUANT_ACTIVATIONS=8` the answer is llama.cpp's instead, "L'Étoile, la Marseillaise,
-//! …", as `llama-simple` gives on this file; see `nn::ops::quant::act`.)
+//! `LMFORGE_QUANT_ACTIVATIONS=8` the answer starts "L'Étoile, la …" instead, as llama.cpp's
+//! `llama-simple` does on this file; see `nn::ops::quant::act`.)
 
 mod fetched;
 

@@ -12,8 +12,9 @@
 //! unpacked values then meet two activation blocks, two `vpdpbusd` instead of one; decoding
 //! reads the same weight bytes. Why: with one block SmolLM2-135M's logits move by up to ~1
 //! against the `f32` product of the same weights, enough to change its greedy answer to
-//! "What is the capital of France?" (from "The capital of France is Paris." to llama.cpp's own
-//! "L'Étoile, la Marseillaise, …": its top two logits are 0.08 apart); with two they move by
+//! "What is the capital of France?" (from "The capital of France is Paris." to "L'Étoile, la …",
+//! which llama.cpp's `llama-simple` also begins with on that file: the top two logits of the
+//! first answer token are 0.08 apart); with two they move by
 //! about 0.01. `LMFORGE_QUANT_ACTIVATIONS=8` takes llama.cpp's one block.
 //!
 //! The sums of the `q` over each half block are kept too: the weight formats with an offset
