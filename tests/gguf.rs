@@ -237,7 +237,7 @@ fn gguf_exports_load_in_transformers_with_the_same_logits() {
         let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
         let config = lmforge::io::resolve_arch(name, &settings).unwrap();
         let weights = lmforge::model::init_weights(&config, 7, &Device::Cpu).unwrap();
-        LoadedModel { config, weights, tokenizer: None, source: PathBuf::from(name) }
+        LoadedModel { config, weights, quantized: Default::default(), tokenizer: None, source: PathBuf::from(name) }
     };
     let mut cases: Vec<(&str, LoadedModel, Vec<u32>, ExportOptions)> = vec![
         ("tiny_llama_gqa_tied", preset("tiny-llama", &[]), ids.to_vec(), ExportOptions::default()),

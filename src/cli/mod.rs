@@ -2,6 +2,7 @@
 
 mod arch;
 mod bench;
+mod bench_generate;
 mod bench_moe;
 mod data;
 mod data_parallel;
@@ -90,6 +91,8 @@ enum BenchCommand {
     Memory(bench::BenchMemoryArgs),
     /// A mixture-of-experts training step against a dense one with the same active parameters.
     Moe(bench_moe::BenchMoeArgs),
+    /// Prefill and decode speed of a model, against llama.cpp's llama-bench on the same file.
+    Generate(bench_generate::BenchGenerateArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -120,6 +123,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Matmul(args)) => bench::bench_matmul(args),
         Command::Bench(BenchCommand::Memory(args)) => bench::bench_memory(args),
         Command::Bench(BenchCommand::Moe(args)) => bench_moe::bench_moe(args),
+        Command::Bench(BenchCommand::Generate(args)) => bench_generate::bench_generate(args),
         Command::Tokenizer(command) => data::tokenizer(command),
         Command::Data(command) => data::data(command),
         Command::Eval(command) => eval::eval(command),

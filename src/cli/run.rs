@@ -12,7 +12,7 @@ use lmforge::generate::{
 };
 use lmforge::model::Model;
 
-use super::arch::load;
+use super::arch::load_for_inference;
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -32,7 +32,7 @@ pub struct ScoreArgs {
 }
 
 pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let loaded = load(&args.model)?;
+    let loaded = load_for_inference(&args.model)?;
     let model = loaded.build()?;
     let ids = Tensor::new(args.ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let logits = match (&args.source_ids, model.decoder_start_token_id()) {
@@ -107,7 +107,7 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = load(&args.model)?;
+    let loaded = load_for_inference(&args.model)?;
     let model = loaded.build()?;
     let tokenizer = loaded.tokenizer.as_ref();
     let given_source = args.source.is_some() || args.source_ids.is_some();

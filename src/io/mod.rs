@@ -19,12 +19,17 @@ use candle_core::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::nn::QuantizedWeights;
 
 /// A model read from disk, ready to build.
 pub struct LoadedModel {
     pub config: ModelConfig,
-    /// Canonical name → tensor (f32), exactly the names of `config.param_specs()`.
+    /// Canonical name → tensor (f32): with `quantized`, exactly the names of
+    /// `config.param_specs()`.
     pub weights: HashMap<String, Tensor>,
+    /// Weights kept in GGUF quantized blocks ([`load_model_for_inference`] only; empty
+    /// otherwise, so training and export see every weight as a tensor).
+    pub quantized: QuantizedWeights,
     pub tokenizer: Option<TextTokenizer>,
     /// Where it came from, for messages.
     pub source: PathBuf,
@@ -32,7 +37,7 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn build(&self) -> Result<Model> {
-        Model::new(&self.config, &self.weights, &self.source)
+        Model::with_quantized(&self.config, &self.weights, &self.quantized, &self.source)
     }
 }
 
@@ -84,6 +89,17 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
         SourceKind::HuggingFace => hf::load_hf_dir(path, device),
         SourceKind::Native => native::load_native_dir(path, device),
         SourceKind::Run => native::load_native_dir(&newest_checkpoint(path)?, device),
+    }
+}
+
+/// [`load_model`] for running a model, not training it: a GGUF file's quantized matrices
+/// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q6_K`) stay in their blocks on the CPU and run on integer
+/// dot products ([`crate::nn::ops::quant`]), so memory holds about the file's size; other
+/// sources load as [`load_model`] does.
+pub fn load_model_for_inference(path: &Path, device: &Device) -> Result<LoadedModel> {
+    match source_kind(path)? {
+        SourceKind::Gguf if device.is_cpu() => gguf::load_gguf_quantized(path),
+        _ => load_model(path, device),
     }
 }
 

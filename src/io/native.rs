@@ -17,7 +17,7 @@ pub fn load_native_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let weights = read_safetensors_dir(dir, device)?;
     check_weights(&config, &weights, &dir.join("model.safetensors"))?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
-    Ok(LoadedModel { config, weights, tokenizer, source: dir.to_path_buf() })
+    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, source: dir.to_path_buf() })
 }
 
 /// Write config, weights and tokenizer into `dir` (created if needed).

@@ -27,7 +27,8 @@ use crate::nn::attention::{RopeTables, Step};
 use crate::nn::ops;
 use crate::nn::positions::{alibi_slopes, sinusoidal_table, Rope, CACHED_ROPE_POSITIONS};
 use crate::nn::{
-    Attention, CrossKv, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, Pass, RollingCache, RouterReport,
+    Attention, CrossKv, FeedForward, FullCache, KvCache, Linear, Norm, ParamSource, Pass, QuantizedWeights,
+    RollingCache, RouterReport, TokenEmbedding,
 };
 
 /// One transformer block: self-attention, cross-attention over an encoder's output (in the
@@ -178,7 +179,7 @@ struct Encoder {
 pub struct Model {
     config: ModelConfig,
     /// Shared by the encoder, the decoder and (when tied) the output head.
-    tok_embeddings: Embedding,
+    tok_embeddings: TokenEmbedding,
     pos_embeddings: Option<Embedding>,
     rope: Option<Rope>,
     encoder: Option<Encoder>,
@@ -194,10 +195,21 @@ impl Model {
     /// Build from canonical weights (checked against `config.param_specs()`); `origin` names the
     /// weights' file in errors.
     pub fn new(config: &ModelConfig, weights: &HashMap<String, Tensor>, origin: &Path) -> Result<Self> {
+        Model::with_quantized(config, weights, &QuantizedWeights::new(), origin)
+    }
+
+    /// [`new`](Self::new) with some weights kept quantized (inference only): the two maps
+    /// together hold the config's parameters.
+    pub fn with_quantized(
+        config: &ModelConfig,
+        weights: &HashMap<String, Tensor>,
+        quantized: &QuantizedWeights,
+        origin: &Path,
+    ) -> Result<Self> {
         config.validate()?;
-        let params = ParamSource::checked(config, weights, origin)?;
-        let tok = params.get("tok_embeddings.weight");
-        let device = tok.device().clone();
+        let params = ParamSource::checked_with_quantized(config, weights, quantized, origin)?;
+        let tok = params.weight("tok_embeddings.weight");
+        let device = tok.device();
         let rope = match config.positions {
             Positions::Rope { theta, scaling, .. } => Some(
                 Rope::new(theta, config.rotary_dims(), scaling.as_ref())
@@ -205,8 +217,8 @@ impl Model {
             ),
             _ => None,
         };
-        let head_weight = if config.tie_embeddings { tok.clone() } else { params.get("lm_head.weight") };
-        let head = Linear::new(head_weight, params.get_opt("lm_head.bias"));
+        let head_weight = if config.tie_embeddings { tok.clone() } else { params.weight("lm_head.weight") };
+        let head = Linear::from_weight(head_weight, params.get_opt("lm_head.bias"));
         let final_norm = |params: &ParamSource| {
             (config.norm_placement == NormPlacement::Pre)
                 .then(|| Norm::new(config.norm, config.norm_eps, &params.pp("final_norm")))
@@ -225,7 +237,7 @@ impl Model {
         });
         let cross = encoder.is_some();
         Ok(Model {
-            tok_embeddings: Embedding::new(tok, config.d_model),
+            tok_embeddings: TokenEmbedding::new(tok, config.d_model),
             pos_embeddings: positions(&params),
             rope,
             encoder,

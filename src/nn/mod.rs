@@ -13,6 +13,7 @@ pub mod params;
 pub mod pass;
 pub mod positions;
 pub mod router;
+pub mod weight;
 
 pub use attention::{Attention, CrossKv};
 pub use ffn::FeedForward;
@@ -22,3 +23,4 @@ pub use norm::Norm;
 pub use params::ParamSource;
 pub use pass::Pass;
 pub use router::{RouterLosses, RouterReport};
+pub use weight::{QuantizedWeights, TokenEmbedding, Weight};

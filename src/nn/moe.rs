@@ -114,7 +114,7 @@ impl MoeFfn {
 /// The weights of `layers` stacked along their outputs, and their biases when they have them.
 fn stack<'a>(layers: impl Iterator<Item = &'a Linear>) -> Result<(Tensor, Option<Tensor>)> {
     let layers: Vec<&Linear> = layers.collect();
-    let weights: Vec<&Tensor> = layers.iter().map(|l| l.weight()).collect();
+    let weights = layers.iter().map(|l| l.weight()).collect::<Result<Vec<&Tensor>>>()?;
     let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.bias()).collect();
     let bias = if biases.len() == layers.len() { Some(Tensor::cat(&biases, 0)?) } else { None };
     Ok((Tensor::cat(&weights, 0)?, bias))

@@ -60,5 +60,15 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let config = file.config()?;
     let weights = file.weights(&config, device)?;
     let tokenizer = file.tokenizer()?;
-    Ok(LoadedModel { config, weights, tokenizer, source: path.to_path_buf() })
+    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, source: path.to_path_buf() })
+}
+
+/// [`load_gguf`] for inference: the matrices in a block format the integer kernels read stay
+/// quantized (see [`GgufFile::weights_quantized`]), on the CPU.
+pub fn load_gguf_quantized(path: &Path) -> Result<LoadedModel> {
+    let file = GgufFile::open(path)?;
+    let config = file.config()?;
+    let (weights, quantized) = file.weights_quantized(&config)?;
+    let tokenizer = file.tokenizer()?;
+    Ok(LoadedModel { config, weights, quantized, tokenizer, source: path.to_path_buf() })
 }

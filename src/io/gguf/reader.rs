@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
@@ -18,6 +19,8 @@ use crate::config::{
 };
 use crate::error::{bullet_list, without_backtrace, Error, Result};
 use crate::io::tokenizer::TextTokenizer;
+use crate::nn::ops::quant::{QFormat, QMatrix};
+use crate::nn::QuantizedWeights;
 
 /// An opened GGUF file whose header has been read and checked; the steps of
 /// [`load_gguf`](super::load_gguf).
@@ -176,12 +179,43 @@ impl GgufFile {
     /// All names, shapes and types are checked against `config.param_specs()` first, and every
     /// problem is reported at once, before any data is read.
     pub fn weights(&self, config: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+        Ok(self.read_weights(config, device, false)?.0)
+    }
+
+    /// Every parameter of `config` on the CPU, as [`weights`](Self::weights) but with each
+    /// matrix stored in a format the integer kernels read ([`QFormat`]) kept in its blocks
+    /// (for inference): the tensors, and the quantized matrices. A mixture's experts, stored
+    /// stacked in one tensor, are dequantized (their grouped product runs on tensors).
+    pub fn weights_quantized(&self, config: &ModelConfig) -> Result<(HashMap<String, Tensor>, QuantizedWeights)> {
+        self.read_weights(config, &Device::Cpu, true)
+    }
+
+    fn read_weights(
+        &self,
+        config: &ModelConfig,
+        device: &Device,
+        keep_quantized: bool,
+    ) -> Result<(HashMap<String, Tensor>, QuantizedWeights)> {
         let plan = self.plan(config)?;
         let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let mut reader = BufReader::new(file);
         let mut weights = HashMap::with_capacity(config.param_specs().len());
+        let mut quantized = QuantizedWeights::new();
         for tensor in plan {
             let info = &self.content.tensor_infos[&tensor.name];
+            let described = |e: candle_core::Error| {
+                let e = without_backtrace(e);
+                self.err(format!("tensor `{}` ({}): {e}", tensor.name, type_name(info.ggml_dtype)))
+            };
+            let kept = QFormat::from_ggml(info.ggml_dtype).filter(|_| keep_quantized && !tensor.stacked);
+            if let (Some(format), [name]) = (kept, tensor.parts.as_slice()) {
+                if info.shape.rank() == 2 {
+                    let q =
+                        self.read_quantized(&mut reader, info, format, tensor.rows.heads(config)).map_err(described)?;
+                    quantized.insert(name.clone(), Arc::new(q));
+                    continue;
+                }
+            }
             let read = |reader: &mut BufReader<File>| -> candle_core::Result<Vec<Tensor>> {
                 let q = info.read(reader, self.content.tensor_data_offset, &Device::Cpu)?;
                 let w = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -196,13 +230,32 @@ impl GgufFile {
                 };
                 parts.into_iter().map(|p| p.to_device(device)).collect()
             };
-            let parts = read(&mut reader).map_err(|e| {
-                let e = without_backtrace(e);
-                self.err(format!("tensor `{}` ({}): {e}", tensor.name, type_name(info.ggml_dtype)))
-            })?;
+            let parts = read(&mut reader).map_err(described)?;
             weights.extend(tensor.parts.into_iter().zip(parts));
         }
-        Ok(weights)
+        Ok((weights, quantized))
+    }
+
+    /// One `(out, in)` matrix's blocks as they are in the file, with the q/k rows put back in
+    /// lmforge's order (the same reordering [`unpermute_rope_rows`] makes, applied to whole rows).
+    fn read_quantized(
+        &self,
+        reader: &mut BufReader<File>,
+        info: &TensorInfo,
+        format: QFormat,
+        rope_heads: Option<usize>,
+    ) -> candle_core::Result<QMatrix> {
+        let q = info.read(reader, self.content.tensor_data_offset, &Device::Cpu)?;
+        let (rows, cols) = q.shape().dims2()?;
+        let matrix = QMatrix::new(format, rows, cols, q.data()?.into_owned())?;
+        match rope_heads {
+            Some(heads) => {
+                let order = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?;
+                let order = unpermute_rope_rows(&order, heads)?.flatten_all()?.to_vec1::<u32>()?;
+                matrix.select_rows(&order.into_iter().map(|r| r as usize).collect::<Vec<_>>())
+            }
+            None => Ok(matrix),
+        }
     }
 
     /// The tokenizer stored in the metadata; `None` when the file carries none.

@@ -63,7 +63,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     }
     let weights = import_tensors(family, &config, &json, &mut file_tensors, dir)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
-    Ok(LoadedModel { config, weights, tokenizer, source: dir.to_path_buf() })
+    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, source: dir.to_path_buf() })
 }
 
 /// Map a checkpoint's tensors to canonical names with the family's table, after checking that

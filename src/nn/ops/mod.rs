@@ -28,6 +28,7 @@ pub mod linear;
 pub mod norm;
 pub mod parallel;
 pub mod pointwise;
+pub mod quant;
 pub mod rope;
 mod simd;
 mod tile;

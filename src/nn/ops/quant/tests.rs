@@ -1,0 +1,146 @@
+//! Every kernel path that runs on this machine against the `f32` product of candle's
+//! dequantized weights, for each of the five formats, within the bound of the module docs.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::act::{self, Q8Block};
+use super::*;
+
+/// Kernels this CPU runs; the VNNI one must run where CI sets `LMFORGE_REQUIRE_VNNI`.
+fn kernels() -> Vec<QuantKernel> {
+    let mut kernels = vec![QuantKernel::Scalar];
+    if vnni_available() {
+        kernels.push(QuantKernel::Vnni);
+    } else {
+        assert!(
+            std::env::var_os("LMFORGE_REQUIRE_VNNI").is_none(),
+            "LMFORGE_REQUIRE_VNNI is set, but this CPU has no VNNI"
+        );
+    }
+    kernels
+}
+
+/// A `(rows, cols)` matrix of varied magnitudes (some rows near zero, an outlier column).
+fn values(rows: usize, cols: usize, seed: u64) -> Tensor {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            let base = ((i as u64 * 2654435761 + seed * 97) % 10007) as f32 / 10007.0 - 0.5;
+            let row_scale = 0.02 + (r % 5) as f32 * 0.3;
+            base * row_scale * if c % 61 == 7 { 8.0 } else { 1.0 }
+        })
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+}
+
+/// `|y − x·deq(W)ᵀ|` allowed per output: half an activation step times `Σ|w|`, per block
+/// (plus f32 rounding of the sums).
+fn bound(x: &[f32], w: &[f32], digits: usize) -> f32 {
+    let step = 254f32.powi(digits as i32);
+    let rounding: f32 = x.iter().zip(w).map(|(a, b)| (a * b).abs()).sum::<f32>() * 1e-6;
+    x.chunks(32)
+        .zip(w.chunks(32))
+        .map(|(xb, wb)| {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            amax / step * wb.iter().map(|v| v.abs()).sum::<f32>()
+        })
+        .sum::<f32>()
+        * 1.001
+        + rounding
+        + 1e-6
+}
+
+fn check(format: QFormat, rows: usize, cols: usize, tokens: usize) {
+    let w = QMatrix::quantize(&values(rows, cols, 1), format).unwrap();
+    let deq = w.dequantize().unwrap(); // (rows, cols)
+    let x = values(tokens, cols, 2);
+    let reference = x.matmul(&deq.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+    let (xs, ws) = (x.to_vec2::<f32>().unwrap(), deq.to_vec2::<f32>().unwrap());
+    for kernel in kernels() {
+        for digits in [1, 2] {
+            let mut out = vec![f32::NAN; tokens * rows];
+            matmul(kernel, digits, &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &w, &mut out);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let (got, want) = (out[t * rows + r], reference[t][r]);
+                    let tol = bound(&xs[t], &ws[r], digits);
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{format} {kernel:?} {digits} digits ({t}, {r}): {got} vs {want}, bound {tol}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_format_and_kernel_matches_the_dequantized_product() {
+    for format in QFormat::ALL {
+        // decode (one row), a small prefill, rows not a multiple of a task
+        check(format, 37, 512, 1);
+        check(format, 19, 768, 5);
+    }
+}
+
+/// The kernels differ only in summation order: they agree to f32 rounding, not just the bound.
+#[test]
+fn kernels_agree_with_each_other() {
+    let kernels = kernels();
+    for format in QFormat::ALL {
+        let w = QMatrix::quantize(&values(8, 256, 3), format).unwrap();
+        let x = values(1, 256, 4).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for digits in [1, 2] {
+            let mut acts = vec![Q8Block::ZERO; 8 * digits];
+            act::quantize_row(&x, &mut acts, digits);
+            for r in 0..8 {
+                let reference = scalar::dot(format, w.row(r), &acts, digits);
+                for &kernel in &kernels {
+                    let got = dot(kernel, format, w.row(r), &acts, digits);
+                    let close = (got - reference).abs() <= 1e-5 * (1.0 + reference.abs());
+                    assert!(close, "{format} {kernel:?}: {got} vs {reference}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_op_keeps_leading_dims_and_refuses_gradients() {
+    let w = Arc::new(QMatrix::quantize(&values(6, 64, 5), QFormat::Q8_0).unwrap());
+    let x = candle_core::Var::from_tensor(&values(6, 64, 6).reshape((2, 3, 64)).unwrap()).unwrap();
+    let y = qmatmul(&x, &w).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 6]);
+    let err = y.sum_all().unwrap().backward().unwrap_err().to_string();
+    assert!(err.contains("quantized (Q8_0) weight has no gradient") && err.contains("HINT"), "{err}");
+    let err = qmatmul(&values(1, 32, 0), &w).unwrap_err().to_string();
+    assert!(err.contains("input has 32 features"), "{err}");
+}
+
+#[test]
+fn rows_are_selected_as_whole_blocks() {
+    let t = values(4, 256, 7);
+    let w = QMatrix::quantize(&t, QFormat::Q4K).unwrap();
+    let swapped = w.select_rows(&[2, 0, 3, 1]).unwrap().dequantize().unwrap();
+    let deq = w.dequantize().unwrap();
+    let expected =
+        Tensor::cat(&[deq.get(2).unwrap(), deq.get(0).unwrap(), deq.get(3).unwrap(), deq.get(1).unwrap()], 0)
+            .unwrap()
+            .reshape((4, 256))
+            .unwrap();
+    assert_eq!(swapped.to_vec2::<f32>().unwrap(), expected.to_vec2::<f32>().unwrap());
+    assert!(w.select_rows(&[0, 1]).is_err());
+    assert!(QMatrix::new(QFormat::Q4_0, 2, 64, vec![0; 71]).unwrap_err().to_string().contains("72 bytes"));
+}
+
+#[test]
+fn a_forced_kernel_this_cpu_lacks_is_an_error() {
+    assert_eq!(select(Some("scalar")), Ok(QuantKernel::Scalar));
+    assert!(select(Some("amx")).unwrap_err().contains("unknown kernel"));
+    match vnni_available() {
+        true => assert_eq!(select(None), Ok(QuantKernel::Vnni)),
+        false => assert!(select(Some("vnni")).unwrap_err().contains("HINT")),
+    }
+}
