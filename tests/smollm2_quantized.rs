@@ -11,6 +11,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::{load_model, load_model_for_inference};
+use lmforge::nn::ops::quant::DEQUANTIZED_FROM_TOKENS;
 
 use fetched::smollm2;
 
@@ -38,11 +39,19 @@ fn quantized_smollm2_matches_its_dequantized_self_and_answers_paris() {
     let prompt = tokenizer.apply_chat_template("What is the capital of France?").unwrap();
     let ids = tokenizer.encode(&prompt, false).unwrap();
     let (q_model, d_model) = (quantized.build().unwrap(), dense.build().unwrap());
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = |m: &lmforge::model::Model| -> Vec<Vec<f32>> {
-        m.forward(&input, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    // The prompt in chunks through the KV cache: chunks shorter than DEQUANTIZED_FROM_TOKENS
+    // run on the integer kernels, a whole-prompt chunk on the dequantized matrices.
+    let logits = |m: &lmforge::model::Model, chunk: usize| -> Vec<Vec<f32>> {
+        let mut cache = m.new_cache();
+        let mut rows = Vec::new();
+        for piece in ids.chunks(chunk) {
+            let input = Tensor::new(piece, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            rows.extend(m.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap());
+        }
+        rows
     };
-    let (q, d) = (logits(&q_model), logits(&d_model));
+    assert!(ids.len() >= DEQUANTIZED_FROM_TOKENS, "the prompt exercises both paths");
+    let (q, d) = (logits(&q_model, DEQUANTIZED_FROM_TOKENS - 1), logits(&d_model, ids.len()));
     // Tolerance: the activations are rounded (two 8-bit blocks per 32 values, about 16 bits)
     // before every product (the weights are exact), through 30 layers. Measured: max |Δ| of
     // 0.03% of the logits' spread (≈ 0.01 of ≈ 30); allowed 0.2%, and the same top token at
@@ -57,6 +66,10 @@ fn quantized_smollm2_matches_its_dequantized_self_and_answers_paris() {
     }
     println!("max |Δlogit| / spread of the position's logits: {worst}");
     assert!(worst < 0.002, "max |Δlogit| / spread = {worst}");
+    // The whole prompt at once: the f32 product of the exact dequantized weights.
+    let whole = logits(&q_model, ids.len());
+    let prefill_worst = whole.iter().flatten().zip(d.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(prefill_worst < 1e-3, "max |Δlogit| of the dequantized prefill: {prefill_worst}");
 
     let options = GenerateOptions {
         max_new_tokens: 20,

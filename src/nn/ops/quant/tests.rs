@@ -144,3 +144,20 @@ fn a_forced_kernel_this_cpu_lacks_is_an_error() {
         false => assert!(select(Some("vnni")).unwrap_err().contains("HINT")),
     }
 }
+
+#[test]
+fn a_prefill_sized_product_runs_on_the_dequantized_matrix() {
+    let w = Arc::new(QMatrix::quantize(&values(48, 256, 8), QFormat::Q4_1).unwrap());
+    let tokens = super::DEQUANTIZED_FROM_TOKENS;
+    let x = values(tokens, 256, 9).reshape((1, tokens, 256)).unwrap();
+    let want = x.broadcast_matmul(&w.dequantize().unwrap().t().unwrap()).unwrap(); // (1, T, 48)
+    let got = qmatmul(&x, &w).unwrap();
+    let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    // The f32 GEMM on the exact dequantized weights: only summation order differs.
+    assert!(diff <= 1e-5 * scale, "{diff} vs scale {scale}");
+    // One token fewer takes the integer kernels, whose 8-bit activations differ more.
+    let short = qmatmul(&x.narrow(1, 0, tokens - 1).unwrap(), &w).unwrap();
+    let short_diff = (&short - &want.narrow(1, 0, tokens - 1).unwrap()).unwrap().abs().unwrap();
+    assert!(short_diff.max_all().unwrap().to_scalar::<f32>().unwrap() > diff);
+}
