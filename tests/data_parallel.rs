@@ -8,43 +8,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod small_run;
+
 fn lmforge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lmforge"))
 }
 
-/// A small run config: 2 layers of width 64, global batch 4, checkpoints every 8 steps.
+/// The tests' small run (tests/small_run): 2 layers of width 64, global batch 4, checkpoints
+/// every 8 steps.
 fn write_config(dir: &Path, run: &Path, steps: u64) -> PathBuf {
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen/persuasion.txt");
-    let text = format!(
-        r#"
-run_dir = "{run}"
-[model]
-arch = "tiny-llama"
-set = ["layers=2", "d_model=64", "attention.heads=4", "attention.kv_heads=2", "context_length=64", "vocab_size=512"]
-[data]
-train_files = ["{corpus}"]
-val_fraction = 0.1
-[train]
-steps = {steps}
-batch_size = 4
-seq_len = 32
-warmup_steps = 4
-lr = 0.003
-eval_every = 8
-eval_batches = 4
-sample_every = 0
-checkpoint_every = 8
-keep_last = 10
-log_every = 100
-[guard]
-warmup_steps = 5
-"#,
-        run = run.display(),
-        corpus = corpus.display(),
-    );
-    let path = dir.join(format!("{}.toml", run.file_name().unwrap().to_str().unwrap()));
-    std::fs::write(&path, text).unwrap();
-    path
+    small_run::write_config_with(dir, run, "tiny-llama", steps, &[])
 }
 
 #[cfg(feature = "mpi")]

@@ -7,52 +7,16 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
+mod small_run;
+use small_run::write_config_with;
+
 fn lmforge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lmforge"))
-}
-
-fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen/persuasion.txt")
 }
 
 /// A small run config; `arch` picks the family.
 fn write_config(dir: &Path, run: &Path, arch: &str, steps: u64) -> PathBuf {
     write_config_with(dir, run, arch, steps, &[])
-}
-
-/// [`write_config`] with more `--set`s.
-fn write_config_with(dir: &Path, run: &Path, arch: &str, steps: u64, extra: &[&str]) -> PathBuf {
-    let extra: String = extra.iter().map(|s| format!(", {s:?}")).collect();
-    let text = format!(
-        r#"
-run_dir = "{run}"
-[model]
-arch = "{arch}"
-set = ["layers=2", "d_model=64", "attention.heads=4", "attention.kv_heads=2", "context_length=64", "vocab_size=512"{extra}]
-[data]
-train_files = ["{corpus}"]
-val_fraction = 0.1
-[train]
-steps = {steps}
-batch_size = 4
-seq_len = 32
-warmup_steps = 4
-lr = 0.003
-eval_every = 8
-eval_batches = 4
-sample_every = 0
-checkpoint_every = 8
-keep_last = 10
-log_every = 100
-[guard]
-warmup_steps = 5
-"#,
-        run = run.display(),
-        corpus = corpus().display(),
-    );
-    let path = dir.join(format!("{}.toml", run.file_name().unwrap().to_str().unwrap()));
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 fn run(args: &[&str]) -> Output {
