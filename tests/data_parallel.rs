@@ -25,6 +25,7 @@ mod with_mpi {
     use std::process::{Output, Stdio};
     use std::time::{Duration, Instant};
 
+    use super::small_run::{events, losses, metrics};
     use super::*;
 
     fn succeed(mut command: Command) -> Output {
@@ -38,28 +39,6 @@ mod with_mpi {
         let mut command = lmforge();
         command.args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"]).args(extra);
         succeed(command);
-    }
-
-    /// The JSON lines of a run's metrics.
-    fn metrics(run: &Path) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    /// (step, loss) of every training step, the loss as written (so equal strings = equal bits).
-    fn losses(run: &Path) -> Vec<(u64, String)> {
-        metrics(run)
-            .iter()
-            .filter(|v| v.get("loss").is_some())
-            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
-            .collect()
-    }
-
-    fn events(run: &Path, kind: &str) -> usize {
-        metrics(run).iter().filter(|v| v["event"] == kind).count()
     }
 
     fn checkpoint(run: &Path, step: u64) -> PathBuf {

@@ -4,6 +4,7 @@
 //! Hugging Face Mixtral checked by `transformers`, and clear errors on bad input.
 
 mod fetched;
+mod small_run;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use lmforge::model::{init_weights, Model};
 use lmforge::train::TrainRng;
 
 use fetched::smollm2;
+use small_run::{corpus, metrics};
 
 fn lmforge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().expect("run lmforge")
@@ -33,18 +35,6 @@ fn fails(args: &[&str]) -> String {
     assert!(!out.status.success(), "lmforge {args:?} should fail");
     assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
     stderr
-}
-
-fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen/persuasion.txt")
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn f64_weights(config: &ModelConfig, scale: f64) -> HashMap<String, Tensor> {

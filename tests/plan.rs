@@ -4,12 +4,14 @@
 //! shared machine are not a test.)
 
 mod fetched;
+mod small_run;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use fetched::smollm2;
+use small_run::corpus;
 
 fn lmforge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lmforge"))
@@ -28,10 +30,6 @@ fn fails(args: &[&str]) -> String {
     assert!(!out.status.success(), "lmforge {args:?} should fail");
     assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
     stderr
-}
-
-fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen/persuasion.txt")
 }
 
 fn json(text: &str) -> serde_json::Value {

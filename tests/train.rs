@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 mod small_run;
-use small_run::write_config_with;
+use small_run::{events, losses, metrics, write_config_with};
 
 fn lmforge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lmforge"))
@@ -25,29 +25,8 @@ fn run(args: &[&str]) -> Output {
     out
 }
 
-/// (step, loss) of every training step in metrics.jsonl.
-fn losses(run: &Path) -> Vec<(u64, String)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
-        .collect()
-}
-
-fn events(run: &Path, kind: &str) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&format!("\"event\":\"{kind}\"")))
-        .count()
-}
-
 fn final_val_loss(run: &Path) -> f64 {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let last = text.lines().rfind(|l| l.contains("val_loss")).unwrap();
-    serde_json::from_str::<serde_json::Value>(last).unwrap()["val_loss"].as_f64().unwrap()
+    metrics(run).iter().rev().find_map(|v| v.get("val_loss")?.as_f64()).unwrap()
 }
 
 /// Every tensor of the two checkpoints equal bit for bit.
@@ -252,12 +231,7 @@ warmup_steps = 5
 
 /// Every metrics line with a validation loss: (step, val_loss).
 fn val_losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("val_loss")?.as_f64()?)))
-        .collect()
+    metrics(run).iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("val_loss")?.as_f64()?))).collect()
 }
 
 /// Encoder–decoder training on real verses: the label-smoothed training loss and the
@@ -283,11 +257,7 @@ fn seq2seq_training_lowers_the_loss() {
     assert!(v0 > (512f64).ln() - 1.0 && v1 < v0 - 1.5, "validation loss {v0:.3} → {v1:.3}");
 
     // Tokens per step are the batches' real target tokens, not a fixed window count.
-    let tokens: Vec<u64> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tokens"].as_u64())
-        .collect();
+    let tokens: Vec<u64> = metrics(&run_dir).iter().filter_map(|v| v["tokens"].as_u64()).collect();
     let steps: std::collections::BTreeSet<u64> = tokens.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(steps.len() > 1 && steps.iter().all(|&t| t > 0 && t <= 768), "{steps:?}");
 }

@@ -1,9 +1,13 @@
 //! The small training run the integration tests start (2 layers of width 64 on the bundled
-//! Austen text, batch 4 × 32, checkpoints every 8 steps), written once for every test file that
-//! trains (each includes this module).
+//! Austen text, batch 4 × 32, checkpoints every 8 steps) and the readers of its metrics, written
+//! once for every test file that trains (each includes this module).
+
+// Each test file is its own crate and uses only part of this module.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
+/// The bundled Austen text the test runs train on.
 pub fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/austen/persuasion.txt")
 }
@@ -41,4 +45,27 @@ warmup_steps = 5
     let path = dir.join(format!("{}.toml", run.file_name().unwrap().to_str().unwrap()));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The JSON lines of a run's `metrics.jsonl`.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (step, loss) of every training step, the loss as written (so equal strings = equal bits).
+pub fn losses(run: &Path) -> Vec<(u64, String)> {
+    metrics(run)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
+        .collect()
+}
+
+/// How many `{"event": kind}` lines the run logged.
+pub fn events(run: &Path, kind: &str) -> usize {
+    metrics(run).iter().filter(|v| v["event"] == kind).count()
 }
