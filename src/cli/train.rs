@@ -74,6 +74,10 @@ pub struct TrainArgs {
     /// Most tokens of either side in a batch of pairs, padding included (default 4096).
     #[arg(long)]
     batch_tokens: Option<usize>,
+    /// Share (0 to 1) of the training pairs also trained as target → target copies, which
+    /// teaches the cross-attention to align (default 0; 1 suits KJV → WEB).
+    #[arg(long, value_name = "SHARE")]
+    copied_targets: Option<f64>,
     /// Label smoothing of the training loss, 0 <= e < 1 (default for parallel data: 0.1, as the
     /// original Transformer).
     #[arg(long)]
@@ -343,6 +347,7 @@ fn parallel_flags(args: &TrainArgs) -> bool {
         || args.books.is_some()
         || args.val_books.is_some()
         || args.batch_tokens.is_some()
+        || args.copied_targets.is_some()
 }
 
 /// The parallel-data section from the flags, on top of the run config's own if it has one.
@@ -379,6 +384,9 @@ fn parallel_data(args: &TrainArgs, from_config: Option<ParallelData>) -> anyhow:
     }
     if let Some(v) = args.batch_tokens {
         spec.batch_tokens = v;
+    }
+    if let Some(v) = args.copied_targets {
+        spec.copied_targets = v;
     }
     Ok(spec)
 }

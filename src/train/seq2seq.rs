@@ -19,7 +19,8 @@ use super::setup::{init_config, open_run_dir, Prepared};
 use super::task::{PairData, TrainData};
 use crate::config::{Layout, ModelConfig};
 use crate::data::parallel::{
-    encode_pairs, train_shared_bpe, BookSplit, ParallelCorpus, ParallelData, SpecialIds, SplitRole, TokenPairs, PAD,
+    add_copied_targets, encode_pairs, train_shared_bpe, BookSplit, ParallelCorpus, ParallelData, SpecialIds, SplitRole,
+    TokenPairs, PAD,
 };
 use crate::error::{Error, Result};
 use crate::io::{self, TextTokenizer};
@@ -41,7 +42,10 @@ pub struct Seq2SeqPrepared {
     pub tokenizer_file: PathBuf,
     pub specials: SpecialIds,
     pub split: BookSplit,
+    /// The training pairs, [`add_copied_targets`]' copies included.
     pub train: Arc<TokenPairs>,
+    /// How many of `train` are `target → target` copies.
+    pub copied_targets: usize,
     pub val: Arc<TokenPairs>,
     /// Held-out pairs, encoded so that a source too long for the model fails now, not at
     /// evaluation; scored by `eval translate`, never trained or validated on.
@@ -78,8 +82,12 @@ pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: 
     };
     check_data_fits_layout(&model_config, Some(parallel))?;
 
-    let corpus = ParallelCorpus::read(&parallel.file, &parallel.source, &parallel.target)?;
+    let mut corpus = ParallelCorpus::read(&parallel.file, &parallel.source, &parallel.target)?;
     let split = BookSplit::new(&corpus, &parallel.test_books, &parallel.val_books, parallel.val_fraction)?;
+    let copied_targets = match parallel.copied_targets {
+        share if share > 0.0 => add_copied_targets(&mut corpus, &split, share),
+        _ => 0,
+    };
 
     let tokenizer_file = run_dir.join(TOKENIZER_FILE);
     if !tokenizer_file.exists() {
@@ -140,6 +148,7 @@ pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: 
             "test": split.books(SplitRole::Test),
         },
         "pairs": {"train": train.pairs.len(), "validation": val.pairs.len(), "test": test.pairs.len()},
+        "copied_targets": copied_targets,
         "tokens": {"train": train.tokens(), "validation": val.tokens(), "test": test.tokens()},
     });
     let split_path = run_dir.join(SPLIT_FILE);
@@ -151,7 +160,18 @@ pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: 
         None if resume => HashMap::new(),
         None => init_weights(&model_config, config.model.init_seed, &Device::Cpu)?,
     };
-    Ok(Seq2SeqPrepared { model_config, initial_weights, tokenizer, tokenizer_file, specials, split, train, val, test })
+    Ok(Seq2SeqPrepared {
+        model_config,
+        initial_weights,
+        tokenizer,
+        tokenizer_file,
+        specials,
+        split,
+        train,
+        copied_targets,
+        val,
+        test,
+    })
 }
 
 /// The special ids of a pretrained encoder–decoder: start and end from its config (Marian
@@ -175,11 +195,15 @@ pub fn prepare_training(config: &RunConfig, parallel: &ParallelData, resume: boo
     let prepared = prepare_seq2seq_run(config, parallel, resume)?;
     let list = |role| prepared.split.books(role).join(", ");
     eprintln!(
-        "{} → {}: {} training pairs ({} books), {} validation pairs ({}), {} test pairs ({}); {} tokens in the shared vocabulary",
+        "{} → {}: {} training pairs ({} books{}), {} validation pairs ({}), {} test pairs ({}); {} tokens in the shared vocabulary",
         parallel.source,
         parallel.target,
         prepared.train.pairs.len(),
         prepared.split.books(SplitRole::Train).len(),
+        match prepared.copied_targets {
+            0 => String::new(),
+            n => format!(", {n} of them copied targets"),
+        },
         prepared.val.pairs.len(),
         list(SplitRole::Validation),
         prepared.test.pairs.len(),

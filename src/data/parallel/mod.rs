@@ -4,6 +4,7 @@
 //! ```text
 //! bible.tsv(.gz) ──ParallelCorpus::read(source, target)──▶ text pairs, each with its book and line
 //!   ──BookSplit::new──▶ train / validation / test, by whole books
+//!   ──add_copied_targets (optional)──▶ + target → target copies of training pairs
 //!   ──train_shared_bpe (training pairs, both sides)──▶ one tokenizer: <pad> <s> </s> + bytes + merges
 //!   ──encode_pairs──▶ TokenPairs: source + </s>, target (lengths checked against the model)
 //!   ──PairSampler (length-sorted, token budget, seeded, resumable)──▶ PairBatch (B, S) / (B, T)
@@ -31,6 +32,7 @@
 //! ```
 
 mod batches;
+mod copies;
 mod corpus;
 mod pairs;
 mod split;
@@ -41,6 +43,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use batches::{padding_mask, PairBatch, PairSampler, PairSamplerState, PairTensors, SequentialPairBatches};
+pub use copies::add_copied_targets;
 pub use corpus::{ParallelCorpus, TextPair, BOOK_COLUMN};
 pub use pairs::{encode_pairs, TokenPair, TokenPairs};
 pub use split::{BookSplit, SplitRole};
@@ -73,6 +76,11 @@ pub struct ParallelData {
     /// source and rows × the longest target both stay within it. Vaswani et al. used ~25,000.
     #[serde(default = "default_batch_tokens")]
     pub batch_tokens: usize,
+    /// Share (0 to 1) of the training pairs also trained as `target → target` copies
+    /// (`--copied-targets`), which teaches the cross-attention to align: see
+    /// [`add_copied_targets`]. 0, the default, trains on the pairs as they are.
+    #[serde(default)]
+    pub copied_targets: f64,
 }
 
 /// Ruth, Jonah, Philemon and Jude: four short books (182 verses) from different parts of the
@@ -100,6 +108,7 @@ impl ParallelData {
             val_books: vec![],
             val_fraction: default_val_fraction(),
             batch_tokens: default_batch_tokens(),
+            copied_targets: 0.0,
         }
     }
 
@@ -132,6 +141,12 @@ impl ParallelData {
         }
         if self.batch_tokens == 0 {
             problems.push("data.parallel.batch_tokens = 0, expected a positive number".into());
+        }
+        if !(0.0..=1.0).contains(&self.copied_targets) {
+            problems.push(format!(
+                "data.parallel.copied_targets = {}, expected a share of the training pairs, 0 <= share <= 1",
+                self.copied_targets
+            ));
         }
         problems
     }

@@ -64,6 +64,30 @@ fn small_pairs(dir: &TempDir) -> (ParallelCorpus, BookSplit, TokenPairs) {
     (corpus, split, train)
 }
 
+#[test]
+fn copied_targets_are_training_targets_on_both_sides_after_the_originals() {
+    let dir = TempDir::new("copied-targets");
+    let mut corpus = ParallelCorpus::read(&small_corpus(&dir), "en", "es").unwrap();
+    let split = BookSplit::new(&corpus, &["Zeta".into()], &["Delta".into()], 0.1).unwrap();
+    let originals = corpus.pairs.clone();
+    let training: Vec<TextPair> = split.pairs(&corpus, SplitRole::Train).cloned().collect();
+
+    let added = add_copied_targets(&mut corpus, &split, 1.0);
+    assert_eq!(added, training.len());
+    assert_eq!(corpus.pairs[..originals.len()], originals[..], "the originals come first, unchanged");
+    for (copy, pair) in corpus.pairs[originals.len()..].iter().zip(&training) {
+        assert_eq!((copy.book, copy.line), (pair.book, pair.line));
+        assert_eq!((&copy.source, &copy.target), (&pair.target, &pair.target));
+    }
+    for role in [SplitRole::Validation, SplitRole::Test] {
+        assert!(split.pairs(&corpus, role).all(|p| originals.contains(p)), "no copies of {role:?} books");
+    }
+
+    let mut half = ParallelCorpus::read(&small_corpus(&dir), "en", "es").unwrap();
+    let some = add_copied_targets(&mut half, &split, 0.5);
+    assert!(some > 0 && some < added, "half the training pairs: {some} of {added}");
+}
+
 // ---------------------------------------------------------------- reading
 
 #[test]
@@ -400,11 +424,18 @@ fn run_config_section_reports_every_problem() {
         val_books: vec!["Ruth".into(), " ".into()],
         val_fraction: 1.5,
         batch_tokens: 0,
+        copied_targets: 1.5,
         ..ok
     };
     let problems = bad.problems().join("\n");
-    for part in ["both `kjv`", "val_books has an empty", "`Ruth` is in both", "val_fraction = 1.5", "batch_tokens = 0"]
-    {
+    for part in [
+        "both `kjv`",
+        "val_books has an empty",
+        "`Ruth` is in both",
+        "val_fraction = 1.5",
+        "batch_tokens = 0",
+        "copied_targets = 1.5",
+    ] {
         assert!(problems.contains(part), "{problems}");
     }
 }
