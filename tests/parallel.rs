@@ -119,6 +119,30 @@ fn train_prepares_the_parallel_run_and_trains() {
 }
 
 #[test]
+fn copied_targets_train_each_training_target_also_as_its_own_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = small_tsv(dir.path());
+    let run = dir.path().join("run");
+    let (run_s, tsv_s) = (run.to_str().unwrap(), tsv.to_str().unwrap());
+    let mut args = train_args(run_s, tsv_s);
+    args.extend(["--copied-targets", "1", "--batch-tokens", "512", "--steps", "2", "--warmup-steps", "1"]);
+    args.extend(["--sample-every", "0"]);
+    let out = lmforge(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_mentions(&stderr, &["en → es: 134 training pairs (4 books, 67 of them copied targets), 6 validation pairs"]);
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
+    assert_eq!((split["pairs"]["train"].as_u64(), split["copied_targets"].as_u64()), (Some(134), Some(67)));
+    assert_eq!(split["pairs"]["validation"], 6, "validation pairs are never copied");
+    let config = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(config.contains("copied_targets = 1.0"), "{config}");
+
+    let err = fails(&["train", "--no-supervisor", "--resume", run_s, "--copied-targets", "0.5"]);
+    assert_mentions(&err, &["differ from the run being resumed"]);
+}
+
+#[test]
 fn layout_and_data_must_agree() {
     let dir = tempfile::tempdir().unwrap();
     let tsv = small_tsv(dir.path());
