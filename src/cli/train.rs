@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use clap::Args;
 use lmforge::data::parallel::ParallelData;
+use lmforge::device::DeviceSpec;
 use lmforge::nn::ops::Precision;
 use lmforge::plan::seconds;
 use lmforge::train::checkpoint;
@@ -112,6 +113,10 @@ pub struct TrainArgs {
     /// weights, optimizer and checkpoints stay f32).
     #[arg(long, value_name = "f32|bf16")]
     precision: Option<Precision>,
+    /// Where to compute: cpu, cuda or cuda:N (default: the first GPU in a build with the `cuda`
+    /// feature when one is present, else the CPU). May differ on resume.
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    device: Option<DeviceSpec>,
     /// Inject a fault to test recovery: `nan@step=N`, `spike@step=N`, `crash@step=N`.
     #[arg(long = "inject", value_name = "KIND@step=N")]
     inject: Vec<String>,
@@ -249,8 +254,12 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
             run_dir.display()
         );
     }
-    // What may change on resume: how long to train and how often to report.
+    // What may change on resume: how long to train, how often to report, and where (the
+    // checkpoints are device-independent).
     let t = &mut stored.train;
+    if args.device.is_some() {
+        t.device = args.device;
+    }
     if let Some(v) = args.steps {
         t.steps = v;
     }
@@ -332,6 +341,9 @@ fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> an
     );
     if let Some(v) = args.warmup_steps {
         t.warmup_steps = Some(v);
+    }
+    if args.device.is_some() {
+        t.device = args.device;
     }
     Ok(c)
 }
