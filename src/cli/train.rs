@@ -166,7 +166,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// Say which kernels the matrix products run on, when not the default.
 pub(super) fn announce_kernels(config: &RunConfig) -> anyhow::Result<()> {
-    if config.train.precision == Precision::Bf16 {
+    if DeviceSpec::or_default(config.train.device) != DeviceSpec::Cpu {
+        // Off the CPU the products are candle's (cuBLAS), at the run's precision.
+        eprintln!("{} matrix products on the GPU's cuBLAS", config.train.precision);
+    } else if config.train.precision == Precision::Bf16 {
         lmforge::nn::ops::bf16::kernel()?;
         eprintln!("bf16 matrix products on {}", lmforge::nn::ops::bf16::describe());
     } else if let Some(blas) = lmforge::nn::ops::blas::loaded() {
