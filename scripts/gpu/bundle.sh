@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build what scripts/gpu/prove.sh runs on a GPU machine that has no Rust toolchain: the `cuda`
 # build of lmforge, its library tests and tests/device.rs, stripped, with libcudart, into
-# gpu-bundle/ (ignored by git; carry it to the GPU machine). About 60 MB, under the device
-# tool's 64 MiB. Run here, on a CPU machine:
+# gpu-bundle/ (ignored by git; carry it to the GPU machine). Stripped they take about 170 MB,
+# mostly candle's PTX text, so they travel xz-compressed: about 25 MB, under the device tool's
+# 64 MiB. Run here, on a CPU machine:
 #
 #   bash scripts/gpu/bundle.sh        # then: run(command="bash scripts/gpu/prove.sh", carry=["gpu-bundle"])
 #
@@ -32,5 +33,5 @@ strip gpu-bundle/lmforge gpu-bundle/lib-tests gpu-bundle/device-tests
 cp "$CUDA_ROOT/lib/libcudart.so.13" gpu-bundle/
 echo "$PWD" > gpu-bundle/ROOT
 echo "$CARGO_TARGET_DIR/release/lmforge" > gpu-bundle/BIN
+(cd gpu-bundle && XZ_OPT="-6 -T0" tar -cJf binaries.tar.xz lmforge lib-tests device-tests libcudart.so.13 && rm lmforge lib-tests device-tests libcudart.so.13)
 du -sh gpu-bundle/* >&2
-du -sh gpu-bundle >&2

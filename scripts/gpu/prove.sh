@@ -11,7 +11,9 @@
 #   (d) that run's last checkpoint continued for 2 steps on the CPU and on the GPU, losses side
 #       by side.
 # Without gpu-bundle/ it builds on the machine instead, if it has cargo and nvcc.
-# Env: STEPS (training steps, default 200), BATCH (default 8), OUT.
+# Env: STEPS (training steps, default 200), BATCH (default 8), BENCH_STEPS (default 10), OUT;
+# DEVICE (default cuda) and no LMFORGE_REQUIRE_CUDA rehearse the script on a CPU machine:
+#   DEVICE=cpu STEPS=2 BATCH=1 BENCH_STEPS=1 bash scripts/gpu/prove.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/prove-out}
@@ -19,6 +21,8 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/prove.log") 2>&1
 STEPS=${STEPS:-200}
 BATCH=${BATCH:-8}
+BENCH_STEPS=${BENCH_STEPS:-10}
+DEVICE=${DEVICE:-cuda}
 section() { echo; echo "=== $* ($(date -u +%T))"; }
 
 section "(a) the machine"
@@ -33,6 +37,10 @@ nvcc --version 2>/dev/null | tail -2
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' 2>&1 | tail -1
 export LD_LIBRARY_PATH="$PWD/gpu-bundle${wheel_libs:+:$wheel_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+if [ -f gpu-bundle/binaries.tar.xz ] && [ ! -f gpu-bundle/lmforge ]; then
+    tar -xJf gpu-bundle/binaries.tar.xz -C gpu-bundle 2>/dev/null ||
+        python3 -c 'import tarfile; tarfile.open("gpu-bundle/binaries.tar.xz").extractall("gpu-bundle")'
+fi
 if [ -f gpu-bundle/lmforge ]; then
     # The test binaries look for the corpus and lmforge at the paths of the checkout they were
     # built in: recreate those.
@@ -53,20 +61,20 @@ else
 fi
 
 section "(b) tests on the GPU"
-export LMFORGE_REQUIRE_CUDA=1
+[ "$DEVICE" = cpu ] || export LMFORGE_REQUIRE_CUDA=1
 timeout 120 $lib_tests device 2>&1 | tail -25
 timeout 240 $device_tests --test-threads=1 2>&1 | tail -15
 
 section "(c) GPT-2 124M, bf16: one training step timed (bench train)"
 gpt2="--layers 12 --heads 12 --d-model 768 --vocab 50257"
-timeout 180 "$bin" bench train $gpt2 --seq-len 1024 --batch-size "$BATCH" --steps 10 --warmup 3 \
-    --precision bf16 --device cuda --peak h200 2>&1 | tee "$OUT/bench.txt"
+timeout 180 "$bin" bench train $gpt2 --seq-len 1024 --batch-size "$BATCH" --steps "$BENCH_STEPS" --warmup 3 \
+    --precision bf16 --device "$DEVICE" --peak h200 2>&1 | tee "$OUT/bench.txt"
 
 section "(c) GPT-2 124M, bf16, $STEPS steps on the bundled Austen text"
 run=$OUT/gpt2
 rm -rf "$run"
-timeout 300 "$bin" train --arch gpt2 --device cuda --precision bf16 --run "$run" --steps "$STEPS" \
-    --batch-size "$BATCH" --seq-len 1024 --eval-every "$STEPS" --checkpoint-every "$STEPS" \
+timeout 300 "$bin" train --arch gpt2 --device "$DEVICE" --precision bf16 --run "$run" --steps "$STEPS" \
+    --batch-size "$BATCH" --seq-len 1024 --eval-every "$STEPS" --eval-batches 2 --checkpoint-every "$STEPS" \
     --sample-every 0 --no-supervisor 2>&1 | grep -v '^step .*ETA' | tail -8
 flops=$("$bin" show gpt2 --json 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["flops_forward_per_token"])' 2>/dev/null)
 # Steady-state tokens/s: the median of the second half of the steps.
@@ -81,11 +89,11 @@ if flops:
 PY
 
 section "(d) the GPU run's checkpoint continued 2 steps on the CPU and on the GPU"
-for device in cpu cuda; do
+for device in cpu "$DEVICE"; do
     rm -rf "$run-$device" && cp -r "$run" "$run-$device"
     timeout 240 "$bin" train --resume "$run-$device" --device "$device" --steps $((STEPS + 2)) --no-supervisor 2>&1 | tail -2
 done
-python3 - "$run-cpu/metrics.jsonl" "$run-cuda/metrics.jsonl" "$STEPS" <<'PY' 2>&1
+python3 - "$run-cpu/metrics.jsonl" "$run-$DEVICE/metrics.jsonl" "$STEPS" <<'PY' 2>&1
 import json, sys
 def losses(path):
     return {s["step"]: s["loss"] for s in map(json.loads, open(path)) if "loss" in s and s["step"] > int(sys.argv[3])}

@@ -233,7 +233,6 @@ fn check_optimizer_tensors(state: &CheckpointState, tensors: &HashMap<String, Te
     Ok(())
 }
 
-/// Every file into `dir`, each fsynced, then the manifest, then the directory itself.
 /// Host copies of `tensors` (the same tensors when they are on the CPU already): a checkpoint
 /// is written from the host, one copy per tensor, whatever device the run computes on, and
 /// [`load`] puts it on the device asked for, so a run resumes on another device.
@@ -241,6 +240,7 @@ fn on_host(tensors: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>>
     tensors.iter().map(|(name, t)| Ok((name.clone(), t.to_device(&Device::Cpu)?))).collect()
 }
 
+/// Every file into `dir`, each fsynced, then the manifest, then the directory itself.
 fn write_contents(
     dir: &Path,
     data: &CheckpointData,
