@@ -35,20 +35,24 @@ echo "NVIDIA wheel libraries: ${wheel_libs:-none}"
 for tool in nvcc rustc cargo python3; do printf '%-8s %s\n' "$tool" "$(command -v $tool || echo absent)"; done
 nvcc --version 2>/dev/null | tail -2
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' 2>&1 | tail -1
-export LD_LIBRARY_PATH="$PWD/gpu-bundle${wheel_libs:+:$wheel_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+bundle=${TMPDIR:-/tmp}/lmforge-gpu-bundle
+export LD_LIBRARY_PATH="$bundle${wheel_libs:+:$wheel_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-if [ -f gpu-bundle/binaries.tar.xz ] && [ ! -f gpu-bundle/lmforge ]; then
-    tar -xJf gpu-bundle/binaries.tar.xz -C gpu-bundle 2>/dev/null ||
-        python3 -c 'import tarfile; tarfile.open("gpu-bundle/binaries.tar.xz").extractall("gpu-bundle")'
+# The binaries are unpacked outside the checkout, so that a rehearsal here leaves gpu-bundle/
+# small enough to carry.
+if [ -f gpu-bundle/binaries.tar.xz ]; then
+    rm -rf "$bundle" && mkdir -p "$bundle"
+    tar -xJf gpu-bundle/binaries.tar.xz -C "$bundle" 2>/dev/null ||
+        python3 -c 'import sys, tarfile; tarfile.open("gpu-bundle/binaries.tar.xz").extractall(sys.argv[1])' "$bundle"
 fi
-if [ -f gpu-bundle/lmforge ]; then
+if [ -f "$bundle/lmforge" ]; then
     # The test binaries look for the corpus and lmforge at the paths of the checkout they were
     # built in: recreate those.
     root=$(cat gpu-bundle/ROOT)
     if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then mkdir -p "$(dirname "$root")" && ln -s "$PWD" "$root"; fi
     bin=$(cat gpu-bundle/BIN)
-    mkdir -p "$(dirname "$bin")" && cp gpu-bundle/lmforge "$bin"
-    lib_tests=gpu-bundle/lib-tests device_tests=gpu-bundle/device-tests
+    mkdir -p "$(dirname "$bin")" && cp "$bundle/lmforge" "$bin"
+    lib_tests=$bundle/lib-tests device_tests=$bundle/device-tests
 elif command -v cargo >/dev/null && command -v nvcc >/dev/null; then
     section "building (no gpu-bundle/)"
     export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
