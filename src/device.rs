@@ -162,18 +162,19 @@ pub fn describe(device: &Device) -> String {
 }
 
 /// The devices this build and machine can test on: the CPU always, and the first GPU when the
-/// build has the `cuda` feature and one answers. With `LMFORGE_REQUIRE_CUDA` set, a missing GPU
-/// is a panic (a test failure) instead of a skip; otherwise the reason it is skipped is printed
-/// once per call.
+/// build has the `cuda` feature and one answers (opened once per process, so the tests share
+/// one CUDA stream and cuBLAS handle). With `LMFORGE_REQUIRE_CUDA` set, a missing GPU is a
+/// panic (a test failure) instead of a skip; otherwise the reason it is skipped is printed.
 #[doc(hidden)]
 pub fn test_devices() -> Vec<Device> {
+    static GPU: std::sync::OnceLock<std::result::Result<Device, String>> = std::sync::OnceLock::new();
     let mut devices = vec![Device::Cpu];
-    match open(DeviceSpec::Cuda(0)) {
-        Ok(gpu) => devices.push(gpu),
+    match GPU.get_or_init(|| open(DeviceSpec::Cuda(0)).map_err(|e| e.to_string())) {
+        Ok(gpu) => devices.push(gpu.clone()),
         Err(why) if std::env::var_os(REQUIRE_CUDA_ENV).is_some() => {
             panic!("{REQUIRE_CUDA_ENV} is set but the GPU cannot be used: {why}")
         }
-        Err(why) => eprintln!("testing on the CPU only: {}", why.to_string().lines().next().unwrap_or_default()),
+        Err(why) => eprintln!("testing on the CPU only: {}", why.lines().next().unwrap_or_default()),
     }
     devices
 }
