@@ -13,7 +13,11 @@ use clap::Args;
 use lmforge::config::{apply_overrides, presets};
 use lmforge::model::init_weights;
 use lmforge::nn::ops::{bf16, Precision};
+use lmforge::plan::device::{ACCELERATORS, DEFAULT_MFU};
+use lmforge::plan::PlanDevice;
 use lmforge::train::bench::{median, peak_rss_bytes, StepBench, StepPhases};
+
+use super::device::DeviceArg;
 
 /// The PyTorch side of `bench train`, embedded so the benchmark runs from any directory.
 const TORCH_SCRIPT: &str = include_str!("../../scripts/torch_gpt_step.py");
@@ -76,6 +80,12 @@ pub struct BenchTrainArgs {
     /// runs its forward under `torch.autocast("cpu", dtype=torch.bfloat16)`).
     #[arg(long, default_value = "f32", value_name = "f32|bf16")]
     precision: Precision,
+    #[command(flatten)]
+    device: DeviceArg,
+    /// Also print the model FLOPs utilisation against this accelerator's dense bf16 peak
+    /// (a100, h100, h200: the datasheet figures `plan` uses).
+    #[arg(long, value_name = "ACCELERATOR")]
+    peak: Option<String>,
 }
 
 /// A file deleted when dropped, so an early error return leaves nothing behind.
@@ -92,7 +102,20 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     settings.push(format!("ffn.hidden={}", 4 * a.model.d_model));
     settings.push(format!("attention.implementation={}", a.attention));
     let config = apply_overrides(&presets::get("gpt2")?, &settings)?;
-    let mut bench = StepBench::new(&config, init_weights(&config, 0, &Device::Cpu)?, a.batch_size, a.seq_len)?;
+    let peak = match &a.peak {
+        Some(name) => match PlanDevice::parse(name, DEFAULT_MFU)? {
+            PlanDevice::Accelerator { spec, .. } => Some(spec),
+            PlanDevice::ThisCpu => {
+                anyhow::bail!("--peak {name}: name an accelerator ({})", ACCELERATORS.map(|a| a.name).join(", "))
+            }
+        },
+        None => None,
+    };
+    let device = a.device.open()?;
+    let weights = init_weights(&config, 0, &Device::Cpu)?;
+    let weights = weights.into_iter().map(|(n, w)| Ok((n, w.to_device(&device)?))).collect::<anyhow::Result<_>>()?;
+    let mut bench = StepBench::new(&config, weights, a.batch_size, a.seq_len)?;
+    println!("device: {}", lmforge::device::describe(&device));
     let mut step = |phases: &mut StepPhases| -> anyhow::Result<f32> {
         let (took, loss) = bench.step()?;
         phases.accumulate(took);
@@ -145,6 +168,19 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
             config.params_total(),
             (a.batch_size * a.seq_len) as f64 / step_ms * 1e3,
         );
+        if let Some(spec) = peak {
+            // Training FLOPs: three times the forward's (PaLM's convention, as `show` counts),
+            // attention over the whole sequence.
+            let flops_per_step = 3.0 * config.flops_forward_per_token(a.seq_len) * (a.batch_size * a.seq_len) as f64;
+            let achieved = flops_per_step / (step_ms / 1e3);
+            println!(
+                "round {round}: {:.1} TFLOP/s, MFU {:.1}% of the {} ({:.0} TFLOP/s dense bf16)",
+                achieved / 1e12,
+                100.0 * achieved / spec.peak_flops,
+                spec.name,
+                spec.peak_flops / 1e12
+            );
+        }
         ours.push(step_ms);
     }
     if let Some(peak) = peak_rss_bytes() {

@@ -6,6 +6,7 @@ mod bench_generate;
 mod bench_moe;
 mod data;
 mod data_parallel;
+mod device;
 mod eval;
 mod export;
 mod plan;

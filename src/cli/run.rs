@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use lmforge::generate::{
     generate as generate_ids, generate_seq2seq, GenerateOptions, Sampler, Sampling, Search, Seq2SeqOptions,
@@ -13,6 +13,7 @@ use lmforge::generate::{
 use lmforge::model::Model;
 
 use super::arch::load_for_inference;
+use super::device::DeviceArg;
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -29,16 +30,19 @@ pub struct ScoreArgs {
     /// Output safetensors file with one f32 tensor `logits` of shape [seq, vocab].
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let loaded = load_for_inference(&args.model)?;
+    let device = args.device.open()?;
+    let loaded = load_for_inference(&args.model, &device)?;
     let model = loaded.build()?;
-    let ids = Tensor::new(args.ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let ids = Tensor::new(args.ids.as_slice(), &device)?.unsqueeze(0)?;
     let logits = match (&args.source_ids, model.decoder_start_token_id()) {
         (None, None) => model.forward(&ids, None)?,
         (Some(source), Some(_)) => {
-            let encoded = model.encode(&Tensor::new(source.as_slice(), &Device::Cpu)?.unsqueeze(0)?, None)?;
+            let encoded = model.encode(&Tensor::new(source.as_slice(), &device)?.unsqueeze(0)?, None)?;
             model.decoder_logits(&encoded, &ids)?
         }
         (Some(_), None) => bail!("--source-ids: {} is a decoder-only model, it has no source", args.model.display()),
@@ -104,10 +108,12 @@ pub struct GenerateArgs {
     /// Print only the new token ids, comma-separated, on one line.
     #[arg(long)]
     print_ids: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = load_for_inference(&args.model)?;
+    let loaded = load_for_inference(&args.model, &args.device.open()?)?;
     let model = loaded.build()?;
     let tokenizer = loaded.tokenizer.as_ref();
     let given_source = args.source.is_some() || args.source_ids.is_some();

@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use clap::Args;
 use lmforge::data::parallel::ParallelData;
+use lmforge::device::DeviceSpec;
 use lmforge::nn::ops::Precision;
 use lmforge::plan::seconds;
 use lmforge::train::checkpoint;
@@ -116,6 +117,10 @@ pub struct TrainArgs {
     /// weights, optimizer and checkpoints stay f32).
     #[arg(long, value_name = "f32|bf16")]
     precision: Option<Precision>,
+    /// Where to compute: cpu, cuda or cuda:N (default: the first GPU in a build with the `cuda`
+    /// feature when one is present, else the CPU). May differ on resume.
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    device: Option<DeviceSpec>,
     /// Inject a fault to test recovery: `nan@step=N`, `spike@step=N`, `crash@step=N`.
     #[arg(long = "inject", value_name = "KIND@step=N")]
     inject: Vec<String>,
@@ -165,7 +170,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// Say which kernels the matrix products run on, when not the default.
 pub(super) fn announce_kernels(config: &RunConfig) -> anyhow::Result<()> {
-    if config.train.precision == Precision::Bf16 {
+    if DeviceSpec::or_default(config.train.device) != DeviceSpec::Cpu {
+        // Off the CPU the products are candle's (cuBLAS), at the run's precision.
+        eprintln!("{} matrix products on the GPU's cuBLAS", config.train.precision);
+    } else if config.train.precision == Precision::Bf16 {
         lmforge::nn::ops::bf16::kernel()?;
         eprintln!("bf16 matrix products on {}", lmforge::nn::ops::bf16::describe());
     } else if let Some(blas) = lmforge::nn::ops::blas::loaded() {
@@ -253,8 +261,12 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
             run_dir.display()
         );
     }
-    // What may change on resume: how long to train and how often to report.
+    // What may change on resume: how long to train, how often to report, and where (the
+    // checkpoints are device-independent).
     let t = &mut stored.train;
+    if args.device.is_some() {
+        t.device = args.device;
+    }
     if let Some(v) = args.steps {
         t.steps = v;
     }
@@ -336,6 +348,9 @@ fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> an
     );
     if let Some(v) = args.warmup_steps {
         t.warmup_steps = Some(v);
+    }
+    if args.device.is_some() {
+        t.device = args.device;
     }
     Ok(c)
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::optim::{AdamW, AdamWConfig};
 use super::rng::TrainRng;
@@ -64,21 +64,26 @@ impl StepBench {
         let vocab = config.vocab_size;
         let ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7919 % vocab) as u32).collect();
         let targets: Vec<u32> = (0..batch * seq).map(|i| (i * 104_729 % vocab) as u32).collect();
-        let inputs = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?; // (B, T)
-        let targets = Tensor::from_vec(targets, (batch, seq), &Device::Cpu)?; // (B, T)
+        let inputs = Tensor::from_vec(ids, (batch, seq), model.device())?; // (B, T)
+        let targets = Tensor::from_vec(targets, (batch, seq), model.device())?; // (B, T)
         Ok(StepBench { model, vars, optimizer, inputs, targets, rng: TrainRng::seed_from(0) })
     }
 
-    /// One training step; its phases and the language-model loss.
+    /// One training step; its phases and the language-model loss. On a GPU each phase waits
+    /// for the device to finish its work before the clock is read (kernels run asynchronously).
     pub fn step(&mut self) -> Result<(StepPhases, f32)> {
+        let device = self.model.device().clone();
         let t0 = Instant::now();
         let loss = self.model.training_loss(&self.inputs, &self.targets, &mut self.rng)?;
         let objective = loss.objective()?;
+        device.synchronize()?;
         let t1 = Instant::now();
         let mut grads = objective.backward()?;
+        device.synchronize()?;
         let t2 = Instant::now();
         self.optimizer.clip_grad_norm(&mut grads, 1.0)?;
         self.optimizer.step(&grads, 1e-3)?;
+        device.synchronize()?;
         let t3 = Instant::now();
         let phases = StepPhases {
             forward: (t1 - t0).as_secs_f64(),

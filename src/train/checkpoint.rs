@@ -233,6 +233,13 @@ fn check_optimizer_tensors(state: &CheckpointState, tensors: &HashMap<String, Te
     Ok(())
 }
 
+/// Host copies of `tensors` (the same tensors when they are on the CPU already): a checkpoint
+/// is written from the host, one copy per tensor, whatever device the run computes on, and
+/// [`load`] puts it on the device asked for, so a run resumes on another device.
+fn on_host(tensors: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    tensors.iter().map(|(name, t)| Ok((name.clone(), t.to_device(&Device::Cpu)?))).collect()
+}
+
 /// Every file into `dir`, each fsynced, then the manifest, then the directory itself.
 fn write_contents(
     dir: &Path,
@@ -245,7 +252,7 @@ fn write_contents(
     for (file, tensors) in [(MODEL_FILE, data.model), (OPTIMIZER_FILE, data.optimizer)] {
         let path = dir.join(file);
         hook(&path)?;
-        candle_core::safetensors::save(tensors, &path)
+        candle_core::safetensors::save(&on_host(tensors)?, &path)
             .map_err(|e| Error::checkpoint(&path, format!("cannot write: {e}")))?;
         fsync_file(&path)?;
         written.push(file);

@@ -11,6 +11,7 @@ use super::guard::GuardConfig;
 use super::optim::AdamWConfig;
 use super::schedule::{Decay, LrSchedule};
 use crate::data::parallel::ParallelData;
+use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::nn::ops::Precision;
 
@@ -155,6 +156,11 @@ pub struct TrainSpec {
     /// Fixed for a run: a different value on resume is refused.
     #[serde(default)]
     pub precision: Precision,
+    /// Where the run computes: `cpu`, `cuda` or `cuda:N` (`--device`); unset: the first GPU when
+    /// built with the `cuda` feature and one is present, else the CPU. Not fixed for a run:
+    /// checkpoints are device-independent, so a run may resume on another device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceSpec>,
 }
 
 fn d_steps() -> u64 {

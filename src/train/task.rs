@@ -172,12 +172,12 @@ impl Task {
                 sampler.skip(1, shard.rank * rows);
                 let batch = sampler.next_batch(rows)?;
                 sampler.skip(1, (shard.ranks - 1 - shard.rank) * rows);
-                let (inputs, targets) = batch.to_tensors(&Device::Cpu)?;
+                let (inputs, targets) = batch.to_tensors(model.device())?;
                 let tokens = inputs.elem_count() as u64;
                 Ok((model.training_loss(&inputs, &targets, rng)?, tokens))
             }
             Task::Translation { data, sampler } => {
-                let batch = seq2seq_batch(&sampler.next_batch(), &Device::Cpu)?;
+                let batch = seq2seq_batch(&sampler.next_batch(), model.device())?;
                 let loss = model.seq2seq_training_loss(&batch, data.label_smoothing, rng)?;
                 Ok((loss, batch.target_tokens() as u64))
             }
@@ -195,7 +195,7 @@ impl Task {
                 let batches = SequentialBatches::new(dataset.val().clone(), shape.seq_len, shape.batch_size)?;
                 let (mut sum, mut count) = (0.0, 0u64);
                 for batch in batches.take(limit) {
-                    let (inputs, targets) = batch?.to_tensors(&Device::Cpu)?;
+                    let (inputs, targets) = batch?.to_tensors(model.device())?;
                     let (loss, routing) = model.loss_and_routing(&inputs.detach(), &targets)?;
                     sum += loss.to_scalar::<f32>()? as f64;
                     load.add(&routing);
@@ -213,7 +213,7 @@ impl Task {
                 // Weighted by target tokens, so the mean is per token whatever the batching.
                 let (mut sum, mut tokens) = (0.0, 0usize);
                 for batch in SequentialPairBatches::new(data.val.clone(), data.batch_tokens)?.take(limit) {
-                    let batch = seq2seq_batch(&batch, &Device::Cpu)?;
+                    let batch = seq2seq_batch(&batch, model.device())?;
                     let (loss, routing) = model.seq2seq_loss_and_routing(&batch)?;
                     let loss = loss.to_scalar::<f32>()? as f64;
                     load.add(&routing);

@@ -105,23 +105,25 @@ pub fn train_on(
 ) -> Result<TrainSummary> {
     let began = Instant::now();
     config.validate()?;
+    // Before any preparation, so an unusable device fails at once.
+    let device = crate::device::resolve(config.train.device)?;
     let prepared = data_parallel::in_rank_order(config, collectives, || match &config.data.parallel {
         Some(parallel) => super::seq2seq::prepare_training(config, parallel, resume),
         None => prepare_run(config, resume),
     })?;
-    let mut trainer = Trainer::start(config.clone(), prepared, faults, collectives, RunClock::new(began))?;
+    let mut trainer = Trainer::start(config.clone(), device, prepared, faults, collectives, RunClock::new(began))?;
     trainer.run()
 }
 
 impl<'a> Trainer<'a> {
     fn start(
         config: RunConfig,
+        device: Device,
         mut prepared: Prepared,
         faults: Vec<Fault>,
         collectives: &'a dyn Collectives,
         clock: RunClock,
     ) -> Result<Self> {
-        let device = Device::Cpu;
         let run_dir = config.run_dir.clone();
         let latest = checkpoint::latest_valid(&run_dir)?;
         for skipped in &latest.skipped {
@@ -143,8 +145,12 @@ impl<'a> Trainer<'a> {
             // would stay resident for the whole run.
             None => (std::mem::take(&mut prepared.initial_weights), None),
         };
-        let vars: HashMap<String, Var> =
-            weights.iter().map(|(name, t)| Ok((name.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
+        // Fresh weights are drawn on the host (the same initial model whatever the device) and
+        // uploaded; a checkpoint's were loaded onto the device already.
+        let vars: HashMap<String, Var> = weights
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), Var::from_tensor(&t.to_device(&device)?)?)))
+            .collect::<Result<_>>()?;
         drop(weights);
         let Prepared { model_config, data, tokenizer, tokenizer_file, .. } = prepared;
         let model = build_model(&model_config, &vars)?;
@@ -204,9 +210,10 @@ impl<'a> Trainer<'a> {
         let ranks = self.collectives.ranks();
         if leader {
             eprintln!(
-                "training {} ({} parameters) for {total} steps of {} micro-batch(es) on {}; run dir {}",
+                "training {} ({} parameters) on {} for {total} steps of {} micro-batch(es) on {}; run dir {}",
                 self.model_config.name,
                 self.model_config.params_total(),
+                crate::device::describe(self.model.device()),
                 self.config.train.grad_accum,
                 self.task.describe(),
                 self.config.run_dir.display()
@@ -436,7 +443,7 @@ impl<'a> Trainer<'a> {
         let latest = checkpoint::latest_valid(&self.config.run_dir)?.latest.ok_or_else(|| {
             Error::Diverged(format!("{divergence} at step {failed_step} and no checkpoint to roll back to"))
         })?;
-        let ckpt = checkpoint::load(&latest, &Device::Cpu)?;
+        let ckpt = checkpoint::load(&latest, self.model.device())?;
         for (name, var) in &self.vars {
             var.set(&ckpt.model[name])?;
         }

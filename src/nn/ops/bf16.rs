@@ -117,6 +117,18 @@ impl Drop for PrecisionScope {
     }
 }
 
+/// An operand of a product on a device without lmforge's kernels ([`super::linear::device_linear`]):
+/// cast to bf16 when this thread's precision is bf16 and it is a wider float, as it is
+/// otherwise. The cast is an ordinary candle op: gradients flow through it (back in the
+/// operand's own dtype).
+pub fn autocast(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::DType;
+    match (current(), t.dtype()) {
+        (Precision::Bf16, DType::F32 | DType::F64 | DType::F16) => t.to_dtype(DType::BF16),
+        _ => Ok(t.clone()),
+    }
+}
+
 /// Which kernel runs the bf16 products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Kernel {

@@ -72,7 +72,7 @@ pub fn label_smoothed_cross_entropy(
     let n: usize = rows.iter().product();
     let logits = logits.reshape((n, vocab))?;
     let targets = targets.reshape(n)?;
-    if !logits.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(logits.device()) {
         return composed_cross_entropy(&logits, &targets, ignore_index, smoothing);
     }
     let compute = compute_dtype(OP, logits.dtype())?;

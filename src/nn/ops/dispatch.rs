@@ -177,7 +177,7 @@ pub fn gather_rows(x: &Tensor, dispatch: &Arc<Dispatch>) -> Result<Tensor> {
     if n != dispatch.tokens {
         bail!("gather_rows: x has {n} rows but the dispatch routes {} tokens", dispatch.tokens)
     }
-    if !x.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
         return composed_gather_rows(x, dispatch);
     }
     let dtype = x.dtype();
@@ -193,7 +193,7 @@ pub fn combine_rows(y: &Tensor, w: &Tensor, dispatch: &Arc<Dispatch>) -> Result<
         bail!("combine_rows: y {:?} and w {:?} for {} slots", y.dims(), w.dims(), dispatch.slots())
     }
     same_dtype("combine_rows", y.dtype(), &[("w", w)])?;
-    if !y.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(y.device()) {
         return composed_combine_rows(y, w, dispatch);
     }
     let dtype = y.dtype();
@@ -234,8 +234,17 @@ pub fn grouped_linear(
     let mut others = vec![("weight", weight)];
     others.extend(bias.map(|b| ("bias", b)));
     same_dtype("grouped_linear", x.dtype(), &others)?;
-    if !x.device().is_cpu() {
-        return composed_grouped_linear(x, weight, bias, dispatch, epilogue);
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
+        // As `linear::device_linear`: bf16 operands under a bf16 scope (the bias too, added
+        // to the bf16 product), the epilogue in x's dtype.
+        let bias = bias.map(bf16::autocast).transpose()?;
+        let pre =
+            composed_grouped_linear(&bf16::autocast(x)?, &bf16::autocast(weight)?, bias.as_ref(), dispatch, None)?
+                .to_dtype(x.dtype())?;
+        return match epilogue {
+            Some(e) => e.composed(&pre),
+            None => Ok(pre),
+        };
     }
     let dtype = x.dtype();
     let compute = compute_dtype("grouped_linear", dtype)?;

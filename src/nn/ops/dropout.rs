@@ -83,7 +83,7 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
     }
-    if !x.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
         return x.broadcast_mul(&mask.factors(x.dims(), x.device())?.to_dtype(x.dtype())?);
     }
     let dtype = x.dtype();

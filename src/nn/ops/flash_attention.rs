@@ -184,7 +184,7 @@ impl AttentionMask {
 /// On a non-CPU device this runs [`composed_attention`] instead.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &AttentionMask) -> Result<Tensor> {
     let plan = Plan::new(q, k, v, scale, mask)?;
-    if !q.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(q.device()) {
         return composed_attention(q, k, v, scale, mask);
     }
     apply_kernel(q, k, v, plan, false)
@@ -239,7 +239,7 @@ pub fn flash_attention_tokens(
     let (qh, kh, vh) = (split(q, heads, "q")?, split(k, kv_heads, "k")?, split(v, kv_heads, "v")?);
     let plan = Plan::new(&qh, &kh, &vh, scale, mask)?;
     let (b, t, width) = q.dims3()?;
-    if !q.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(q.device()) {
         return composed_attention(&qh, &kh, &vh, scale, mask)?.transpose(1, 2)?.reshape((b, t, width));
     }
     apply_kernel(q, k, v, plan, true)

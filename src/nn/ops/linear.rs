@@ -43,12 +43,8 @@ pub fn linear_then(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, epilogue:
 
 fn apply(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, epilogue: Option<Epilogue>) -> Result<Tensor> {
     check(x, weight, bias)?;
-    if !x.device().is_cpu() {
-        let y = composed_linear(x, weight, bias)?;
-        return match epilogue {
-            Some(e) => e.composed(&y),
-            None => Ok(y),
-        };
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
+        return device_linear(x, weight, bias, epilogue);
     }
     let dtype = x.dtype();
     let compute = compute_dtype("linear", dtype)?;
@@ -64,7 +60,29 @@ fn apply(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, epilogue: Option<Ep
     }
 }
 
-/// The same map from candle's ops (the reference, and the path for other devices).
+/// The layer on a device without lmforge's kernels (a GPU): candle's ops, whose product is
+/// cuBLAS on CUDA, at this thread's [`Precision`]. At bf16 the operands are cast to bf16 and
+/// multiplied there (f32 accumulation), the product cast back to the input's dtype; the bias
+/// and the epilogue run in that dtype, as on the CPU. The casts pass gradients through, so the
+/// backward products are bf16 too (`dX = bf16(dY)·bf16(W)`, `dW = bf16(dY)ᵀ·bf16(X)`). Unlike
+/// the CPU kernel, each product's output is rounded to bf16 before the cast back (PyTorch's
+/// autocast does the same).
+pub fn device_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, epilogue: Option<Epilogue>) -> Result<Tensor> {
+    let y = match bf16::current() {
+        Precision::F32 => composed_linear(x, weight, None)?,
+        Precision::Bf16 => composed_linear(&bf16::autocast(x)?, &bf16::autocast(weight)?, None)?.to_dtype(x.dtype())?,
+    };
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    match epilogue {
+        Some(e) => e.composed(&y),
+        None => Ok(y),
+    }
+}
+
+/// The same map from candle's ops (the reference).
 pub fn composed_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut shape = x.dims().to_vec();
     let rows: usize = shape[..shape.len() - 1].iter().product();

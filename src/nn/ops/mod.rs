@@ -12,7 +12,7 @@
 //! - `f32` and `f64` run natively; `f16`/`bf16` inputs are converted to `f32` around the kernel
 //!   (the conversion is an ordinary candle op, so gradients still flow); other dtypes are an error.
 //! - Kernels run on the CPU. On another device the public functions fall back to the composed
-//!   candle ops (same math, more memory) rather than failing.
+//!   candle ops (same math, more memory) rather than failing; [`route`] decides, in one place.
 //! - Inputs need not be contiguous (they are made so first).
 //! - Every op is tested against central finite differences in `f64` and against the composed
 //!   version in `f32` (values and every input gradient).
@@ -30,9 +30,12 @@ pub mod parallel;
 pub mod pointwise;
 pub mod quant;
 pub mod rope;
+pub mod route;
 mod simd;
 mod tile;
 
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 pub(crate) mod testing;
 

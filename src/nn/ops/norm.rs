@@ -30,7 +30,7 @@ use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice, w
 /// Gradients flow to both.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     check("rms_norm", x, weight, None, eps)?;
-    if !x.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
         return composed_rms_norm(x, weight, eps);
     }
     let dtype = x.dtype();
@@ -44,7 +44,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `torch.nn.LayerNorm`). `x`: `(…, D)`, `weight`, `bias`: `(D)`. Gradients flow to all.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     check("layer_norm", x, weight, bias, eps)?;
-    if !x.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
         return composed_layer_norm(x, weight, bias, eps);
     }
     let dtype = x.dtype();

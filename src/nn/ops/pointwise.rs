@@ -36,7 +36,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         });
     }
     same_dtype("swiglu", gate.dtype(), &[("up", up)])?;
-    if !gate.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(gate.device()) {
         return gate.silu()? * up;
     }
     let dtype = gate.dtype();
@@ -56,7 +56,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 }
 
 fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
         return match act {
             Act::GeluTanh => x.gelu(),
             Act::GeluErf => x.gelu_erf(),

@@ -30,7 +30,7 @@ use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice};
 /// they are tracked).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     check_tables(x, cos, sin)?;
-    if !x.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
         return composed_rope(x, cos, sin);
     }
     let dtype = x.dtype();
@@ -72,7 +72,7 @@ pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> R
     let heads = width / head_dim;
     // Shapes and dtypes are checked on the head-major view.
     let view = x.reshape((b, t, heads, head_dim))?.transpose(1, 2)?;
-    if !x.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(x.device()) {
         return rope(&view, cos, sin)?.transpose(1, 2)?.reshape((b, t, width));
     }
     check_tables(&view, cos, sin)?;

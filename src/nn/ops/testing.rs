@@ -26,7 +26,7 @@ pub fn rand_tensor(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
 /// The scalar `Σ out ∘ w` for fixed random weights `w`, so every output element gets a distinct
 /// upstream gradient (a plain sum would hide errors that cancel).
 pub fn weighted_sum(out: &Tensor, seed: u64) -> Result<Tensor> {
-    let w = rand_tensor(out.dims(), seed ^ 0xABCD, out.dtype());
+    let w = rand_tensor(out.dims(), seed ^ 0xABCD, out.dtype()).to_device(out.device())?;
     (out * w)?.sum_all()
 }
 
@@ -94,14 +94,44 @@ pub fn check_against_composed(
 ) {
     let (out_f, grads_f) = value_and_grads(fused, inputs);
     let (out_c, grads_c) = value_and_grads(composed, inputs);
+    assert_same_results(what, (&out_f, &grads_f), (&out_c, &grads_c), rtol);
+}
+
+/// What `op` runs off the CPU agrees with its CPU kernel, in value and every input gradient
+/// (f32 inputs, given on the CPU): its composed formulation on the CPU ([`route::composed_scope`]),
+/// and `op` itself on every other test device ([`crate::device::test_devices`]; on a machine
+/// without a GPU that helper says why there is none).
+///
+/// [`route::composed_scope`]: super::route::composed_scope
+pub fn check_on_devices(what: &str, op: &dyn Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor], rtol: f64) {
+    let (out, grads) = value_and_grads(op, inputs);
+    {
+        let _composed = super::route::composed_scope();
+        let (out_c, grads_c) = value_and_grads(op, inputs);
+        assert_same_results(&format!("{what}, composed on the CPU"), (&out_c, &grads_c), (&out, &grads), rtol);
+    }
+    for device in crate::device::test_devices().into_iter().filter(|d| !d.is_cpu()) {
+        let uploaded: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&device).unwrap()).collect();
+        let (out_d, grads_d) = value_and_grads(op, &uploaded);
+        assert!(out_d.device().same_device(&device), "{what}: the output left {device:?}");
+        let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        let grads_d: Vec<Tensor> = grads_d.iter().map(host).collect();
+        let what = format!("{what} on {}", crate::device::describe(&device));
+        assert_same_results(&what, (&host(&out_d), &grads_d), (&out, &grads), rtol);
+    }
+}
+
+/// Values and gradients `a` close to `b`.
+fn assert_same_results(what: &str, a: (&Tensor, &[Tensor]), b: (&Tensor, &[Tensor]), rtol: f64) {
+    let ((out_f, grads_f), (out_c, grads_c)) = (a, b);
     // Absolute floor relative to the typical magnitude, so near-zero elements do not fail on
     // rounding noise (and not below 0.1·rtol: a gradient that is exactly 0 in one version, e.g.
     // attention over a single key, is rounding noise of order 1e-7 in the other).
     let scale = |t: &Tensor| {
         t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(0.1)
     };
-    assert_close(&format!("{what}: value"), &out_f, &out_c, rtol, rtol * scale(&out_c));
-    for (i, (gf, gc)) in grads_f.iter().zip(&grads_c).enumerate() {
+    assert_close(&format!("{what}: value"), out_f, out_c, rtol, rtol * scale(out_c));
+    for (i, (gf, gc)) in grads_f.iter().zip(grads_c).enumerate() {
         assert_close(&format!("{what}: grad of input {i}"), gf, gc, rtol, rtol * scale(gc));
     }
 }

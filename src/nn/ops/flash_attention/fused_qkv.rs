@@ -56,7 +56,7 @@ pub fn flash_attention_qkv(
         check_tables(&q, cos, sin)?;
     }
     let plan = Plan::new(&q, &k, &v, scale, mask)?;
-    if !qkv.device().is_cpu() {
+    if !crate::nn::ops::route::uses_cpu_kernel(qkv.device()) {
         let (q, k) = match rope {
             Some((cos, sin)) => (crate::nn::ops::rope(&q, cos, sin)?, crate::nn::ops::rope(&k, cos, sin)?),
             None => (q, k),
