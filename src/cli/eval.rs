@@ -12,6 +12,8 @@ use lmforge::train::run_config::RunConfig;
 use lmforge::train::setup::RUN_CONFIG_FILE;
 use serde_json::json;
 
+use super::device::DeviceArg;
+
 #[derive(Subcommand)]
 pub enum EvalCommand {
     /// Translate whole held-out books of a parallel corpus; write the hypotheses and print corpus
@@ -58,6 +60,8 @@ pub struct TranslateArgs {
     /// Print the scores as one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 pub fn eval(command: EvalCommand) -> anyhow::Result<()> {
@@ -104,7 +108,7 @@ fn eval_translate(args: TranslateArgs) -> anyhow::Result<()> {
                 length_penalty: args.length_penalty,
                 max_new_tokens: args.max_new_tokens,
             };
-            let hypotheses = translate(model, &set.sources, &options)?;
+            let hypotheses = translate(model, &set.sources, &options, &args.device.open()?)?;
             (format!("{} (beams {}, length penalty {})", model.display(), args.beams, args.length_penalty), hypotheses)
         }
     };

@@ -14,6 +14,8 @@
 use std::io::IsTerminal;
 use std::path::Path;
 
+use candle_core::Device;
+
 use crate::data::parallel::{BookSplit, ParallelCorpus, ParallelData, SplitRole};
 use crate::error::{Error, Result};
 use crate::eval::{Bleu, Chrf};
@@ -108,14 +110,14 @@ pub struct DecodeOptions {
 const SOURCES_PER_BATCH: usize = 16;
 
 /// Translate `sources` with the model at `model` (a run, one of its checkpoints, or a model
-/// directory with a tokenizer), one hypothesis per source, in order.
+/// directory with a tokenizer) on `device`, one hypothesis per source, in order.
 ///
 /// Each source is encoded as training encodes it (its tokens + `</s>`, see
 /// `data::parallel::encode_pairs`), and decoded from the model's start token with `options`
 /// until its end token. Sources are decoded in batches of similar length (sorted, so padding
 /// stays small), and put back in their own order.
-pub fn translate(model: &Path, sources: &[String], options: &DecodeOptions) -> Result<Vec<String>> {
-    let loaded = crate::io::load_model(model, &candle_core::Device::Cpu)?;
+pub fn translate(model: &Path, sources: &[String], options: &DecodeOptions, device: &Device) -> Result<Vec<String>> {
+    let loaded = crate::io::load_model(model, device)?;
     let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
         Error::Input(format!(
             "{} has no tokenizer.json, so its translations cannot be read\nHINT: evaluate a training run or a model directory with its tokenizer",
