@@ -10,7 +10,8 @@ pub enum Error {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 
-    #[error("invalid model config ({origin}):\n  - {}", problems.join("\n  - "))]
+    /// `origin` says what was checked, e.g. `model config (tiny-llama)` or `run config runs/x/run.toml`.
+    #[error("invalid {origin}:\n  - {}", problems.join("\n  - "))]
     Config { origin: String, problems: Vec<String> },
 
     #[error("--set {setting}: {reason}")]

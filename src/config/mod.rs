@@ -376,7 +376,8 @@ impl ModelConfig {
         } else {
             toml::from_str(text).map_err(|e| e.to_string())
         };
-        let config = parsed.map_err(|reason| Error::Config { origin: origin.to_string(), problems: vec![reason] })?;
+        let config = parsed
+            .map_err(|reason| Error::Config { origin: format!("model config ({origin})"), problems: vec![reason] })?;
         config.validate_as(origin)?;
         Ok(config)
     }
@@ -537,7 +538,7 @@ impl ModelConfig {
     }
 
     fn validate_as(&self, origin: &str) -> Result<()> {
-        Error::check_problems(origin, self.problems())
+        Error::check_problems(format!("model config ({origin})"), self.problems())
     }
 }
 

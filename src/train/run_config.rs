@@ -230,8 +230,10 @@ impl Default for RunConfig {
 impl RunConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text)
-            .map_err(|e| Error::Config { origin: path.display().to_string(), problems: vec![e.to_string()] })
+        toml::from_str(&text).map_err(|e| Error::Config {
+            origin: format!("run config {}", path.display()),
+            problems: vec![e.to_string()],
+        })
     }
 
     pub fn schedule(&self) -> LrSchedule {

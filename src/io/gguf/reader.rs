@@ -151,7 +151,9 @@ impl GgufFile {
             dropout: Default::default(),
         };
         config.validate().map_err(|e| match e {
-            Error::Config { problems, .. } => Error::Config { origin: self.path.display().to_string(), problems },
+            Error::Config { problems, .. } => {
+                Error::Config { origin: format!("model config ({})", self.path.display()), problems }
+            }
             other => other,
         })?;
         Ok(config)
