@@ -91,7 +91,10 @@ impl Linear {
     }
 
     fn dense_weight(&self) -> Option<&Tensor> {
-        self.weight().ok()
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized(_) => None,
+        }
     }
 
     /// `(out,)`
