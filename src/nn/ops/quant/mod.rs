@@ -37,7 +37,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use act::Q8Block;
+use act::{Activations, PairLanes, Q8Block};
 
 use super::parallel;
 
@@ -120,7 +120,7 @@ pub fn describe() -> String {
 /// activation row: the VNNI kernels take several rows at once, sharing the activations'
 /// registers between them.
 #[inline]
-fn dots(kernel: QuantKernel, w: &QMatrix, rows: Range<usize>, act: &[Q8Block], digits: usize, out: &mut [f32]) {
+fn dots(kernel: QuantKernel, w: &QMatrix, rows: Range<usize>, act: Activations, digits: usize, out: &mut [f32]) {
     debug_assert_eq!(out.len(), rows.len());
     match kernel {
         #[cfg(target_arch = "x86_64")]
@@ -128,7 +128,7 @@ fn dots(kernel: QuantKernel, w: &QMatrix, rows: Range<usize>, act: &[Q8Block], d
         QuantKernel::Vnni => unsafe { vnni::dots(w.format(), w.row_bytes(), w.rows_data(rows), act, digits, out) },
         _ => {
             for (o, r) in out.iter_mut().zip(rows) {
-                *o = scalar::dot(w.format(), w.row(r), act, digits);
+                *o = scalar::dot(w.format(), w.row(r), act.blocks, digits);
             }
         }
     }
@@ -158,6 +158,11 @@ pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], ws: &[&QMatrix], ou
             act::quantize_row(&x[(i * tokens_per_task + t) * cols..][..cols], blocks_of_t, digits);
         }
     });
+    let lanes: Vec<PairLanes> = match kernel {
+        QuantKernel::Vnni => act.chunks_exact(blocks).flat_map(|a| PairLanes::of_row(a, digits)).collect(),
+        QuantKernel::Scalar => Vec::new(),
+    };
+    let pairs = lanes.len() / tokens.max(1);
     // (matrix, its rows, where they go in an output row), about `TASK_VALUES` weights each.
     let rows_per_task = (TASK_VALUES / cols.max(1)).max(1);
     let mut tasks = Vec::new();
@@ -170,10 +175,11 @@ pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], ws: &[&QMatrix], ou
     let out = SharedOut(out.as_mut_ptr());
     parallel::for_each(tasks.len(), |task| {
         let (m, rows, offset) = tasks[task].clone();
-        for (t, act) in act.chunks_exact(blocks).enumerate() {
+        for (t, blocks) in act.chunks_exact(blocks).enumerate() {
             // SAFETY: inside `out` (`tokens × width`); each task writes only its own rows.
             let out = unsafe { out.slice(t * width + offset + rows.start, rows.len()) };
-            dots(kernel, ws[m], rows.clone(), act, digits, out);
+            let lanes = lanes.get(t * pairs..(t + 1) * pairs).unwrap_or_default();
+            dots(kernel, ws[m], rows.clone(), Activations { blocks, lanes }, digits, out);
         }
     });
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::act::{self, Q8Block};
+use super::act::{self, Activations, PairLanes, Q8Block};
 use super::*;
 
 /// Kernels this CPU runs; the VNNI one must run where CI sets `LMFORGE_REQUIRE_VNNI`.
@@ -104,13 +104,15 @@ fn kernels_agree_with_each_other() {
             let mut acts = vec![Q8Block::ZERO; cols / 32 * digits];
             act::quantize_row(&x, &mut acts, digits);
             let reference: Vec<f32> = (0..rows).map(|r| scalar::dot(format, w.row(r), &acts, digits)).collect();
+            let lanes = PairLanes::of_row(&acts, digits);
             for &kernel in &kernels {
+                let act = Activations { blocks: &acts, lanes: if kernel == QuantKernel::Vnni { &lanes } else { &[] } };
                 let mut run = vec![f32::NAN; rows - 1];
-                dots(kernel, &w, 1..rows, &acts, digits, &mut run);
+                dots(kernel, &w, 1..rows, act, digits, &mut run);
                 for r in 0..rows {
                     let close = |got: f32| (got - reference[r]).abs() <= 1e-5 * (1.0 + reference[r].abs());
                     let mut one = [f32::NAN];
-                    dots(kernel, &w, r..r + 1, &acts, digits, &mut one);
+                    dots(kernel, &w, r..r + 1, act, digits, &mut one);
                     let got = one[0];
                     assert!(close(got), "{format} {kernel:?} row {r}: {got} vs {}", reference[r]);
                     if r > 0 {

@@ -15,7 +15,7 @@
 
 use std::arch::x86_64::*;
 
-use super::act::Q8Block;
+use super::act::{Activations, Q8Block};
 use super::format::QFormat;
 use super::scalar::scale_min_k4;
 
@@ -219,40 +219,41 @@ unsafe fn dot_q6k(row: &[u8], act: &[Q8Block], digits: usize) -> f32 {
 
 /// Consecutive weight rows (`row_bytes` each, one after another in `rows`) times one activation
 /// row: `out[i]` is [`dot`] of row `i`. `Q4_0`, `Q4_1` and `Q8_0` run the paired kernel
-/// ([`paired_rows`]) on groups of four rows, the K formats [`dot`] row by row.
+/// ([`paired_rows`]) on groups of four rows, reading the activations as [`PairLanes`](super::act::PairLanes); the K
+/// formats run [`dot`] row by row.
 ///
 /// # Safety
-/// [`available`] is true; `act` holds a row's number of values in blocks of 32; `rows` is
-/// `out.len()` rows.
-pub unsafe fn dots(format: QFormat, row_bytes: usize, rows: &[u8], act: &[Q8Block], digits: usize, out: &mut [f32]) {
+/// [`available`] is true; `a` holds a row's number of values in blocks of 32, and its pairs
+/// of blocks as lanes; `rows` is `out.len()` rows.
+pub unsafe fn dots(format: QFormat, row_bytes: usize, rows: &[u8], a: Activations, digits: usize, out: &mut [f32]) {
     debug_assert_eq!(rows.len(), out.len() * row_bytes);
     // SAFETY: the caller's contract.
     unsafe {
         match (format, digits) {
-            (QFormat::Q4_0, 1) => paired::<Q4_0, 1>(row_bytes, rows, act, out),
-            (QFormat::Q4_0, _) => paired::<Q4_0, 2>(row_bytes, rows, act, out),
-            (QFormat::Q4_1, 1) => paired::<Q4_1, 1>(row_bytes, rows, act, out),
-            (QFormat::Q4_1, _) => paired::<Q4_1, 2>(row_bytes, rows, act, out),
-            (QFormat::Q8_0, 1) => paired::<Q8_0, 1>(row_bytes, rows, act, out),
-            (QFormat::Q8_0, _) => paired::<Q8_0, 2>(row_bytes, rows, act, out),
+            (QFormat::Q4_0, 1) => paired::<Q4_0, 1>(row_bytes, rows, a, out),
+            (QFormat::Q4_0, _) => paired::<Q4_0, 2>(row_bytes, rows, a, out),
+            (QFormat::Q4_1, 1) => paired::<Q4_1, 1>(row_bytes, rows, a, out),
+            (QFormat::Q4_1, _) => paired::<Q4_1, 2>(row_bytes, rows, a, out),
+            (QFormat::Q8_0, 1) => paired::<Q8_0, 1>(row_bytes, rows, a, out),
+            (QFormat::Q8_0, _) => paired::<Q8_0, 2>(row_bytes, rows, a, out),
             (QFormat::Q4K | QFormat::Q6K, _) => {
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(row_bytes)) {
-                    *o = dot(format, row, act, digits);
+                    *o = dot(format, row, a.blocks, digits);
                 }
             }
         }
     }
 }
 
-/// Rows per step of the paired kernel: the activations' registers (and their set-up) serve
-/// four rows, and the four accumulators are independent chains.
+/// Rows per step of the paired kernel: the four accumulators are independent chains, and the
+/// scales of the four rows' blocks are converted from half precision in one instruction.
 const ROWS: usize = 4;
 
 /// How far ahead [`paired_rows`] prefetches the weights, in rows.
 const PREFETCH_ROWS: usize = 4 * ROWS;
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn paired<F: Paired, const D: usize>(row_bytes: usize, rows: &[u8], act: &[Q8Block], out: &mut [f32]) {
+unsafe fn paired<F: Paired, const D: usize>(row_bytes: usize, rows: &[u8], act: Activations, out: &mut [f32]) {
     let mut groups = rows.chunks_exact(ROWS * row_bytes);
     let mut outs = out.chunks_exact_mut(ROWS);
     for (group, out) in (&mut groups).zip(&mut outs) {
@@ -271,14 +272,17 @@ trait Paired {
     /// Bytes per block.
     const BYTES: usize;
     const FORMAT: QFormat;
+    /// The stored values' fixed offset (`x = d·(q + OFFSET)`), or `None` when each block
+    /// stores its own (`Q4_1`'s `m`).
+    const OFFSET: Option<f32>;
 
     /// The 64 stored values of the blocks at `b` and `b + BYTES`, in value order, as unsigned
     /// bytes.
     unsafe fn weights(b: *const u8) -> __m512i;
 
-    /// Per lane (lanes 0–7: the first block, 8–15: the second), the scale of the integer
-    /// products and the factor of the activations' sum (the offset of the stored values).
-    unsafe fn scales(b: *const u8) -> (__m512, __m512);
+    /// The half-precision scales of the two blocks as the bits of four halves: `d₀ d₁ 0 0`,
+    /// or `d₀ m₀ d₁ m₁` with an offset per block.
+    unsafe fn scale_bits(b: *const u8) -> u64;
 }
 
 struct Q4_0;
@@ -288,6 +292,7 @@ struct Q8_0;
 impl Paired for Q4_0 {
     const BYTES: usize = 18;
     const FORMAT: QFormat = QFormat::Q4_0;
+    const OFFSET: Option<f32> = Some(-8.0);
 
     #[inline(always)]
     unsafe fn weights(b: *const u8) -> __m512i {
@@ -296,18 +301,16 @@ impl Paired for Q4_0 {
     }
 
     #[inline(always)]
-    unsafe fn scales(b: *const u8) -> (__m512, __m512) {
-        // SAFETY: the two blocks' `d`; `x = d·(q − 8)`.
-        unsafe {
-            let d = spread(halves(u32::from(read_u16(b)) | u32::from(read_u16(b.add(18))) << 16), 0, 1);
-            (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0)))
-        }
+    unsafe fn scale_bits(b: *const u8) -> u64 {
+        // SAFETY: the two blocks' `d`.
+        unsafe { u64::from(read_u16(b)) | u64::from(read_u16(b.add(18))) << 16 }
     }
 }
 
 impl Paired for Q4_1 {
     const BYTES: usize = 20;
     const FORMAT: QFormat = QFormat::Q4_1;
+    const OFFSET: Option<f32> = None;
 
     #[inline(always)]
     unsafe fn weights(b: *const u8) -> __m512i {
@@ -316,18 +319,17 @@ impl Paired for Q4_1 {
     }
 
     #[inline(always)]
-    unsafe fn scales(b: *const u8) -> (__m512, __m512) {
-        // SAFETY: the two blocks' `(d, m)`, four bytes each; `x = d·q + m`.
-        unsafe {
-            let dm = halves(u64::from(read_u32(b)) | u64::from(read_u32(b.add(20))) << 32); // dA mA dB mB
-            (spread(dm, 0, 2), spread(dm, 1, 3))
-        }
+    unsafe fn scale_bits(b: *const u8) -> u64 {
+        // SAFETY: the two blocks' `(d, m)`, four bytes each.
+        unsafe { u64::from(read_u32(b)) | u64::from(read_u32(b.add(20))) << 32 }
     }
 }
 
 impl Paired for Q8_0 {
     const BYTES: usize = 34;
     const FORMAT: QFormat = QFormat::Q8_0;
+    /// The `+128` that makes the stored values unsigned.
+    const OFFSET: Option<f32> = Some(-128.0);
 
     #[inline(always)]
     unsafe fn weights(b: *const u8) -> __m512i {
@@ -339,12 +341,9 @@ impl Paired for Q8_0 {
     }
 
     #[inline(always)]
-    unsafe fn scales(b: *const u8) -> (__m512, __m512) {
-        // SAFETY: the two blocks' `d`; the stored values are `q + 128`.
-        unsafe {
-            let d = spread(halves(u32::from(read_u16(b)) | u32::from(read_u16(b.add(34))) << 16), 0, 1);
-            (d, _mm512_mul_ps(d, _mm512_set1_ps(-128.0)))
-        }
+    unsafe fn scale_bits(b: *const u8) -> u64 {
+        // SAFETY: the two blocks' `d`.
+        unsafe { u64::from(read_u16(b)) | u64::from(read_u16(b.add(34))) << 16 }
     }
 }
 
@@ -360,33 +359,11 @@ unsafe fn read_u32(p: *const u8) -> u32 {
     unsafe { p.cast::<u32>().read_unaligned() }
 }
 
-/// Up to four IEEE halves packed in an integer (first in the low bits) as `f32` lanes 0–3.
-#[inline(always)]
-unsafe fn halves(bits: impl Into<u64>) -> __m128 {
-    // SAFETY: register-only; the caller has F16C.
-    unsafe { _mm_cvtph_ps(_mm_cvtsi64_si128(bits.into() as i64)) }
-}
-
 /// Lane `a` of `v` in lanes 0–7 and lane `b` in lanes 8–15.
 #[inline(always)]
-unsafe fn spread(v: __m128, a: i32, b: i32) -> __m512 {
+unsafe fn spread(v: __m512, a: i32, b: i32) -> __m512 {
     // SAFETY: register-only; the caller has AVX512F.
-    unsafe {
-        _mm512_permutexvar_ps(
-            _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a),
-            _mm512_castps128_ps512(v),
-        )
-    }
-}
-
-/// `a` in lanes 0–7 and `b` in lanes 8–15.
-#[inline(always)]
-unsafe fn pair(a: f32, b: f32) -> __m512 {
-    // SAFETY: register-only; the caller has AVX512F.
-    unsafe {
-        let lo = _mm512_castps_pd(_mm512_set1_ps(a));
-        _mm512_castpd_ps(_mm512_insertf64x4(lo, _mm256_castps_pd(_mm256_set1_ps(b)), 1))
-    }
+    unsafe { _mm512_permutexvar_ps(_mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a), v) }
 }
 
 /// The 64 nibbles of two `Q4_0`/`Q4_1` blocks' 16 bytes each (at `a` and `b`), in value order:
@@ -403,54 +380,57 @@ unsafe fn nibbles32(a: *const u8, b: *const u8) -> __m512i {
     }
 }
 
-/// [`dot`] of `N` rows of a paired format with one activation row of `D` blocks per 32 values,
-/// two weight blocks (64 values, one 512-bit register) per step.
+/// [`dot`] of `N` (at most [`ROWS`]) rows of a paired format with one activation row of `D`
+/// blocks per 32 values, two weight blocks (64 values, one 512-bit register) per step.
 ///
-/// Per step, the activations of the two blocks are loaded once for all `N` rows: their `D`
-/// quantized values (lanes 0–7: the first block, 8–15: the second, as the weights), their
-/// scales in the same lanes, and the offset term's `Σ_k scale_k·Σ q_k` spread over the
-/// block's eight lanes (divided by 8, exactly). Per row, `D` `vpdpbusd` give the integer
-/// products, scaled by one multiply (and an FMA for the second digit), then one FMA adds
-/// `d·products` and another the offset, each into the row's own accumulators: no scalar
-/// arithmetic and nothing summed across lanes until the end of the row.
+/// Per step, the activations come ready in [`PairLanes`](super::act::PairLanes): per digit the two blocks' values
+/// and scales, and the offset term's sums, each one 512-bit load shared by the `N` rows. The
+/// `N` rows' block scales are converted from half precision together, and per row `D`
+/// `vpdpbusd` give the integer products, scaled by one multiply (and an FMA for the second
+/// digit); one FMA adds `d·products` and another the offset (`m·Σx`, or `−8·d·Σx` …), each into
+/// the row's own accumulators: no scalar arithmetic and nothing summed across lanes until the
+/// end of the row.
 #[inline(always)]
-unsafe fn paired_rows<F: Paired, const N: usize, const D: usize>(rows: [&[u8]; N], act: &[Q8Block]) -> [f32; N] {
+unsafe fn paired_rows<F: Paired, const N: usize, const D: usize>(rows: [&[u8]; N], act: Activations) -> [f32; N] {
+    debug_assert!(N <= ROWS);
     let blocks = rows[0].len() / F::BYTES;
-    debug_assert!(act.len() >= blocks * D);
-    // SAFETY: every load below is inside a row (`2p + 1 < blocks`) or `act`; the caller has
-    // AVX512-VNNI and F16C.
+    debug_assert!(act.blocks.len() >= blocks * D && act.lanes.len() >= blocks / 2);
+    // SAFETY: every load below is inside a row (`2p + 1 < blocks`), `act.blocks` or
+    // `act.lanes`; the caller has AVX512-VNNI and F16C.
     unsafe {
+        // (No closures here: a closure does not inherit the caller's target features, and
+        // the intrinsics in it would stay calls.)
         let mut acc = [_mm512_setzero_ps(); N];
         let mut offsets = [_mm512_setzero_ps(); N];
-        for p in 0..blocks / 2 {
-            let (first, second) = (&act[2 * p * D..][..D], &act[(2 * p + 1) * D..][..D]);
-            // (No closures here: a closure does not inherit the caller's target features, and
-            // the intrinsics in it would stay calls.)
-            let mut values = [_mm512_setzero_si512(); D];
-            let mut scales = [_mm512_setzero_ps(); D];
-            for k in 0..D {
-                let lo = _mm256_loadu_si256(first[k].qs.as_ptr().cast());
-                values[k] =
-                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_loadu_si256(second[k].qs.as_ptr().cast()), 1);
-                scales[k] = pair(first[k].scale, second[k].scale);
+        for (p, lanes) in act.lanes[..blocks / 2].iter().enumerate() {
+            let mut bits = [0u64; ROWS];
+            for r in 0..N {
+                bits[r] = F::scale_bits(rows[r].as_ptr().add(2 * p * F::BYTES));
             }
-            let sum = |blocks: &[Q8Block]| blocks.iter().map(|a| a.scale * a.sum() as f32).sum::<f32>() / 8.0;
-            let sums = pair(sum(first), sum(second));
+            // Row r's two blocks' scales in lanes 4r..4r + 4.
+            let halves =
+                _mm512_cvtph_ps(_mm256_set_epi64x(bits[3] as i64, bits[2] as i64, bits[1] as i64, bits[0] as i64));
+            let sums = _mm512_load_ps(lanes.sums.as_ptr());
             for r in 0..N {
                 let b = rows[r].as_ptr().add(2 * p * F::BYTES);
                 // The same bytes `PREFETCH_ROWS` rows on (rows lie one after another): the
                 // hardware prefetcher alone left the loads of the weights waiting on memory.
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_ROWS * rows[0].len()).cast());
                 let w = F::weights(b);
-                let mut v = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, values[0])),
-                    scales[0],
-                );
-                for k in 1..D {
-                    let products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, values[k]));
-                    v = _mm512_fmadd_ps(products, scales[k], v);
+                let mut v = _mm512_setzero_ps();
+                for k in 0..D {
+                    let values = _mm512_load_si512(lanes.values[k].as_ptr().cast());
+                    let products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, values));
+                    v = _mm512_fmadd_ps(products, _mm512_load_ps(lanes.scales[k].as_ptr()), v);
                 }
-                let (d, m) = F::scales(b);
+                let i = 4 * r as i32;
+                let (d, m) = match F::OFFSET {
+                    Some(offset) => {
+                        let d = spread(halves, i, i + 1);
+                        (d, _mm512_mul_ps(d, _mm512_set1_ps(offset)))
+                    }
+                    None => (spread(halves, i, i + 2), spread(halves, i + 1, i + 3)),
+                };
                 acc[r] = _mm512_fmadd_ps(d, v, acc[r]);
                 offsets[r] = _mm512_fmadd_ps(m, sums, offsets[r]);
             }
@@ -460,7 +440,7 @@ unsafe fn paired_rows<F: Paired, const N: usize, const D: usize>(rows: [&[u8]; N
             out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], offsets[r]));
             if blocks % 2 == 1 {
                 let last = blocks - 1;
-                out[r] += dot(F::FORMAT, &rows[r][last * F::BYTES..], &act[last * D..], D);
+                out[r] += dot(F::FORMAT, &rows[r][last * F::BYTES..], &act.blocks[last * D..], D);
             }
         }
         out
