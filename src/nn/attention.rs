@@ -139,7 +139,8 @@ impl Attention {
                 return self.o.forward(&y);
             }
         }
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?); // (B, T, heads·hd)
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_each(&[&self.q, &self.k, &self.v], x)?.try_into().expect("one output per layer"); // (B, T, heads·hd)
         if token_major {
             // Too few tokens to stack the weights: separate projections, still token-major end
             // to end, so autograd sees one node per op rather than reshapes, transposes and

@@ -36,7 +36,11 @@ impl DenseFfn {
             // node where it saw three (two projections and SwiGLU).
             Some(gate) if self.act == Activation::Silu => match Linear::stacked(&[gate, &self.up], x)? {
                 Some(both) => both.forward_then(x, ops::Epilogue::SwiGlu),
-                None => ops::swiglu(&gate.forward(x)?, &self.up.forward(x)?),
+                None => {
+                    let [gate, up]: [Tensor; 2] =
+                        Linear::forward_each(&[gate, &self.up], x)?.try_into().expect("one output per layer");
+                    ops::swiglu(&gate, &up)
+                }
             },
             Some(gate) => activation::apply(self.act, &gate.forward(x)?)? * self.up.forward(x)?,
             None => match epilogue(self.act) {

@@ -58,6 +58,30 @@ impl Linear {
         Ok(Some(Linear::new(Tensor::cat(&weights, 0)?, bias)))
     }
 
+    /// `[layer(x) for layer in layers]`: when every weight is quantized, as one product
+    /// ([`ops::quant::qmatmul_each`]: `x` quantized once, one parallel region for all of them,
+    /// which is what decoding a token spends its time waiting on), else one layer at a time.
+    pub fn forward_each(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(weights) = layers.iter().map(|l| l.quantized_weight().cloned()).collect::<Option<Vec<_>>>() else {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        };
+        let ys = ops::quant::qmatmul_each(x, &weights)?;
+        ys.into_iter()
+            .zip(layers)
+            .map(|(y, l)| match &l.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            })
+            .collect()
+    }
+
+    fn quantized_weight(&self) -> Option<&std::sync::Arc<ops::quant::QMatrix>> {
+        match &self.weight {
+            Weight::Quantized(q) => Some(q),
+            Weight::Dense(_) => None,
+        }
+    }
+
     /// `(out, in)`; an error for a quantized weight (which has no tensor).
     pub fn weight(&self) -> Result<&Tensor> {
         match &self.weight {
@@ -67,7 +91,10 @@ impl Linear {
     }
 
     fn dense_weight(&self) -> Option<&Tensor> {
-        self.weight().ok()
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized(_) => None,
+        }
     }
 
     /// `(out,)`

@@ -78,6 +78,51 @@ pub fn quantize_row(x: &[f32], out: &mut [Q8Block], digits: usize) {
     }
 }
 
+/// Two consecutive blocks of activations laid out as the registers of the VNNI kernel's step
+/// over two weight blocks (lanes 0–7: the first block, 8–15: the second): for each digit the
+/// 64 values and each block's scale in its eight lanes, and the offset term's
+/// `Σ_digits scale·Σ q` of each block divided among its eight lanes (by 8, exactly). Built once
+/// per token, so the rows that meet it (every row of every matrix) only load it.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub struct PairLanes {
+    pub values: [[i8; 64]; 2],
+    pub scales: [[f32; 16]; 2],
+    pub sums: [f32; 16],
+}
+
+impl PairLanes {
+    const ZERO: PairLanes = PairLanes { values: [[0; 64]; 2], scales: [[0.0; 16]; 2], sums: [0.0; 16] };
+
+    /// The lanes of a row's blocks (`digits` per 32 values), two blocks per entry; an odd last
+    /// block is left out (the kernels take it alone).
+    pub fn of_row(act: &[Q8Block], digits: usize) -> Vec<PairLanes> {
+        act.chunks_exact(2 * digits)
+            .map(|two| {
+                let mut lanes = PairLanes::ZERO;
+                for (half, blocks) in two.chunks_exact(digits).enumerate() {
+                    let lanes_of_block = 8 * half..8 * half + 8;
+                    for (k, a) in blocks.iter().enumerate() {
+                        lanes.values[k][32 * half..32 * half + 32].copy_from_slice(&a.qs);
+                        lanes.scales[k][lanes_of_block.clone()].fill(a.scale);
+                    }
+                    let sum: f32 = blocks.iter().map(|a| a.scale * a.sum() as f32).sum();
+                    lanes.sums[lanes_of_block].fill(sum / 8.0);
+                }
+                lanes
+            })
+            .collect()
+    }
+}
+
+/// One activation row: its blocks, and the same as [`PairLanes`] for the VNNI kernel (empty
+/// for the scalar one).
+#[derive(Clone, Copy)]
+pub struct Activations<'a> {
+    pub blocks: &'a [Q8Block],
+    pub lanes: &'a [PairLanes],
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +152,24 @@ mod tests {
                 let back = pair[0].scale * f32::from(pair[0].qs[i]) + pair[1].scale * f32::from(pair[1].qs[i]);
                 assert!((back - v).abs() <= amax / (254.0 * 254.0) * 1.01, "{back} vs {v}");
             }
+        }
+    }
+
+    #[test]
+    fn pair_lanes_hold_each_blocks_values_scale_and_sum_in_its_half() {
+        let x: Vec<f32> = (0..96).map(|i| ((i as f32) * 0.53).sin() * (1.0 + (i % 5) as f32)).collect();
+        let mut blocks = [Q8Block::ZERO; 6];
+        quantize_row(&x, &mut blocks, 2);
+        let lanes = PairLanes::of_row(&blocks, 2);
+        assert_eq!(lanes.len(), 1, "three blocks of 32: one pair, the odd one left out");
+        for (half, pair) in blocks[..4].chunks(2).enumerate() {
+            for (k, block) in pair.iter().enumerate() {
+                assert_eq!(&lanes[0].values[k][32 * half..32 * half + 32], &block.qs);
+                assert!(lanes[0].scales[k][8 * half..8 * half + 8].iter().all(|&s| s == block.scale));
+            }
+            let sum: f32 = pair.iter().map(|b| b.scale * b.sum() as f32).sum();
+            let spread: f32 = lanes[0].sums[8 * half..8 * half + 8].iter().sum();
+            assert!((spread - sum).abs() <= 1e-6 * sum.abs().max(1.0), "{spread} vs {sum}");
         }
     }
 

@@ -160,6 +160,12 @@ impl QMatrix {
         &self.data[r * n..(r + 1) * n]
     }
 
+    /// The blocks of rows `rows`, one row after another.
+    pub fn rows_data(&self, rows: std::ops::Range<usize>) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[rows.start * n..rows.end * n]
+    }
+
     /// The same matrix with its rows reordered: row `i` of the result is row `order[i]` of
     /// `self` (blocks never straddle rows, so this is a copy of byte ranges).
     pub fn select_rows(&self, order: &[usize]) -> Result<Self> {

@@ -32,11 +32,12 @@ mod tests;
 
 pub use format::{QFormat, QMatrix};
 
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use act::Q8Block;
+use act::{Activations, PairLanes, Q8Block};
 
 use super::parallel;
 
@@ -115,27 +116,41 @@ pub fn describe() -> String {
     }
 }
 
-/// `Σ_i w_i·x_i` of weight row `row` and one activation row, on `kernel`.
+/// `out[i] = Σ_j w[rows.start + i, j]·x_j` for a run of consecutive rows of `w` and one
+/// activation row: the VNNI kernels take several rows at once, sharing the activations'
+/// registers between them.
 #[inline]
-fn dot(kernel: QuantKernel, format: QFormat, row: &[u8], act: &[Q8Block], digits: usize) -> f32 {
+fn dots(kernel: QuantKernel, w: &QMatrix, rows: Range<usize>, act: Activations, digits: usize, out: &mut [f32]) {
+    debug_assert_eq!(out.len(), rows.len());
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Vnni` is selected only where `vnni::available()`; `act` covers the row.
-        QuantKernel::Vnni => unsafe { vnni::dot(format, row, act, digits) },
-        _ => scalar::dot(format, row, act, digits),
+        // SAFETY: `Vnni` is selected only where `vnni::available()`; `act` covers a row.
+        QuantKernel::Vnni => unsafe { vnni::dots(w.format(), w.row_bytes(), w.rows_data(rows), act, digits, out) },
+        _ => {
+            for (o, r) in out.iter_mut().zip(rows) {
+                *o = scalar::dot(w.format(), w.row(r), act.blocks, digits);
+            }
+        }
     }
 }
 
 /// Values of the weight per parallel task: tens of microseconds of work.
 const TASK_VALUES: usize = 16_384;
 
-/// `out = x·Wᵀ` for `x` of `tokens` rows of `w.cols` values; `out` is `(tokens, w.rows)`;
-/// `digits` activation blocks per 32 values.
-pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], w: &QMatrix, out: &mut [f32]) {
-    let (rows, cols) = w.dims();
+/// `out = x·[W₀; W₁; …]ᵀ`: the products of `x` (`tokens` rows of `cols` values) with matrices
+/// `ws` of `cols` columns each, their outputs side by side in each row of `out`
+/// `(tokens, Σ rows)`; `digits` activation blocks per 32 values.
+///
+/// `x` is quantized once for all of them, and one parallel loop runs over all their rows: when
+/// decoding, q, k and v (or gate and up) are then one region of the thread pool, with one wait
+/// at its end, instead of three (two), each with its own quantization and wait.
+pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], ws: &[&QMatrix], out: &mut [f32]) {
+    let Some(cols) = ws.first().map(|w| w.dims().1) else { return };
+    debug_assert!(ws.iter().all(|w| w.dims().1 == cols), "quant::matmul: matrices of different widths");
+    let width: usize = ws.iter().map(|w| w.dims().0).sum();
     let blocks = cols / Q8Block::LEN * digits;
     let tokens = x.len() / cols;
-    debug_assert_eq!(out.len(), tokens * rows);
+    debug_assert_eq!(out.len(), tokens * width);
     let mut act = vec![Q8Block::ZERO; tokens * blocks];
     let tokens_per_task = tokens.div_ceil(parallel::threads()).max(1);
     parallel::for_each_chunk(&mut act, tokens_per_task * blocks, |i, chunk| {
@@ -143,17 +158,28 @@ pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], w: &QMatrix, out: &
             act::quantize_row(&x[(i * tokens_per_task + t) * cols..][..cols], blocks_of_t, digits);
         }
     });
-    let rows_per_task = (TASK_VALUES / cols).clamp(1, rows.max(1));
+    let lanes: Vec<PairLanes> = match kernel {
+        QuantKernel::Vnni => act.chunks_exact(blocks).flat_map(|a| PairLanes::of_row(a, digits)).collect(),
+        QuantKernel::Scalar => Vec::new(),
+    };
+    let pairs = lanes.len() / tokens.max(1);
+    // (matrix, its rows, where they go in an output row), about `TASK_VALUES` weights each.
+    let rows_per_task = (TASK_VALUES / cols.max(1)).max(1);
+    let mut tasks = Vec::new();
+    let mut offset = 0;
+    for (m, w) in ws.iter().enumerate() {
+        let rows = w.dims().0;
+        tasks.extend((0..rows).step_by(rows_per_task).map(|first| (m, first..rows.min(first + rows_per_task), offset)));
+        offset += rows;
+    }
     let out = SharedOut(out.as_mut_ptr());
-    parallel::for_each(rows.div_ceil(rows_per_task), |task| {
-        let first = task * rows_per_task;
-        let last = (first + rows_per_task).min(rows);
-        for (t, act) in act.chunks_exact(blocks).enumerate() {
-            for r in first..last {
-                // SAFETY: `(t, r)` is inside `out` (`tokens × rows`), and each task writes only
-                // its own rows `first..last`.
-                unsafe { out.write(t * rows + r, dot(kernel, w.format(), w.row(r), act, digits)) };
-            }
+    parallel::for_each(tasks.len(), |task| {
+        let (m, rows, offset) = tasks[task].clone();
+        for (t, blocks) in act.chunks_exact(blocks).enumerate() {
+            // SAFETY: inside `out` (`tokens × width`); each task writes only its own rows.
+            let out = unsafe { out.slice(t * width + offset + rows.start, rows.len()) };
+            let lanes = lanes.get(t * pairs..(t + 1) * pairs).unwrap_or_default();
+            dots(kernel, ws[m], rows.clone(), Activations { blocks, lanes }, digits, out);
         }
     });
 }
@@ -164,33 +190,49 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
     /// # Safety
-    /// `i` is in bounds, and no other thread touches it.
-    unsafe fn write(&self, i: usize, value: f32) {
+    /// `start..start + len` is in bounds, and no other thread touches it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
         // SAFETY: the caller's contract.
-        unsafe { *self.0.add(i) = value };
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 
 /// `(…, in)` → `(…, out)`: `x·Wᵀ` for a quantized `W` `(out, in)`, on this process's
 /// [`kernel`]. `x` is computed in `f32` (half types are converted); CPU only.
 pub fn qmatmul(x: &Tensor, w: &Arc<QMatrix>) -> Result<Tensor> {
-    let (_, cols) = w.dims();
-    if x.dim(candle_core::D::Minus1)? != cols {
-        bail!(
-            "quantized linear: input has {} features, the weight {:?} expects {cols}",
-            x.dim(candle_core::D::Minus1)?,
-            w
-        )
+    let mut y = qmatmul_each(x, std::slice::from_ref(w))?;
+    Ok(y.pop().expect("one output per matrix"))
+}
+
+/// `(…, in)` → `[(…, out₀), (…, out₁), …]`: `x·Wᵢᵀ` for several quantized matrices of `x`'s
+/// width (q, k and v; gate and up) as one product ([`matmul`]: `x` quantized once, one
+/// parallel loop). Below [`DEQUANTIZED_FROM_TOKENS`] the outputs are views of one tensor.
+pub fn qmatmul_each(x: &Tensor, ws: &[Arc<QMatrix>]) -> Result<Vec<Tensor>> {
+    let features = x.dim(candle_core::D::Minus1)?;
+    if ws.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(w) = ws.iter().find(|w| w.dims().1 != features) {
+        bail!("quantized linear: input has {features} features, the weight {w:?} expects {}", w.dims().1)
     }
     let dtype = x.dtype();
-    let tokens = x.elem_count() / cols.max(1);
+    let tokens = x.elem_count() / features.max(1);
     if tokens >= DEQUANTIZED_FROM_TOKENS {
-        let y = super::linear(&x.to_dtype(DType::F32)?, &w.dequantize()?, None)?;
-        return y.to_dtype(dtype);
+        let x = x.to_dtype(DType::F32)?;
+        return ws.iter().map(|w| super::linear(&x, &w.dequantize()?, None)?.to_dtype(dtype)).collect();
     }
     let (kernel, digits) = (kernel()?, activation_digits()?);
-    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1(QMatMul { w: w.clone(), kernel, digits })?;
-    y.to_dtype(dtype)
+    let op = QMatMul { ws: ws.to_vec(), kernel, digits };
+    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)?.to_dtype(dtype)?; // (…, Σ out)
+    let mut start = 0;
+    ws.iter()
+        .map(|w| {
+            let rows = w.dims().0;
+            start += rows;
+            y.narrow(candle_core::D::Minus1, start - rows, rows)
+        })
+        .collect()
 }
 
 /// From this many tokens in one product (a prefill chunk), [`qmatmul`] dequantizes the matrix
@@ -202,7 +244,7 @@ pub fn qmatmul(x: &Tensor, w: &Arc<QMatrix>) -> Result<Tensor> {
 pub const DEQUANTIZED_FROM_TOKENS: usize = 32;
 
 struct QMatMul {
-    w: Arc<QMatrix>,
+    ws: Vec<Arc<QMatrix>>,
     kernel: QuantKernel,
     digits: usize,
 }
@@ -214,13 +256,14 @@ impl CustomOp1 for QMatMul {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::storage_slice::<f32>("quantized linear", storage, layout)?;
-        let (rows, _) = self.w.dims();
+        let rows = self.ws.iter().map(|w| w.dims().0).sum();
         let mut dims = layout.shape().dims().to_vec();
         *dims.last_mut().expect("checked: the input has a feature dim") = rows;
         let shape = Shape::from(dims);
         // SAFETY: `matmul` writes every output.
         let mut out = unsafe { super::output_buffer::<f32>(shape.elem_count()) };
-        matmul(self.kernel, self.digits, x, &self.w, &mut out);
+        let ws: Vec<&QMatrix> = self.ws.iter().map(|w| &**w).collect();
+        matmul(self.kernel, self.digits, x, &ws, &mut out);
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -228,7 +271,7 @@ impl CustomOp1 for QMatMul {
         Err(candle_core::Error::Msg(format!(
             "a quantized ({}) weight has no gradient: quantized models are for inference\n\
              HINT: training loads a GGUF file dequantized to f32 (`lmforge train --init-from FILE.gguf`)",
-            self.w.format()
+            self.ws[0].format()
         )))
     }
 }

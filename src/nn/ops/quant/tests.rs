@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::act::{self, Q8Block};
+use super::act::{self, Activations, PairLanes, Q8Block};
 use super::*;
 
 /// Kernels this CPU runs; the VNNI one must run where CI sets `LMFORGE_REQUIRE_VNNI`.
@@ -61,7 +61,7 @@ fn check(format: QFormat, rows: usize, cols: usize, tokens: usize) {
     for kernel in kernels() {
         for digits in [1, 2] {
             let mut out = vec![f32::NAN; tokens * rows];
-            matmul(kernel, digits, &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &w, &mut out);
+            matmul(kernel, digits, &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &[&w], &mut out);
             for t in 0..tokens {
                 for r in 0..rows {
                     let (got, want) = (out[t * rows + r], reference[t][r]);
@@ -82,29 +82,78 @@ fn every_format_and_kernel_matches_the_dequantized_product() {
         // decode (one row), a small prefill, rows not a multiple of a task
         check(format, 37, 512, 1);
         check(format, 19, 768, 5);
+        if format.block_len() == 32 {
+            // an odd number of blocks: the paired kernel's last block alone
+            check(format, 9, 544, 2);
+        }
     }
 }
 
 /// The kernels differ only in summation order: they agree to f32 rounding, not just the bound.
+/// (Rows one at a time and in runs, which the VNNI kernel takes four at a time.)
 #[test]
 fn kernels_agree_with_each_other() {
     let kernels = kernels();
     for format in QFormat::ALL {
-        let w = QMatrix::quantize(&values(8, 256, 3), format).unwrap();
-        let x = values(1, 256, 4).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // an odd number of blocks where the format has blocks of 32
+        let cols = if format.block_len() == 32 { 288 } else { 256 };
+        let rows = 11;
+        let w = QMatrix::quantize(&values(rows, cols, 3), format).unwrap();
+        let x = values(1, cols, 4).flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for digits in [1, 2] {
-            let mut acts = vec![Q8Block::ZERO; 8 * digits];
+            let mut acts = vec![Q8Block::ZERO; cols / 32 * digits];
             act::quantize_row(&x, &mut acts, digits);
-            for r in 0..8 {
-                let reference = scalar::dot(format, w.row(r), &acts, digits);
-                for &kernel in &kernels {
-                    let got = dot(kernel, format, w.row(r), &acts, digits);
-                    let close = (got - reference).abs() <= 1e-5 * (1.0 + reference.abs());
-                    assert!(close, "{format} {kernel:?}: {got} vs {reference}");
+            let reference: Vec<f32> = (0..rows).map(|r| scalar::dot(format, w.row(r), &acts, digits)).collect();
+            let lanes = PairLanes::of_row(&acts, digits);
+            for &kernel in &kernels {
+                let act = Activations { blocks: &acts, lanes: if kernel == QuantKernel::Vnni { &lanes } else { &[] } };
+                let mut run = vec![f32::NAN; rows - 1];
+                dots(kernel, &w, 1..rows, act, digits, &mut run);
+                for r in 0..rows {
+                    let close = |got: f32| (got - reference[r]).abs() <= 1e-5 * (1.0 + reference[r].abs());
+                    let mut one = [f32::NAN];
+                    dots(kernel, &w, r..r + 1, act, digits, &mut one);
+                    let got = one[0];
+                    assert!(close(got), "{format} {kernel:?} row {r}: {got} vs {}", reference[r]);
+                    if r > 0 {
+                        assert!(
+                            close(run[r - 1]),
+                            "{format} {kernel:?} run, row {r}: {} vs {}",
+                            run[r - 1],
+                            reference[r]
+                        );
+                    }
                 }
             }
         }
     }
+}
+
+/// Several matrices in one product give each matrix's own product, bit for bit.
+#[test]
+fn a_product_with_several_matrices_is_each_product() {
+    let formats = [QFormat::Q4_1, QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4K];
+    let ws: Vec<Arc<QMatrix>> = formats
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| Arc::new(QMatrix::quantize(&values(5 + 7 * i, 256, 10 + i as u64), f).unwrap()))
+        .collect();
+    for tokens in [1, 3] {
+        let x = values(tokens, 256, 20).reshape((1, tokens, 256)).unwrap();
+        let each = qmatmul_each(&x, &ws).unwrap();
+        assert_eq!(each.len(), ws.len());
+        for (y, w) in each.iter().zip(&ws) {
+            let alone = qmatmul(&x, w).unwrap();
+            assert_eq!(y.dims(), &[1, tokens, w.dims().0]);
+            assert_eq!(
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+    let narrow = Arc::new(QMatrix::quantize(&values(4, 128, 30), QFormat::Q8_0).unwrap());
+    let err = qmatmul_each(&values(1, 256, 0), &[ws[0].clone(), narrow]).unwrap_err().to_string();
+    assert!(err.contains("input has 256 features") && err.contains("expects 128"), "{err}");
 }
 
 #[test]
