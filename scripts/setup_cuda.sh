@@ -19,29 +19,25 @@
 # link time (vendor/README.md), so a machine without them builds and runs on the CPU.
 #
 # The venv lives at $LMFORGE_CACHE/cuda-<hash of scripts/cuda-requirements.txt> (default
-# ~/.cache/lmforge), so an unchanged requirement is reused without touching the network; a
-# `complete` marker is written last. First install: ~400 MB, under a minute with a fast mirror.
+# ~/.cache/lmforge), built and reused as scripts/cached_venv.sh says. First install: ~400 MB,
+# under a minute with a fast mirror.
 #
 # Env: LMFORGE_CACHE (default ~/.cache/lmforge), PYTHON (default python3), CUDA_COMPUTE_CAP.
 set -euo pipefail
 cd "$(dirname "$0")"
-requirements=$PWD/cuda-requirements.txt
-cache="${LMFORGE_CACHE:-$HOME/.cache/lmforge}"
-venv="$cache/cuda-$(sha256sum "$requirements" | cut -c1-12)"
+source ./cached_venv.sh
 
-if [ ! -f "$venv/complete" ]; then
-    echo "setup_cuda: installing the CUDA compiler into $venv from $requirements" >&2
-    rm -rf "$venv"
-    mkdir -p "$cache"
-    "${PYTHON:-python3}" -m venv "$venv" >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
-    root=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
-    # The linker looks for the unversioned name; the wheel ships only libcudart.so.13.
-    ln -sf libcudart.so.13 "$root/lib/libcudart.so"
-    "$root/bin/nvcc" --version >&2
-    echo "$root" > "$venv/cuda_root"
-    touch "$venv/complete"
-fi
+# Where the wheels put CUDA 13, and the unversioned libcudart the linker looks for (the wheel
+# ships only libcudart.so.13).
+find_cuda_root() {
+    local root
+    root=$("$1/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))') || return
+    ln -sf libcudart.so.13 "$root/lib/libcudart.so" || return
+    "$root/bin/nvcc" --version || return
+    echo "$root" > "$1/cuda_root"
+}
+
+venv=$(cached_venv cuda "$PWD/cuda-requirements.txt" find_cuda_root)
 root=$(cat "$venv/cuda_root")
 cat <<ENV
 export CUDA_ROOT="$root"
