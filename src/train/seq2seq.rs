@@ -84,10 +84,7 @@ pub fn prepare_seq2seq_run(config: &RunConfig, parallel: &ParallelData, resume: 
 
     let mut corpus = ParallelCorpus::read(&parallel.file, &parallel.source, &parallel.target)?;
     let split = BookSplit::new(&corpus, &parallel.test_books, &parallel.val_books, parallel.val_fraction)?;
-    let copied_targets = match parallel.copied_targets {
-        share if share > 0.0 => add_copied_targets(&mut corpus, &split, share),
-        _ => 0,
-    };
+    let copied_targets = add_copied_targets(&mut corpus, &split, parallel.copied_targets);
 
     let tokenizer_file = run_dir.join(TOKENIZER_FILE);
     if !tokenizer_file.exists() {

@@ -35,10 +35,7 @@ pub fn add_copied_targets(corpus: &mut ParallelCorpus, split: &BookSplit, share:
 
 /// Whether the pair on `line` is among the `share` that are copied.
 fn is_copied(line: usize, share: f64) -> bool {
-    if share >= 1.0 {
-        return true;
-    }
-    // The hash's top 53 bits as a uniform number in [0, 1).
+    // The hash's top 53 bits as a uniform number in [0, 1): share 0 copies none, share 1 all.
     let uniform = (mix(line as u64) >> 11) as f64 / (1u64 << 53) as f64;
     uniform < share
 }
