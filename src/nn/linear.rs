@@ -66,13 +66,15 @@ impl Linear {
             return layers.iter().map(|l| l.forward(x)).collect();
         };
         let ys = ops::quant::qmatmul_each(x, &weights)?;
-        ys.into_iter()
-            .zip(layers)
-            .map(|(y, l)| match &l.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            })
-            .collect()
+        ys.into_iter().zip(layers).map(|(y, l)| l.add_bias(y)).collect()
+    }
+
+    /// `y + bias`, for the products that do not add it themselves (the quantized ones).
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     fn quantized_weight(&self) -> Option<&std::sync::Arc<ops::quant::QMatrix>> {
@@ -106,13 +108,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => ops::linear(x, w, self.bias.as_ref()),
-            Weight::Quantized(q) => {
-                let y = ops::quant::qmatmul(x, q)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
+            Weight::Quantized(q) => self.add_bias(ops::quant::qmatmul(x, q)?),
         }
     }
 
