@@ -1,4 +1,5 @@
-//! `--device`, shared by the commands that compute (score, generate, bench).
+//! `--device`, shared by the commands that compute (train, score, generate, eval translate,
+//! bench).
 
 use candle_core::Device;
 use clap::Args;
@@ -7,14 +8,14 @@ use lmforge::device::{self, DeviceSpec};
 #[derive(Args, Clone, Copy, Debug, Default)]
 pub struct DeviceArg {
     /// Where to compute: cpu, cuda or cuda:N (default: the first GPU in a build with the `cuda`
-    /// feature when one is present, else the CPU).
-    #[arg(long, value_name = "cpu|cuda[:N]")]
-    pub device: Option<DeviceSpec>,
+    /// feature when one is present, else the CPU). A training run may change it on resume.
+    #[arg(long = "device", value_name = "cpu|cuda[:N]")]
+    pub spec: Option<DeviceSpec>,
 }
 
 impl DeviceArg {
     /// The device asked for (or the default), opened.
     pub fn open(self) -> anyhow::Result<Device> {
-        Ok(device::resolve(self.device)?)
+        Ok(device::resolve(self.spec)?)
     }
 }

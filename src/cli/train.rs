@@ -19,6 +19,7 @@ use lmforge::train::RunTime;
 use serde_json::json;
 
 use super::data_parallel;
+use super::device::DeviceArg;
 
 /// Restarts after crashes before the supervisor gives up.
 const MAX_RESTARTS: usize = 5;
@@ -117,10 +118,8 @@ pub struct TrainArgs {
     /// weights, optimizer and checkpoints stay f32).
     #[arg(long, value_name = "f32|bf16")]
     precision: Option<Precision>,
-    /// Where to compute: cpu, cuda or cuda:N (default: the first GPU in a build with the `cuda`
-    /// feature when one is present, else the CPU). May differ on resume.
-    #[arg(long, value_name = "cpu|cuda[:N]")]
-    device: Option<DeviceSpec>,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Inject a fault to test recovery: `nan@step=N`, `spike@step=N`, `crash@step=N`.
     #[arg(long = "inject", value_name = "KIND@step=N")]
     inject: Vec<String>,
@@ -264,8 +263,8 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<(RunConfig, bool)> {
     // What may change on resume: how long to train, how often to report, and where (the
     // checkpoints are device-independent).
     let t = &mut stored.train;
-    if args.device.is_some() {
-        t.device = args.device;
+    if args.device.spec.is_some() {
+        t.device = args.device.spec;
     }
     if let Some(v) = args.steps {
         t.steps = v;
@@ -349,8 +348,8 @@ fn requested_config(args: &TrainArgs, parallel_base: Option<ParallelData>) -> an
     if let Some(v) = args.warmup_steps {
         t.warmup_steps = Some(v);
     }
-    if args.device.is_some() {
-        t.device = args.device;
+    if args.device.spec.is_some() {
+        t.device = args.device.spec;
     }
     Ok(c)
 }
