@@ -7,6 +7,7 @@ use clap::Parser;
 
 fn main() {
     keep_freed_memory();
+    end_quietly_on_closed_pipe();
     let args = cli::Cli::parse();
     if let Err(error) = cli::run(args) {
         eprintln!("error: {error:#}");
@@ -31,5 +32,22 @@ fn keep_freed_memory() {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
         }
+    }
+}
+
+/// End the process quietly when its output pipe closes (`lmforge presets | head`), as Unix tools
+/// do, instead of panicking in `println!` with "Broken pipe".
+///
+/// Why: the Rust runtime ignores `SIGPIPE`, so a write to a closed pipe returns an error, and
+/// the `print!` family panics on it. Restoring the default action lets the kernel end the
+/// process at that write. Nothing is lost by it: checkpoints are written under a temporary name
+/// and renamed into place, so a run ended mid-write leaves its last complete checkpoint.
+/// Data-parallel ranks ignore the signal again before joining MPI, whose sockets report a lost
+/// peer as an error (`src/distributed/mpi.rs`).
+fn end_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: sets a signal's disposition to its default; called before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

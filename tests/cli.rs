@@ -57,6 +57,29 @@ fn show_reports_published_parameter_counts() {
     assert!(ok(&["presets"]).contains("46,702,792,704"));
 }
 
+/// `lmforge presets | head`: when the reader has gone, the process ends at its first write by
+/// `SIGPIPE`, as Unix tools do, instead of panicking with "Broken pipe".
+#[test]
+#[cfg(unix)]
+fn output_to_a_closed_pipe_ends_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let mut ends = [0; 2];
+    // SAFETY: pipe fills two valid descriptors on success; each is owned exactly once below.
+    assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0, "pipe");
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    drop(read_end); // the reader is gone before the first write
+    let out = Command::new(env!("CARGO_BIN_EXE_lmforge"))
+        .arg("presets")
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}
+
 #[test]
 fn show_reads_model_directories_and_config_files() {
     let phi = json(&ok(&["show", fixture("phi").to_str().unwrap(), "--json"]));

@@ -34,9 +34,20 @@ pub struct MpiWorld {
     _universe: Universe,
 }
 
+/// A write to a socket whose peer has gone must be an error MPI reports (and the launcher and
+/// the watchdog act on), not a signal that ends this rank silently: the binary restores
+/// `SIGPIPE`'s default action for its own output, so a rank sets it back to ignored.
+fn ignore_closed_sockets() {
+    // SAFETY: sets a signal's disposition; called before MPI starts its threads.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 impl MpiWorld {
     /// Join the MPI job this process was started in.
     pub fn init(timeout: Duration) -> Result<Self> {
+        ignore_closed_sockets();
         let universe = mpi::initialize().ok_or_else(|| Error::Distributed("MPI was already initialised".into()))?;
         let world = universe.world();
         let watchdog = Watchdog::start(world.rank() as usize, timeout);
