@@ -6,7 +6,6 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use clap::Args;
 use lmforge::data::parallel::ParallelData;
-use lmforge::device::DeviceSpec;
 use lmforge::nn::ops::Precision;
 use lmforge::plan::seconds;
 use lmforge::train::checkpoint;
@@ -105,14 +104,17 @@ pub struct TrainArgs {
     warmup_steps: Option<u64>,
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long)]
+    /// Evaluate on the validation split every N steps and after the last (0 = never).
+    #[arg(long, value_name = "N")]
     eval_every: Option<u64>,
     /// Validation batches per evaluation (0 = the whole split).
     #[arg(long)]
     eval_batches: Option<u64>,
-    #[arg(long)]
+    /// Write a checkpoint every N steps and after the last.
+    #[arg(long, value_name = "N")]
     checkpoint_every: Option<u64>,
-    #[arg(long)]
+    /// Print a sample every N steps (0 = only the one after the last step).
+    #[arg(long, value_name = "N")]
     sample_every: Option<u64>,
     /// Precision of the matrix products: f32 (default) or bf16 (bf16 operands, f32 sums;
     /// weights, optimizer and checkpoints stay f32).
@@ -169,9 +171,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// Say which kernels the matrix products run on, when not the default.
 pub(super) fn announce_kernels(config: &RunConfig) -> anyhow::Result<()> {
-    if DeviceSpec::or_default(config.train.device) != DeviceSpec::Cpu {
+    // Opened first, so that a device this build or machine lacks is the error, not a claim.
+    let device = lmforge::device::resolve(config.train.device)?;
+    if !device.is_cpu() {
         // Off the CPU the products are candle's (cuBLAS), at the run's precision.
-        eprintln!("{} matrix products on the GPU's cuBLAS", config.train.precision);
+        eprintln!("{} matrix products on {}'s cuBLAS", config.train.precision, lmforge::device::describe(&device));
     } else if config.train.precision == Precision::Bf16 {
         lmforge::nn::ops::bf16::kernel()?;
         eprintln!("bf16 matrix products on {}", lmforge::nn::ops::bf16::describe());

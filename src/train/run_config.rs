@@ -127,11 +127,14 @@ pub struct TrainSpec {
     /// Seed of the data order and every other random choice of the run.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Evaluate every N steps and after the last step; 0 = never.
     #[serde(default = "d_eval_every")]
     pub eval_every: u64,
     /// Validation batches per evaluation (0 = the whole split).
     #[serde(default = "d_eval_batches")]
     pub eval_batches: u64,
+    /// Print and log a sample every N steps; one is always printed after the last step (the
+    /// run's summary shows it), so 0 leaves only that one.
     #[serde(default = "d_sample_every")]
     pub sample_every: u64,
     #[serde(default = "d_prompt")]
