@@ -1,30 +1,13 @@
 //! The command line as a user runs it: outputs on real fixtures, and clear errors with a
 //! non-zero exit on bad input.
 
+mod command;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-
-fn lmforge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().expect("run lmforge")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = lmforge(args);
-    assert!(out.status.success(), "lmforge {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs, expects failure, returns stderr.
-fn fails(args: &[&str]) -> String {
-    let out = lmforge(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "lmforge {args:?} should fail");
-    assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
-    stderr
-}
+use command::{command, fails, ok};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -69,12 +52,7 @@ fn output_to_a_closed_pipe_ends_quietly() {
     assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0, "pipe");
     let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
     drop(read_end); // the reader is gone before the first write
-    let out = Command::new(env!("CARGO_BIN_EXE_lmforge"))
-        .arg("presets")
-        .stdout(write_end)
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .unwrap();
+    let out = command().arg("presets").stdout(write_end).stderr(std::process::Stdio::piped()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
@@ -222,12 +200,7 @@ fn export_writes_a_loadable_hugging_face_directory() {
 fn an_unusable_blas_library_is_a_clear_error() {
     // LC_ALL=C: the first message is the dynamic loader's, in the user's language.
     for (library, expected) in [("/nonexistent/libcblas.so", "No such file"), ("libm.so.6", "cblas_sgemm")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_lmforge"))
-            .env("LMFORGE_BLAS", library)
-            .env("LC_ALL", "C")
-            .arg("presets")
-            .output()
-            .unwrap();
+        let out = command().env("LMFORGE_BLAS", library).env("LC_ALL", "C").arg("presets").output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "LMFORGE_BLAS={library} should fail");
         assert!(out.stdout.is_empty(), "LMFORGE_BLAS={library}: the command ran anyway");

@@ -3,29 +3,12 @@
 //! source given to a decoder-only model, a missing source, and a source longer than the
 //! model's positions.
 
+mod command;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
-
-fn lmforge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().expect("run lmforge")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = lmforge(args);
-    assert!(out.status.success(), "lmforge {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs, expects failure without a panic, returns stderr.
-fn fails(args: &[&str]) -> String {
-    let out = lmforge(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "lmforge {args:?} should fail");
-    assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
-    stderr
-}
+use command::{fails, ok};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

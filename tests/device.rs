@@ -5,32 +5,14 @@
 //! its absence a failure).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::Device;
 
+mod command;
 mod small_run;
+
+use command::{command, fails, succeeds};
 use small_run::{losses, write_config_with};
-
-fn lmforge() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmforge"))
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = lmforge().args(args).output().unwrap();
-    assert!(out.status.success(), "lmforge {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-/// A failing command's stderr, after checking it failed as an error does (status 1, or 2 for a
-/// usage error), not by a panic or a signal.
-fn failure(args: &[&str]) -> String {
-    let out = lmforge().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(matches!(out.status.code(), Some(1 | 2)), "lmforge {args:?}: {:?}\n{stderr}", out.status);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
 
 /// The small test run, with `device = spec` in its `[train]` section when given.
 fn config(dir: &Path, run: &Path, steps: u64, device: Option<&str>) -> PathBuf {
@@ -70,7 +52,7 @@ fn a_run_on_each_device_resumes_bit_identically() {
     for spec in specs() {
         let tmp = tempfile::tempdir().unwrap();
         let (clean, crashed) = (tmp.path().join("clean"), tmp.path().join("crashed"));
-        let out = run(&[
+        let out = succeeds(&[
             "train",
             "--config",
             config(tmp.path(), &clean, 16, Some(&spec)).to_str().unwrap(),
@@ -79,14 +61,14 @@ fn a_run_on_each_device_resumes_bit_identically() {
         assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("on {spec} for 16 steps")), "{spec}");
 
         let crashing = config(tmp.path(), &crashed, 16, None);
-        let out = lmforge()
+        let out = command()
             .args(["train", "--config", crashing.to_str().unwrap(), "--device", &spec, "--no-supervisor"])
             .args(["--inject", "crash@step=11"])
             .output()
             .unwrap();
         assert!(!out.status.success(), "the injected crash did not happen on {spec}");
         assert!(!checkpoint(&crashed, 16).exists());
-        run(&["train", "--resume", crashed.to_str().unwrap(), "--device", &spec, "--no-supervisor"]);
+        succeeds(&["train", "--resume", crashed.to_str().unwrap(), "--device", &spec, "--no-supervisor"]);
 
         assert_eq!(weights(&checkpoint(&clean, 16)), weights(&checkpoint(&crashed, 16)), "weights differ on {spec}");
         assert_eq!(losses(&clean), losses(&crashed), "losses differ on {spec}");
@@ -100,15 +82,15 @@ fn a_gpu_run_resumes_on_the_cpu() {
     let Some(gpu) = specs().into_iter().find(|s| s != "cpu") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let (on_gpu, moved) = (tmp.path().join("gpu"), tmp.path().join("moved"));
-    run(&["train", "--config", config(tmp.path(), &on_gpu, 16, Some(&gpu)).to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--config", config(tmp.path(), &on_gpu, 16, Some(&gpu)).to_str().unwrap(), "--no-supervisor"]);
     let crashing = config(tmp.path(), &moved, 16, Some(&gpu));
-    let out = lmforge()
+    let out = command()
         .args(["train", "--config", crashing.to_str().unwrap(), "--no-supervisor", "--inject", "crash@step=11"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert_eq!(weights(&checkpoint(&on_gpu, 8)), weights(&checkpoint(&moved, 8)), "the GPU is not deterministic");
-    run(&["train", "--resume", moved.to_str().unwrap(), "--device", "cpu", "--no-supervisor"]);
+    succeeds(&["train", "--resume", moved.to_str().unwrap(), "--device", "cpu", "--no-supervisor"]);
     for ((step, a), (_, b)) in losses(&on_gpu).iter().zip(&losses(&moved)).skip(8) {
         let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
         assert!((a - b).abs() <= 1e-3 * a.abs(), "step {step}: {a} on {gpu}, {b} resumed on the CPU");
@@ -118,14 +100,14 @@ fn a_gpu_run_resumes_on_the_cpu() {
 #[test]
 fn bad_and_unavailable_devices_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = failure(&["train", "--device", "tpu", "--no-supervisor"]);
+    let err = fails(&["train", "--device", "tpu", "--no-supervisor"]);
     assert!(err.contains("--device") && err.contains("`tpu`") && err.contains("cpu, cuda or cuda:N"), "{err}");
-    let err = failure(&["generate", "--model", "x", "--ids", "1", "--device", "cuda:x"]);
+    let err = fails(&["generate", "--model", "x", "--ids", "1", "--device", "cuda:x"]);
     assert!(err.contains("--device") && err.contains("`cuda:x`"), "{err}");
 
     let run_dir = tmp.path().join("bad");
     let bad = config(tmp.path(), &run_dir, 4, Some("cuda:x"));
-    let err = failure(&["train", "--config", bad.to_str().unwrap(), "--no-supervisor"]);
+    let err = fails(&["train", "--config", bad.to_str().unwrap(), "--no-supervisor"]);
     assert!(err.contains("device") && err.contains("`cuda:x`") && err.contains("number"), "{err}");
 
     // A GPU asked for where there is none (or no CUDA in this build): an error that says why.
@@ -145,7 +127,7 @@ fn bad_and_unavailable_devices_are_clear_errors() {
                 "cuda:1",
             ],
         ] {
-            let err = failure(&args);
+            let err = fails(&args);
             let why = match cfg!(feature = "cuda") {
                 true => "no NVIDIA driver here",
                 false => "without CUDA support",
@@ -163,7 +145,7 @@ fn score_and_generate_on_each_device() {
     let ids = "1,5,9,23,7,64,2,31,17,8,44,3";
     let logits = |spec: &str| {
         let out = tmp.path().join(format!("{spec}.safetensors").replace(':', "-"));
-        run(&[
+        succeeds(&[
             "score",
             "--model",
             "tests/fixtures/mistral",
@@ -181,7 +163,7 @@ fn score_and_generate_on_each_device() {
         let mut args = vec!["generate", "--model", "tests/fixtures/mistral", "--ids", ids, "--greedy"];
         args.extend(["--max-new-tokens", "24", "--print-ids", "--device", spec]);
         args.extend(cache);
-        String::from_utf8(run(&args).stdout).unwrap()
+        String::from_utf8(succeeds(&args).stdout).unwrap()
     };
     let (cpu_logits, cpu_tokens) = (logits("cpu"), generated("cpu", &[]));
     assert_eq!(cpu_tokens, generated("cpu", &["--full-cache"]), "rolling and full caches differ on the CPU");

@@ -3,39 +3,22 @@
 //! dense model (exact at noise 0, on SmolLM2 too) that `train --init-from` continues, export to
 //! Hugging Face Mixtral checked by `transformers`, and clear errors on bad input.
 
+mod command;
 mod fetched;
 mod small_run;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lmforge::config::{apply_overrides, presets, ModelConfig};
 use lmforge::model::{init_weights, Model};
 use lmforge::train::TrainRng;
 
+use command::{fails, lmforge, ok_stderr};
 use fetched::smollm2;
 use small_run::{corpus, metrics};
-
-fn lmforge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().expect("run lmforge")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = lmforge(args);
-    assert!(out.status.success(), "lmforge {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-/// Runs, expects a clean failure (no panic), returns stderr.
-fn fails(args: &[&str]) -> String {
-    let out = lmforge(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "lmforge {args:?} should fail");
-    assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
-    stderr
-}
 
 fn f64_weights(config: &ModelConfig, scale: f64) -> HashMap<String, Tensor> {
     init_weights(config, 5, &Device::Cpu)
@@ -178,7 +161,7 @@ fn a_tiny_mixture_trains_with_balanced_experts() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("moe");
     let config = write_run_config(tmp.path(), &run, 80, &["ffn.router.capacity_factor=1.5"], "");
-    let stderr = ok(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    let stderr = ok_stderr(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     assert!(!stderr.contains("warning:"), "{stderr}");
     let lines = metrics(&run);
     let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("val_loss").is_some()).collect();
@@ -203,14 +186,14 @@ fn a_tiny_mixture_trains_with_balanced_experts() {
         assert!((0.0..0.5).contains(&step["dropped"].as_f64().unwrap()));
     }
     let png = tmp.path().join("loss.png");
-    ok(&["plot", run.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    ok_stderr(&["plot", run.to_str().unwrap(), "--out", png.to_str().unwrap()]);
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 800, "the expert-load panel is drawn");
 
     // With a limit just above the uniform share, some expert exceeds it: a warning, logged too.
     let strict = tmp.path().join("strict");
     let config = write_run_config(tmp.path(), &strict, 6, &[], "max_expert_share = 0.26");
-    let stderr = ok(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    let stderr = ok_stderr(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     assert!(stderr.contains("warning: step 0: layer") && stderr.contains("limit 0.26"), "{stderr}");
     assert!(stderr.contains("HINT: a larger ffn.router.balance_loss_coef (now 0.01)"), "{stderr}");
     assert!(metrics(&strict).iter().any(|l| l.get("expert_warning").is_some()));
@@ -224,8 +207,8 @@ fn upcycle_from_the_command_line() {
     let path = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     let settings =
         ["--set", "layers=2", "--set", "d_model=64", "--set", "attention.heads=4", "--set", "vocab_size=512"];
-    ok(&[&["init", "tiny-llama", "--out", &path("dense")][..], &settings].concat());
-    let stderr = ok(&[
+    ok_stderr(&[&["init", "tiny-llama", "--out", &path("dense")][..], &settings].concat());
+    let stderr = ok_stderr(&[
         "upcycle",
         "--model",
         &path("dense"),
@@ -241,7 +224,7 @@ fn upcycle_from_the_command_line() {
     assert!(stderr.contains("4 experts, top-2"), "{stderr}");
     let ids = "5,17,91,3,44,2,60,7,8,9";
     let logits = |model: &str| {
-        ok(&["score", "--model", &path(model), "--ids", ids, "--out", &path(&format!("{model}.safetensors"))]);
+        ok_stderr(&["score", "--model", &path(model), "--ids", ids, "--out", &path(&format!("{model}.safetensors"))]);
         candle_core::safetensors::load(path(&format!("{model}.safetensors")), &Device::Cpu).unwrap()["logits"].clone()
     };
     let diff: f32 = (logits("moe") - logits("dense")).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
@@ -249,10 +232,10 @@ fn upcycle_from_the_command_line() {
     // From a Hugging Face directory too (transformers' tiny Llama fixture, 2 experts, top-1).
     let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
     let hf = hf.to_str().unwrap();
-    ok(&["upcycle", "--model", hf, "--experts", "2", "--top-k", "1", "--out", &path("hf-moe")]);
+    ok_stderr(&["upcycle", "--model", hf, "--experts", "2", "--top-k", "1", "--out", &path("hf-moe")]);
     let ids = "5,17,91,3,44,2,60,7";
-    ok(&["score", "--model", hf, "--ids", ids, "--out", &path("hf.safetensors")]);
-    ok(&["score", "--model", &path("hf-moe"), "--ids", ids, "--out", &path("hf-moe.safetensors")]);
+    ok_stderr(&["score", "--model", hf, "--ids", ids, "--out", &path("hf.safetensors")]);
+    ok_stderr(&["score", "--model", &path("hf-moe"), "--ids", ids, "--out", &path("hf-moe.safetensors")]);
     let load = |name: &str| candle_core::safetensors::load(path(name), &Device::Cpu).unwrap()["logits"].clone();
     let diff: f32 = (load("hf-moe.safetensors") - load("hf.safetensors"))
         .unwrap()
@@ -266,7 +249,7 @@ fn upcycle_from_the_command_line() {
 
     // Continued training from the upcycled directory, with a router setting changed.
     let run = path("run");
-    ok(&[
+    ok_stderr(&[
         "train",
         "--run",
         &run,
@@ -405,9 +388,9 @@ fn trained_mixture_exports_to_mixtral_with_the_same_logits() {
         "--set",
         "tie_embeddings=true",
     ];
-    ok(&[&["init", "tiny-llama", "--out", &path("dense")][..], &settings].concat());
-    ok(&["upcycle", "--model", &path("dense"), "--experts", "4", "--top-k", "2", "--out", &path("moe")]);
-    ok(&[
+    ok_stderr(&[&["init", "tiny-llama", "--out", &path("dense")][..], &settings].concat());
+    ok_stderr(&["upcycle", "--model", &path("dense"), "--experts", "4", "--top-k", "2", "--out", &path("moe")]);
+    ok_stderr(&[
         "train",
         "--run",
         &path("run"),
@@ -429,10 +412,10 @@ fn trained_mixture_exports_to_mixtral_with_the_same_logits() {
         "0",
         "--no-supervisor",
     ]);
-    let stderr = ok(&["export", "--model", &path("run"), "--to", "hf", "--out", &path("hf")]);
+    let stderr = ok_stderr(&["export", "--model", &path("run"), "--to", "hf", "--out", &path("hf")]);
     assert!(stderr.contains("`mixtral`"), "{stderr}");
     let ids = "5,17,91,3,44,2,60,7,8,9";
-    ok(&["score", "--model", &path("run"), "--ids", ids, "--out", &path("logits.safetensors")]);
+    ok_stderr(&["score", "--model", &path("run"), "--ids", ids, "--out", &path("logits.safetensors")]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_export.py");
     let out = Command::new(python).arg(script).args([&path("hf"), ids, &path("logits.safetensors")]).output().unwrap();
     assert!(

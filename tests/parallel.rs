@@ -2,21 +2,10 @@
 //! (corpus, book split, shared tokenizer) and `lmforge eval translate` scores held-out books;
 //! every kind of bad input is a clear error with a non-zero exit, never a panic.
 
+mod command;
+
+use command::{fails, lmforge};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn lmforge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().expect("run lmforge")
-}
-
-/// Runs, expects failure, returns stderr.
-fn fails(args: &[&str]) -> String {
-    let out = lmforge(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "lmforge {args:?} should fail:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
-    stderr
-}
 
 fn assert_mentions(stderr: &str, parts: &[&str]) {
     for part in parts {

@@ -1,12 +1,11 @@
 //! A short run works with the defaults: the default warmup fits the run it is used in, while an
 //! explicit warmup that cannot fit stays an error.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod command;
 
-fn lmforge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().unwrap()
-}
+use std::path::Path;
+
+use command::lmforge;
 
 #[test]
 fn a_16_step_continuation_trains_with_the_default_warmup() {
