@@ -295,12 +295,12 @@ mod pairs {
 
         fn pack_a(&self, a: MatRef<f32>, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [u16]) {
             let first = i0 * a.row_stride + p0 * a.col_stride;
-            pack_pairs(&a.data[first..], a.row_stride, a.col_stride, mc, kc, MR, out);
+            pack_pairs::<MR>(&a.data[first..], a.row_stride, a.col_stride, mc, kc, out);
         }
 
         fn pack_b(&self, b: MatRef<f32>, p0: usize, kc: usize, j0: usize, nc: usize, out: &mut [u16]) {
             let first = p0 * b.row_stride + j0 * b.col_stride;
-            pack_pairs(&b.data[first..], b.col_stride, b.row_stride, nc, kc, NR, out);
+            pack_pairs::<NR>(&b.data[first..], b.col_stride, b.row_stride, nc, kc, out);
         }
 
         unsafe fn tile(&self, tile: Tile, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
@@ -358,21 +358,20 @@ mod pairs {
     }
 
     /// Pack `lines` lines of `kc` steps — line `l`, step `p` at `src[l·line_stride +
-    /// p·step_stride]` — into consecutive pair panels of `width` lines each (see [`Pairs`]),
+    /// p·step_stride]` — into consecutive pair panels of `WIDTH` lines each (see [`Pairs`]),
     /// the last one zero-padded: all of an operand's panels in one pass, so that the vector
     /// routines always work on 16 lines at once, across two A panels of 8 rows where needed.
-    fn pack_pairs(
+    fn pack_pairs<const WIDTH: usize>(
         src: &[f32],
         line_stride: usize,
         step_stride: usize,
         lines: usize,
         kc: usize,
-        width: usize,
         out: &mut [u16],
     ) {
-        assert!(lines > 0 && kc > 0 && width.is_multiple_of(8));
+        assert!(lines > 0 && kc > 0 && WIDTH.is_multiple_of(8));
         assert!(src.len() > (lines - 1) * line_stride + (kc - 1) * step_stride, "pack_pairs: source too short");
-        let panels = Panels::new(out, width, lines, kc.div_ceil(2));
+        let panels = Panels::<WIDTH>::new(out, lines, kc.div_ceil(2));
         if step_stride == 1 {
             // SAFETY: the CPU has the features (only this kernel packs pairs); `src` was
             // checked above, `panels` checked its own length.
@@ -398,26 +397,26 @@ mod pairs {
         }
     }
 
-    /// Consecutive pair panels of `width` lines, `pairs` steps deep, `padded` lines in all (a
-    /// multiple of `width`): where the 32-bit pair of line `l`, step `p` goes.
+    /// Consecutive pair panels of `WIDTH` lines, `pairs` steps deep, `padded` lines in all (a
+    /// multiple of `WIDTH`): where the 32-bit pair of line `l`, step `p` goes. (The width is
+    /// a constant so that finding a line's panel is no division.)
     #[derive(Clone, Copy)]
-    struct Panels {
+    struct Panels<const WIDTH: usize> {
         out: *mut u32,
-        width: usize,
         pairs: usize,
         padded: usize,
     }
 
-    impl Panels {
+    impl<const WIDTH: usize> Panels<WIDTH> {
         /// The panels of `lines` lines in `out`, which must hold them all.
-        fn new(out: &mut [u16], width: usize, lines: usize, pairs: usize) -> Self {
-            let padded = lines.next_multiple_of(width);
+        fn new(out: &mut [u16], lines: usize, pairs: usize) -> Self {
+            let padded = lines.next_multiple_of(WIDTH);
             assert!(
                 out.len() >= 2 * pairs * padded,
                 "pack_pairs: {} values for {padded} lines of {pairs} pairs",
                 out.len()
             );
-            Panels { out: out.as_mut_ptr() as *mut u32, width, pairs, padded }
+            Panels { out: out.as_mut_ptr() as *mut u32, pairs, padded }
         }
 
         /// Where the pair `p` of line `l` goes.
@@ -426,11 +425,11 @@ mod pairs {
         /// `l < padded` and `p < pairs`.
         unsafe fn ptr(&self, l: usize, p: usize) -> *mut u32 {
             // SAFETY: inside the panels (the caller's contract, checked length in `new`).
-            unsafe { self.out.add((l / self.width * self.pairs + p) * self.width + l % self.width) }
+            unsafe { self.out.add((l / WIDTH * self.pairs + p) * WIDTH + l % WIDTH) }
         }
 
         /// Store the pairs `p` of lines `l0..l0 + 16` (`l0` a multiple of 16): two runs of 8
-        /// lanes, each inside one panel (`width` is a multiple of 8); the second is dropped
+        /// lanes, each inside one panel (`WIDTH` is a multiple of 8); the second is dropped
         /// past the last panel.
         ///
         /// # Safety
@@ -464,7 +463,13 @@ mod pairs {
     /// AVX-512F/BW and AVX512-BF16; `src` reaches `(lines − 1)·line_stride + kc`, `panels`
     /// are `kc.div_ceil(2)` pairs deep and hold `lines`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_line_pairs(src: &[f32], line_stride: usize, lines: usize, kc: usize, panels: Panels) {
+    unsafe fn pack_line_pairs<const WIDTH: usize>(
+        src: &[f32],
+        line_stride: usize,
+        lines: usize,
+        kc: usize,
+        panels: Panels<WIDTH>,
+    ) {
         let pairs = panels.pairs;
         for l0 in (0..panels.padded).step_by(16) {
             let real_lines = lines.saturating_sub(l0).min(16);
@@ -498,7 +503,13 @@ mod pairs {
     /// # Safety
     /// As [`pack_line_pairs`], with `src` reaching `(kc − 1)·step_stride + lines`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_step_pairs(src: &[f32], step_stride: usize, lines: usize, kc: usize, panels: Panels) {
+    unsafe fn pack_step_pairs<const WIDTH: usize>(
+        src: &[f32],
+        step_stride: usize,
+        lines: usize,
+        kc: usize,
+        panels: Panels<WIDTH>,
+    ) {
         // Word 2i of the result is word i of the converted pair (step 2p), word 2i + 1 is
         // word 16 + i (step 2p + 1).
         let interleave = _mm512_set_epi16(
@@ -513,9 +524,10 @@ mod pairs {
             if odd + 2 * AHEAD < kc {
                 for step in [even, odd] {
                     let next = src.as_ptr().wrapping_add((step + 2 * AHEAD) * step_stride);
-                    for l in (0..lines).step_by(16).chain([lines - 1]) {
+                    for l in (0..lines).step_by(16) {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l) as *const i8);
                     }
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(lines - 1) as *const i8);
                 }
             }
             for l0 in (0..panels.padded).step_by(16) {
