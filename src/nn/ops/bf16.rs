@@ -265,6 +265,9 @@ mod pairs {
     const VECTORS: usize = avx512::VECTORS;
     /// How many pair steps ahead the kernel prefetches its B panel (8 steps: 1.5 KiB).
     const PREFETCH_STEPS: usize = 8;
+    /// How many pair steps before the end of the loop the kernel prefetches its tile of C
+    /// (32 steps: about 800 cycles, a miss to memory and back).
+    const C_PREFETCH_STEPS: usize = 32;
 
     /// Panels of bf16 pairs: for a panel of `width` lines (rows of A, columns of B), pair
     /// step `p` of line `l` is the 32-bit lane `p·width + l`, holding the line's values at
@@ -291,21 +294,13 @@ mod pairs {
         }
 
         fn pack_a(&self, a: MatRef<f32>, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [u16]) {
-            let panel_len = self.depth(kc) * MR;
-            for (r, panel) in out.chunks_mut(panel_len).take(mc.div_ceil(MR)).enumerate() {
-                let rows = MR.min(mc - r * MR);
-                let first = (i0 + r * MR) * a.row_stride + p0 * a.col_stride;
-                pack_pairs(&a.data[first..], a.row_stride, a.col_stride, rows, kc, MR, panel);
-            }
+            let first = i0 * a.row_stride + p0 * a.col_stride;
+            pack_pairs::<MR>(&a.data[first..], a.row_stride, a.col_stride, mc, kc, out);
         }
 
         fn pack_b(&self, b: MatRef<f32>, p0: usize, kc: usize, j0: usize, nc: usize, out: &mut [u16]) {
-            let panel_len = self.depth(kc) * NR;
-            for (s, panel) in out.chunks_mut(panel_len).take(nc.div_ceil(NR)).enumerate() {
-                let cols = NR.min(nc - s * NR);
-                let first = p0 * b.row_stride + (j0 + s * NR) * b.col_stride;
-                pack_pairs(&b.data[first..], b.col_stride, b.row_stride, cols, kc, NR, panel);
-            }
+            let first = p0 * b.row_stride + j0 * b.col_stride;
+            pack_pairs::<NR>(&b.data[first..], b.col_stride, b.row_stride, nc, kc, out);
         }
 
         unsafe fn tile(&self, tile: Tile, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
@@ -328,10 +323,20 @@ mod pairs {
         let pairs = tile.kc.div_ceil(2);
         let (mut ap, mut bp) = (a.as_ptr() as *const i32, b.as_ptr() as *const i32);
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
-        for _ in 0..pairs {
+        let fetch_c_at = pairs.saturating_sub(C_PREFETCH_STEPS);
+        for step in 0..pairs {
             for v in 0..VECTORS {
                 // A prefetch past the panel's end is harmless (it never faults).
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH_STEPS * NR + 16 * v) as *const i8);
+            }
+            if step == fetch_c_at {
+                // The tile of C is read (or written) only after the loop; fetched now, its
+                // misses overlap the last steps instead of stalling the store.
+                for r in 0..rows {
+                    for v in 0..VECTORS {
+                        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * tile.ldc + 16 * v) as *const i8);
+                    }
+                }
             }
             // SAFETY: `pairs` steps of MR (resp. NR) lanes each, inside the panels (checked
             // by the caller).
@@ -353,36 +358,89 @@ mod pairs {
     }
 
     /// Pack `lines` lines of `kc` steps — line `l`, step `p` at `src[l·line_stride +
-    /// p·step_stride]` — into the pair panel `out` of `width` lines (see [`Pairs`]).
-    fn pack_pairs(
+    /// p·step_stride]` — into consecutive pair panels of `WIDTH` lines each (see [`Pairs`]),
+    /// the last one zero-padded: all of an operand's panels in one pass, so that the vector
+    /// routines always work on 16 lines at once, across two A panels of 8 rows where needed.
+    fn pack_pairs<const WIDTH: usize>(
         src: &[f32],
         line_stride: usize,
         step_stride: usize,
         lines: usize,
         kc: usize,
-        width: usize,
         out: &mut [u16],
     ) {
-        let pairs = kc.div_ceil(2);
-        let out = &mut out[..2 * pairs * width];
-        assert!(lines <= width && lines > 0 && kc > 0);
+        assert!(lines > 0 && kc > 0 && WIDTH.is_multiple_of(8));
         assert!(src.len() > (lines - 1) * line_stride + (kc - 1) * step_stride, "pack_pairs: source too short");
+        let panels = Panels::<WIDTH>::new(out, lines, kc.div_ceil(2));
         if step_stride == 1 {
-            // SAFETY: the CPU has the features (only this kernel packs pairs); the bounds of
-            // both slices were checked above.
-            return unsafe { pack_line_pairs(src, line_stride, lines, kc, width, out) };
+            // SAFETY: the CPU has the features (only this kernel packs pairs); `src` was
+            // checked above, `panels` checked its own length.
+            return unsafe { pack_line_pairs(src, line_stride, lines, kc, panels) };
         }
         if line_stride == 1 {
             // SAFETY: as above.
-            return unsafe { pack_step_pairs(src, step_stride, lines, kc, width, out) };
+            return unsafe { pack_step_pairs(src, step_stride, lines, kc, panels) };
         }
-        for p in 0..pairs {
-            for l in 0..width {
-                for h in 0..2 {
-                    let step = 2 * p + h;
+        for l in 0..panels.padded {
+            for p in 0..panels.pairs {
+                let half = |step: usize| {
                     let inside = l < lines && step < kc;
-                    out[(p * width + l) * 2 + h] =
-                        if inside { round_bits(src[l * line_stride + step * step_stride]) } else { 0 };
+                    if inside {
+                        u32::from(round_bits(src[l * line_stride + step * step_stride]))
+                    } else {
+                        0
+                    }
+                };
+                // SAFETY: line l < padded, pair p < pairs: inside the panels.
+                unsafe { panels.ptr(l, p).write_unaligned(half(2 * p) | half(2 * p + 1) << 16) };
+            }
+        }
+    }
+
+    /// Consecutive pair panels of `WIDTH` lines, `pairs` steps deep, `padded` lines in all (a
+    /// multiple of `WIDTH`): where the 32-bit pair of line `l`, step `p` goes. (The width is
+    /// a constant so that finding a line's panel is no division.)
+    #[derive(Clone, Copy)]
+    struct Panels<const WIDTH: usize> {
+        out: *mut u32,
+        pairs: usize,
+        padded: usize,
+    }
+
+    impl<const WIDTH: usize> Panels<WIDTH> {
+        /// The panels of `lines` lines in `out`, which must hold them all.
+        fn new(out: &mut [u16], lines: usize, pairs: usize) -> Self {
+            let padded = lines.next_multiple_of(WIDTH);
+            assert!(
+                out.len() >= 2 * pairs * padded,
+                "pack_pairs: {} values for {padded} lines of {pairs} pairs",
+                out.len()
+            );
+            Panels { out: out.as_mut_ptr() as *mut u32, pairs, padded }
+        }
+
+        /// Where the pair `p` of line `l` goes.
+        ///
+        /// # Safety
+        /// `l < padded` and `p < pairs`.
+        unsafe fn ptr(&self, l: usize, p: usize) -> *mut u32 {
+            // SAFETY: inside the panels (the caller's contract, checked length in `new`).
+            unsafe { self.out.add((l / WIDTH * self.pairs + p) * WIDTH + l % WIDTH) }
+        }
+
+        /// Store the pairs `p` of lines `l0..l0 + 16` (`l0` a multiple of 16): two runs of 8
+        /// lanes, each inside one panel (`WIDTH` is a multiple of 8); the second is dropped
+        /// past the last panel.
+        ///
+        /// # Safety
+        /// AVX-512F; `l0 < padded`, `p < pairs`.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store16(&self, l0: usize, p: usize, lanes: __m512i) {
+            // SAFETY: lines l0.. and l0 + 8.. (when < padded) of pair p are inside the panels.
+            unsafe {
+                _mm256_storeu_si256(self.ptr(l0, p) as *mut __m256i, _mm512_castsi512_si256(lanes));
+                if l0 + 8 < self.padded {
+                    _mm256_storeu_si256(self.ptr(l0 + 8, p) as *mut __m256i, _mm512_extracti64x4_epi64::<1>(lanes));
                 }
             }
         }
@@ -402,14 +460,18 @@ mod pairs {
     /// 16 lines × 16 pairs are transposed in registers.
     ///
     /// # Safety
-    /// AVX-512F/BW and AVX512-BF16; `src` reaches `(lines − 1)·line_stride + kc`, `out` holds
-    /// `2·kc.div_ceil(2)·width` values, `0 < lines ≤ width`.
+    /// AVX-512F/BW and AVX512-BF16; `src` reaches `(lines − 1)·line_stride + kc`, `panels`
+    /// are `kc.div_ceil(2)` pairs deep and hold `lines`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_line_pairs(src: &[f32], line_stride: usize, lines: usize, kc: usize, width: usize, out: &mut [u16]) {
-        let pairs = kc.div_ceil(2);
-        let out = out.as_mut_ptr() as *mut f32;
-        for l0 in (0..width).step_by(16) {
-            let keep = mask16(width - l0);
+    unsafe fn pack_line_pairs<const WIDTH: usize>(
+        src: &[f32],
+        line_stride: usize,
+        lines: usize,
+        kc: usize,
+        panels: Panels<WIDTH>,
+    ) {
+        let pairs = panels.pairs;
+        for l0 in (0..panels.padded).step_by(16) {
             let real_lines = lines.saturating_sub(l0).min(16);
             for q0 in (0..pairs).step_by(16) {
                 let s0 = 2 * q0;
@@ -427,8 +489,8 @@ mod pairs {
                 }
                 let columns = avx512::transpose16(block);
                 for (c, column) in columns.iter().enumerate().take(pairs - q0) {
-                    // SAFETY: pair q0 + c < pairs, lanes l0.. < width: inside `out`.
-                    unsafe { _mm512_mask_storeu_ps(out.add((q0 + c) * width + l0), keep, *column) };
+                    // SAFETY: pair q0 + c < pairs, l0 < padded.
+                    unsafe { panels.store16(l0, q0 + c, _mm512_castps_si512(*column)) };
                 }
             }
         }
@@ -441,7 +503,13 @@ mod pairs {
     /// # Safety
     /// As [`pack_line_pairs`], with `src` reaching `(kc − 1)·step_stride + lines`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_step_pairs(src: &[f32], step_stride: usize, lines: usize, kc: usize, width: usize, out: &mut [u16]) {
+    unsafe fn pack_step_pairs<const WIDTH: usize>(
+        src: &[f32],
+        step_stride: usize,
+        lines: usize,
+        kc: usize,
+        panels: Panels<WIDTH>,
+    ) {
         // Word 2i of the result is word i of the converted pair (step 2p), word 2i + 1 is
         // word 16 + i (step 2p + 1).
         let interleave = _mm512_set_epi16(
@@ -449,23 +517,23 @@ mod pairs {
             1, 16, 0,
         );
         // Steps are usually whole rows apart, each a new page the hardware prefetcher does
-        // not follow: fetch a few pairs ahead.
+        // not follow: fetch a few pairs ahead, every cache line of the step's lines.
         const AHEAD: usize = 4;
-        let out = out.as_mut_ptr() as *mut i32;
-        for p in 0..kc.div_ceil(2) {
+        for p in 0..panels.pairs {
             let (even, odd) = (2 * p, 2 * p + 1);
             if odd + 2 * AHEAD < kc {
                 for step in [even, odd] {
                     let next = src.as_ptr().wrapping_add((step + 2 * AHEAD) * step_stride);
-                    _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                    for l in (0..lines).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l) as *const i8);
+                    }
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(lines - 1) as *const i8);
                 }
             }
-            for l0 in (0..width).step_by(16) {
+            for l0 in (0..panels.padded).step_by(16) {
                 let load = mask16(lines.saturating_sub(l0));
                 // SAFETY: lanes l0 + i < lines of steps `even` and `odd` < kc (a step past kc
-                // is not loaded); masked-off lanes are never read. The store writes pairs
-                // p·width + l0 .. + 16 ≤ width, inside `out`.
+                // is not loaded); masked-off lanes are never read. Pair p < pairs, l0 < padded.
                 unsafe {
                     let x0 = _mm512_maskz_loadu_ps(load, src.as_ptr().wrapping_add(even * step_stride + l0));
                     let x1 = if odd < kc {
@@ -474,8 +542,7 @@ mod pairs {
                         _mm512_setzero_ps()
                     };
                     let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(x1, x0));
-                    let pairs = _mm512_permutexvar_epi16(interleave, both);
-                    _mm512_mask_storeu_epi32(out.add(p * width + l0), mask16(width - l0), pairs);
+                    panels.store16(l0, p, _mm512_permutexvar_epi16(interleave, both));
                 }
             }
         }

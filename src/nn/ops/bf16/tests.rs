@@ -189,6 +189,32 @@ fn each_kernel_matches_the_exact_product_within_the_bf16_bounds() {
     }
 }
 
+/// Views with neither stride 1 (every other element of a wider matrix: packed value by
+/// value) over several panels and an odd depth: the rounded-operand product, within f32
+/// summation error, on every kernel.
+#[test]
+fn strided_views_are_packed_exactly() {
+    let (m, n, k) = (21, 53, 37);
+    let a_data: Vec<f32> = rand_vec(2 * m * 2 * k, 6).iter().map(|&x| x as f32).collect();
+    let b_data: Vec<f32> = rand_vec(2 * k * 2 * n, 7).iter().map(|&x| x as f32).collect();
+    let a = MatRef { data: &a_data, rows: m, cols: k, row_stride: 4 * k, col_stride: 2 };
+    let b = MatRef { data: &b_data, rows: k, cols: n, row_stride: 2, col_stride: 4 * k };
+    let (rounded, magnitude) = reference(a, b, round);
+    for kernel in kernels_to_test() {
+        let mut got = vec![0f32; m * n];
+        bf16_product(kernel, a, b, &mut got, n, false);
+        for idx in 0..m * n {
+            let bound = (k as f64 + 1.0) * U32 * magnitude[idx];
+            assert!(
+                (got[idx] as f64 - rounded[idx]).abs() <= bound,
+                "{kernel:?} [{idx}]: {} vs {}",
+                got[idx],
+                rounded[idx]
+            );
+        }
+    }
+}
+
 /// The two kernels compute the same numbers up to the order of the f32 sums.
 #[test]
 fn the_kernels_agree() {
