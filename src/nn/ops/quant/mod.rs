@@ -10,7 +10,7 @@
 //!
 //! Error against the `f32` product of the dequantized weights: the weights are exact (the
 //! blocks' values are what dequantization gives), and only the activations are rounded, by at
-//! most `max|x_b| / 254` per block with one 8-bit block (`/ 254²` with two), so
+//! most `max|x_b| / 254` per block with one 8-bit block (`/ 65024` with 16 bits, within `/ 254²`), so
 //! `|y − x·deq(W)ᵀ| ≤ Σ_blocks max|x_b| / 254^digits · Σ |w_b|`; the tests check that bound.
 //!
 //! Kernels, picked once per process by [`kernel`] (`LMFORGE_QUANT_KERNEL=vnni|scalar` forces
@@ -134,6 +134,17 @@ fn dots(kernel: QuantKernel, w: &QMatrix, rows: Range<usize>, act: Activations, 
     }
 }
 
+/// [`act::quantize_row`] in the kernel's instructions (the same blocks, bit for bit).
+#[inline]
+fn quantize_row(kernel: QuantKernel, x: &[f32], out: &mut [Q8Block], digits: usize) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Vnni` is selected only where `vnni::available()`.
+        QuantKernel::Vnni => unsafe { vnni::quantize_row(x, out, digits) },
+        _ => act::quantize_row(x, out, digits),
+    }
+}
+
 /// Values of the weight per parallel task: tens of microseconds of work.
 const TASK_VALUES: usize = 16_384;
 
@@ -155,7 +166,7 @@ pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], ws: &[&QMatrix], ou
     let tokens_per_task = tokens.div_ceil(parallel::threads()).max(1);
     parallel::for_each_chunk(&mut act, tokens_per_task * blocks, |i, chunk| {
         for (t, blocks_of_t) in chunk.chunks_exact_mut(blocks).enumerate() {
-            act::quantize_row(&x[(i * tokens_per_task + t) * cols..][..cols], blocks_of_t, digits);
+            quantize_row(kernel, &x[(i * tokens_per_task + t) * cols..][..cols], blocks_of_t, digits);
         }
     });
     let lanes: Vec<PairLanes> = match kernel {
