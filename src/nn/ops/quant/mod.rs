@@ -44,8 +44,8 @@ use super::parallel;
 /// The environment variable that forces a kernel: `vnni` or `scalar`.
 pub const KERNEL_ENV: &str = "LMFORGE_QUANT_KERNEL";
 
-/// The environment variable that sets the activations' precision: `16` (two 8-bit blocks per
-/// 32 values, the default) or `8` (one, as llama.cpp).
+/// The environment variable that sets the activations' precision: `16` (the default: one
+/// 16-bit value each, held as two 8-bit blocks per 32 values) or `8` (one block, as llama.cpp).
 pub const ACTIVATIONS_ENV: &str = "LMFORGE_QUANT_ACTIVATIONS";
 
 /// 8-bit activation blocks per 32 values: 2 (about 16-bit precision: the greedy answers of the
@@ -106,7 +106,7 @@ fn select(forced: Option<&str>) -> std::result::Result<QuantKernel, String> {
 pub fn describe() -> String {
     let activations = match activation_digits() {
         Ok(1) => "8-bit activations (one block per 32 values, as llama.cpp)",
-        Ok(_) => "16-bit activations (two 8-bit blocks per 32 values)",
+        Ok(_) => "16-bit activations (vpdpwssd on the 32-value formats)",
         Err(_) => "activations: see the error",
     };
     match kernel() {
