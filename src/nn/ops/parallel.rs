@@ -222,6 +222,25 @@ mod tests {
         assert!(out.iter().enumerate().all(|(k, &x)| x == 10 * (k / 8) + (k % 8) / 2));
     }
 
+    /// A caller that waits past the pool's spinning parks, and the worker that finishes wakes
+    /// it: with one task sleeping far longer than the spin limit, whichever thread the other
+    /// task lands on, every loop still ends with each task run once. (A lost wake-up hangs.)
+    #[test]
+    fn a_loop_whose_task_outlasts_the_spinning_ends() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let ran = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        let rounds = 10;
+        for _ in 0..rounds {
+            for_each(2, |i| {
+                if i == 1 {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                ran[i].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert!(ran.iter().all(|r| r.load(Ordering::Relaxed) == rounds));
+    }
+
     #[test]
     #[should_panic(expected = "overlap")]
     fn overlapping_parts_are_refused() {

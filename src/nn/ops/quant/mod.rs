@@ -10,7 +10,7 @@
 //!
 //! Error against the `f32` product of the dequantized weights: the weights are exact (the
 //! blocks' values are what dequantization gives), and only the activations are rounded, by at
-//! most `max|x_b| / 254` per block with one 8-bit block (`/ 254²` with two), so
+//! most `max|x_b| / 254` per block with one 8-bit block (`/ 65024` with 16 bits, within `/ 254²`), so
 //! `|y − x·deq(W)ᵀ| ≤ Σ_blocks max|x_b| / 254^digits · Σ |w_b|`; the tests check that bound.
 //!
 //! Kernels, picked once per process by [`kernel`] (`LMFORGE_QUANT_KERNEL=vnni|scalar` forces
@@ -44,8 +44,8 @@ use super::parallel;
 /// The environment variable that forces a kernel: `vnni` or `scalar`.
 pub const KERNEL_ENV: &str = "LMFORGE_QUANT_KERNEL";
 
-/// The environment variable that sets the activations' precision: `16` (two 8-bit blocks per
-/// 32 values, the default) or `8` (one, as llama.cpp).
+/// The environment variable that sets the activations' precision: `16` (the default: one
+/// 16-bit value each, held as two 8-bit blocks per 32 values) or `8` (one block, as llama.cpp).
 pub const ACTIVATIONS_ENV: &str = "LMFORGE_QUANT_ACTIVATIONS";
 
 /// 8-bit activation blocks per 32 values: 2 (about 16-bit precision: the greedy answers of the
@@ -106,7 +106,7 @@ fn select(forced: Option<&str>) -> std::result::Result<QuantKernel, String> {
 pub fn describe() -> String {
     let activations = match activation_digits() {
         Ok(1) => "8-bit activations (one block per 32 values, as llama.cpp)",
-        Ok(_) => "16-bit activations (two 8-bit blocks per 32 values)",
+        Ok(_) => "16-bit activations (vpdpwssd on the 32-value formats)",
         Err(_) => "activations: see the error",
     };
     match kernel() {
@@ -134,6 +134,17 @@ fn dots(kernel: QuantKernel, w: &QMatrix, rows: Range<usize>, act: Activations, 
     }
 }
 
+/// [`act::quantize_row`] in the kernel's instructions (the same blocks, bit for bit).
+#[inline]
+fn quantize_row(kernel: QuantKernel, x: &[f32], out: &mut [Q8Block], digits: usize) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Vnni` is selected only where `vnni::available()`.
+        QuantKernel::Vnni => unsafe { vnni::quantize_row(x, out, digits) },
+        _ => act::quantize_row(x, out, digits),
+    }
+}
+
 /// Values of the weight per parallel task: tens of microseconds of work.
 const TASK_VALUES: usize = 16_384;
 
@@ -155,7 +166,7 @@ pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], ws: &[&QMatrix], ou
     let tokens_per_task = tokens.div_ceil(parallel::threads()).max(1);
     parallel::for_each_chunk(&mut act, tokens_per_task * blocks, |i, chunk| {
         for (t, blocks_of_t) in chunk.chunks_exact_mut(blocks).enumerate() {
-            act::quantize_row(&x[(i * tokens_per_task + t) * cols..][..cols], blocks_of_t, digits);
+            quantize_row(kernel, &x[(i * tokens_per_task + t) * cols..][..cols], blocks_of_t, digits);
         }
     });
     let lanes: Vec<PairLanes> = match kernel {

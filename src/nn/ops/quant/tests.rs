@@ -210,3 +210,30 @@ fn a_prefill_sized_product_runs_on_the_dequantized_matrix() {
     let short_diff = (&short - &want.narrow(1, 0, tokens - 1).unwrap()).unwrap().abs().unwrap();
     assert!(short_diff.max_all().unwrap().to_scalar::<f32>().unwrap() > diff);
 }
+
+/// The kernel's quantizer (AVX-512 for `vnni`) gives the portable one's blocks bit for bit, at
+/// both precisions: on varied rows, on ties (which both round to even), and on the blocks it
+/// leaves to the portable code (zeros, NaN, infinity, only subnormals).
+#[test]
+fn each_kernels_quantizer_gives_the_portable_blocks_bit_for_bit() {
+    let mut x = values(1, 32 * 24, 11).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ties: Vec<f32> = (0..32).map(|i| if i == 0 { 127.0 } else { i as f32 - 16.5 }).collect();
+    let word_ties: Vec<f32> = (0..32).map(|i| if i == 0 { 32512.0 } else { (i * 1000) as f32 - 0.5 }).collect();
+    let mut special = vec![0.0f32; 32 * 4];
+    special[32 + 5] = f32::NAN;
+    special[64 + 9] = f32::NEG_INFINITY;
+    special[96..].fill(1e-45);
+    x.extend(ties.iter().chain(&word_ties).chain(&special));
+    let bits = |b: &Q8Block| (b.qs, b.scale.to_bits(), b.half_sums);
+    for kernel in kernels() {
+        for digits in [1, 2] {
+            let mut want = vec![Q8Block::ZERO; x.len() / 32 * digits];
+            act::quantize_row(&x, &mut want, digits);
+            let mut got = vec![Q8Block::ZERO; want.len()];
+            super::quantize_row(kernel, &x, &mut got, digits);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(bits(g), bits(w), "{kernel:?}, {digits} digits, block {i}");
+            }
+        }
+    }
+}

@@ -15,13 +15,17 @@
 //! paired kernel ([`paired_rows`]) instead: two blocks per 512-bit step, four rows at a time,
 //! the activations prepared once per token, the offsets in vector lanes too. It made one
 //! thread's SmolLM2-135M `Q4_1` decoding 1.5× faster (README, benchmarks); the per-block
-//! kernels above remain for the K formats and for a row's odd last block.
+//! kernels above remain for the K formats and for a row's odd last block. With 16-bit
+//! activations the paired kernel widens the weights to `i16` and takes one `vpdpwssd` per 32
+//! values where the byte kernels take two `vpdpbusd` (one per byte of the activations).
+//!
+//! [`quantize_row`] is [`act::quantize_row`] in vector instructions, bit for bit.
 
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
 
-use super::act::{Activations, Q8Block};
+use super::act::{self, Activations, Q8Block, WORD_MAX};
 use super::format::QFormat;
 use super::scalar::scale_min_k4;
 
@@ -85,6 +89,76 @@ unsafe fn horizontal_sum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+/// [`act::quantize_row`] in AVX-512 instructions: the same blocks, bit for bit (both round
+/// to nearest, ties to even). Blocks of zeros, non-finite values or only subnormal ones are
+/// left to the portable code.
+///
+/// # Safety
+/// [`available`] is true.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+pub unsafe fn quantize_row(x: &[f32], out: &mut [Q8Block], digits: usize) {
+    debug_assert_eq!(x.len() * digits, out.len() * Q8Block::LEN);
+    let infinity = _mm512_set1_ps(f32::INFINITY);
+    for (blocks, values) in out.chunks_exact_mut(digits).zip(x.chunks_exact(Q8Block::LEN)) {
+        // SAFETY: a chunk is 32 values.
+        let v = unsafe { [_mm512_loadu_ps(values.as_ptr()), _mm512_loadu_ps(values.as_ptr().add(16))] };
+        let magnitudes = [_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])];
+        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(magnitudes[0], infinity)
+            & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(magnitudes[1], infinity);
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(magnitudes[0], magnitudes[1]));
+        let limit = if digits == 1 { 127.0 } else { WORD_MAX };
+        let inverse = limit / amax;
+        if finite != 0xFFFF || amax == 0.0 || !inverse.is_finite() {
+            act::quantize_row(values, blocks, digits);
+            continue;
+        }
+        // (No closures: they would not inherit this function's target features.)
+        let inverse = _mm512_set1_ps(inverse);
+        // SAFETY: register-only from here, into `blocks`.
+        unsafe {
+            let q = [rounded(_mm512_mul_ps(v[0], inverse)), rounded(_mm512_mul_ps(v[1], inverse))];
+            match blocks {
+                [one] => *one = block_of(q, amax / 127.0),
+                [hi, lo] => {
+                    // `split_word`: hi = (q + 128) >> 8, lo = q − 256·hi
+                    let half = _mm512_set1_epi32(128);
+                    let high = [
+                        _mm512_srai_epi32::<8>(_mm512_add_epi32(q[0], half)),
+                        _mm512_srai_epi32::<8>(_mm512_add_epi32(q[1], half)),
+                    ];
+                    let low = [
+                        _mm512_sub_epi32(q[0], _mm512_slli_epi32::<8>(high[0])),
+                        _mm512_sub_epi32(q[1], _mm512_slli_epi32::<8>(high[1])),
+                    ];
+                    let scale = amax / WORD_MAX;
+                    (*hi, *lo) = (block_of(high, 256.0 * scale), block_of(low, scale));
+                }
+                _ => unreachable!("one or two blocks per 32 values"),
+            }
+        }
+    }
+}
+
+/// `v` rounded to the nearest integer, ties to even (`f32::round_ties_even`).
+#[inline(always)]
+unsafe fn rounded(v: __m512) -> __m512i {
+    // SAFETY: register-only; the caller has AVX512F.
+    unsafe { _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v) }
+}
+
+/// The block of 32 values held in `i32` lanes (in `i8` range), with a scale.
+#[inline(always)]
+unsafe fn block_of(q: [__m512i; 2], scale: f32) -> Q8Block {
+    let mut qs = [0i8; 32];
+    // SAFETY: 16 bytes each, inside `qs`; the caller has AVX512F.
+    unsafe {
+        _mm_storeu_si128(qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q[0]));
+        _mm_storeu_si128(qs.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(q[1]));
+        let half_sums = [_mm512_reduce_add_epi32(q[0]) as i16, _mm512_reduce_add_epi32(q[1]) as i16];
+        Q8Block { qs, scale, half_sums }
     }
 }
 
@@ -255,7 +329,8 @@ pub unsafe fn dots(format: QFormat, row_bytes: usize, rows: &[u8], a: Activation
 /// scales of the four rows' blocks are converted from half precision in one instruction.
 const ROWS: usize = 4;
 
-/// How far ahead [`paired_rows`] prefetches the weights, in rows.
+/// How far ahead [`paired_rows`] prefetches the weights, in rows. (Measured on one thread of
+/// SmolLM2 `Q4_1` decoding, CPU time: 8 and 32 rows were 3–5% slower than 16.)
 const PREFETCH_ROWS: usize = 4 * ROWS;
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -278,17 +353,32 @@ trait Paired {
     /// Bytes per block.
     const BYTES: usize;
     const FORMAT: QFormat;
-    /// The stored values' fixed offset (`x = d·(q + OFFSET)`), or `None` when each block
-    /// stores its own (`Q4_1`'s `m`).
-    const OFFSET: Option<f32>;
+    /// The offset of the values [`Paired::weights`] gives (`x = d·(q + offset)`).
+    const OFFSET: Offset;
+    /// The offset of the values [`Paired::words`] gives.
+    const WORDS_OFFSET: Offset;
 
     /// The 64 stored values of the blocks at `b` and `b + BYTES`, in value order, as unsigned
-    /// bytes.
+    /// bytes (for `vpdpbusd`).
     unsafe fn weights(b: *const u8) -> __m512i;
+
+    /// The same 64 values as `i16` (for `vpdpwssd`), in the order of 16-bit
+    /// [`PairLanes`](super::act::PairLanes) ([`super::act::WORD_ORDER`]): values 0–15 of each
+    /// block, then values 16–31 of each.
+    unsafe fn words(b: *const u8) -> [__m512i; 2];
 
     /// The half-precision scales of the two blocks as the bits of four halves: `d₀ d₁ 0 0`,
     /// or `d₀ m₀ d₁ m₁` with an offset per block.
     unsafe fn scale_bits(b: *const u8) -> u64;
+}
+
+/// What a format's unpacked values are offset by.
+#[derive(Clone, Copy, PartialEq)]
+enum Offset {
+    /// `x = d·(q + offset)` (`0`: none, and no offset term is computed).
+    Fixed(f32),
+    /// `x = d·q + m`, each block with its own `m`.
+    PerBlock,
 }
 
 struct Q4_0;
@@ -298,12 +388,24 @@ struct Q8_0;
 impl Paired for Q4_0 {
     const BYTES: usize = 18;
     const FORMAT: QFormat = QFormat::Q4_0;
-    const OFFSET: Option<f32> = Some(-8.0);
+    const OFFSET: Offset = Offset::Fixed(-8.0);
+    /// The `−8` is taken off the words themselves.
+    const WORDS_OFFSET: Offset = Offset::Fixed(0.0);
 
     #[inline(always)]
     unsafe fn weights(b: *const u8) -> __m512i {
         // SAFETY: the two blocks' nibbles.
         unsafe { nibbles32(b.add(2), b.add(20)) }
+    }
+
+    #[inline(always)]
+    unsafe fn words(b: *const u8) -> [__m512i; 2] {
+        // SAFETY: the two blocks' nibbles; register-only from there.
+        unsafe {
+            let [low, high] = nibble_words(b.add(2), b.add(20));
+            let eight = _mm512_set1_epi16(8);
+            [_mm512_sub_epi16(low, eight), _mm512_sub_epi16(high, eight)]
+        }
     }
 
     #[inline(always)]
@@ -316,12 +418,19 @@ impl Paired for Q4_0 {
 impl Paired for Q4_1 {
     const BYTES: usize = 20;
     const FORMAT: QFormat = QFormat::Q4_1;
-    const OFFSET: Option<f32> = None;
+    const OFFSET: Offset = Offset::PerBlock;
+    const WORDS_OFFSET: Offset = Offset::PerBlock;
 
     #[inline(always)]
     unsafe fn weights(b: *const u8) -> __m512i {
         // SAFETY: the two blocks' nibbles.
         unsafe { nibbles32(b.add(4), b.add(24)) }
+    }
+
+    #[inline(always)]
+    unsafe fn words(b: *const u8) -> [__m512i; 2] {
+        // SAFETY: the two blocks' nibbles.
+        unsafe { nibble_words(b.add(4), b.add(24)) }
     }
 
     #[inline(always)]
@@ -335,7 +444,9 @@ impl Paired for Q8_0 {
     const BYTES: usize = 34;
     const FORMAT: QFormat = QFormat::Q8_0;
     /// The `+128` that makes the stored values unsigned.
-    const OFFSET: Option<f32> = Some(-128.0);
+    const OFFSET: Offset = Offset::Fixed(-128.0);
+    /// Sign-extended, the words are the stored values.
+    const WORDS_OFFSET: Offset = Offset::Fixed(0.0);
 
     #[inline(always)]
     unsafe fn weights(b: *const u8) -> __m512i {
@@ -343,6 +454,17 @@ impl Paired for Q8_0 {
         unsafe {
             let (lo, hi) = (_mm256_loadu_si256(b.add(2).cast()), _mm256_loadu_si256(b.add(36).cast()));
             _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8(-128))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn words(b: *const u8) -> [__m512i; 2] {
+        // SAFETY: the two blocks' 32 values each (at 2 and 36), 16 at a time.
+        unsafe {
+            [
+                _mm512_cvtepi8_epi16(two_halves(b.add(2), b.add(36))),
+                _mm512_cvtepi8_epi16(two_halves(b.add(18), b.add(52))),
+            ]
         }
     }
 
@@ -386,21 +508,44 @@ unsafe fn nibbles32(a: *const u8, b: *const u8) -> __m512i {
     }
 }
 
+/// The 16 bytes at `a`, then the 16 at `b`.
+#[inline(always)]
+unsafe fn two_halves(a: *const u8, b: *const u8) -> __m256i {
+    // SAFETY: the caller points at 16 readable bytes at each.
+    unsafe { _mm256_set_m128i(_mm_loadu_si128(b.cast()), _mm_loadu_si128(a.cast())) }
+}
+
+/// The 64 nibbles of two `Q4_0`/`Q4_1` blocks' 16 bytes each (at `a` and `b`) as `i16`, in the
+/// order of 16-bit [`PairLanes`](super::act::PairLanes): the low nibbles of `a` then of `b`,
+/// and the high nibbles of `a` then of `b`.
+#[inline(always)]
+unsafe fn nibble_words(a: *const u8, b: *const u8) -> [__m512i; 2] {
+    // SAFETY: the caller points at 16 readable bytes at each; register-only from there.
+    unsafe {
+        let bytes = _mm512_cvtepu8_epi16(two_halves(a, b));
+        [_mm512_and_si512(bytes, _mm512_set1_epi16(15)), _mm512_srli_epi16::<4>(bytes)]
+    }
+}
+
 /// [`dot`] of `N` (at most [`ROWS`]) rows of a paired format with one activation row of `D`
-/// blocks per 32 values, two weight blocks (64 values, one 512-bit register) per step.
+/// blocks per 32 values, two weight blocks (64 values) per step.
 ///
-/// Per step, the activations come ready in [`PairLanes`](super::act::PairLanes): per digit the two blocks' values
-/// and scales, and the offset term's sums, each one 512-bit load shared by the `N` rows. The
-/// `N` rows' block scales are converted from half precision together, and per row `D`
-/// `vpdpbusd` give the integer products, scaled by one multiply (and an FMA for the second
-/// digit); one FMA adds `d·products` and another the offset (`m·Σx`, or `−8·d·Σx` …), each into
-/// the row's own accumulators: no scalar arithmetic and nothing summed across lanes until the
-/// end of the row.
+/// Per step, the activations come ready in [`PairLanes`](super::act::PairLanes): the two
+/// blocks' values (64 bytes, or 64 words with 16-bit activations), their scales, and the offset
+/// term's sums, each a 512-bit load shared by the `N` rows. The `N` rows' block scales are
+/// converted from half precision together. Per row, the integer products of the step are one
+/// `vpdpbusd` on the weights as bytes (8-bit activations) or two `vpdpwssd` on the weights
+/// widened to `i16` (16-bit: the same work as 8-bit per value, where two bytes per activation
+/// would take two `vpdpbusd` per 32 values, each with its own conversion and FMA). They are
+/// scaled by one multiply; one FMA adds `d·products` and another the offset (`m·Σx`, or
+/// `−8·d·Σx` …, absent where the words carry it), each into the row's own accumulators: no
+/// scalar arithmetic and nothing summed across lanes until the end of the row.
 #[inline(always)]
 unsafe fn paired_rows<F: Paired, const N: usize, const D: usize>(rows: [&[u8]; N], act: Activations) -> [f32; N] {
-    debug_assert!(N <= ROWS);
+    debug_assert!(N <= ROWS && (D == 1 || D == 2));
     let blocks = rows[0].len() / F::BYTES;
     debug_assert!(act.blocks.len() >= blocks * D && act.lanes.len() >= blocks / 2);
+    let offset = if D == 1 { F::OFFSET } else { F::WORDS_OFFSET };
     // SAFETY: every load below is inside a row (`2p + 1 < blocks`), `act.blocks` or
     // `act.lanes`; the caller has AVX512-VNNI and F16C.
     unsafe {
@@ -417,28 +562,41 @@ unsafe fn paired_rows<F: Paired, const N: usize, const D: usize>(rows: [&[u8]; N
             let halves =
                 _mm512_cvtph_ps(_mm256_set_epi64x(bits[3] as i64, bits[2] as i64, bits[1] as i64, bits[0] as i64));
             let sums = _mm512_load_ps(lanes.sums.as_ptr());
+            let scales = _mm512_load_ps(lanes.scales.as_ptr());
+            let values = [
+                _mm512_load_si512(lanes.values.as_ptr().cast()),
+                _mm512_load_si512(lanes.values.as_ptr().add(64).cast()),
+            ];
             for r in 0..N {
                 let b = rows[r].as_ptr().add(2 * p * F::BYTES);
                 // The same bytes `PREFETCH_ROWS` rows on (rows lie one after another): the
                 // hardware prefetcher alone left the loads of the weights waiting on memory.
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_ROWS * rows[0].len()).cast());
-                let w = F::weights(b);
-                let mut v = _mm512_setzero_ps();
-                for k in 0..D {
-                    let values = _mm512_load_si512(lanes.values[k].as_ptr().cast());
-                    let products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, values));
-                    v = _mm512_fmadd_ps(products, _mm512_load_ps(lanes.scales[k].as_ptr()), v);
-                }
-                let i = 4 * r as i32;
-                let (d, m) = match F::OFFSET {
-                    Some(offset) => {
-                        let d = spread(halves, i, i + 1);
-                        (d, _mm512_mul_ps(d, _mm512_set1_ps(offset)))
-                    }
-                    None => (spread(halves, i, i + 2), spread(halves, i + 1, i + 3)),
+                // Into L2 (`T1`), not L1: one thread's reads of the weights are bound by how
+                // many lines it has in flight, and prefetches into L1 hold L1's few miss
+                // buffers (one thread decoding: 6% less CPU time than with `T0`; one more `T0`
+                // per step for `Q8_0`'s lines made it 8% slower).
+                _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add(PREFETCH_ROWS * rows[0].len()).cast());
+                let products = if D == 1 {
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), F::weights(b), values[0])
+                } else {
+                    let [low, high] = F::words(b);
+                    _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), low, values[0]), high, values[1])
                 };
-                acc[r] = _mm512_fmadd_ps(d, v, acc[r]);
-                offsets[r] = _mm512_fmadd_ps(m, sums, offsets[r]);
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(products), scales);
+                let i = 4 * r as i32;
+                match offset {
+                    Offset::Fixed(offset) => {
+                        let d = spread(halves, i, i + 1);
+                        acc[r] = _mm512_fmadd_ps(d, v, acc[r]);
+                        if offset != 0.0 {
+                            offsets[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(offset)), sums, offsets[r]);
+                        }
+                    }
+                    Offset::PerBlock => {
+                        acc[r] = _mm512_fmadd_ps(spread(halves, i, i + 2), v, acc[r]);
+                        offsets[r] = _mm512_fmadd_ps(spread(halves, i + 1, i + 3), sums, offsets[r]);
+                    }
+                }
             }
         }
         let mut out = [0.0; N];
