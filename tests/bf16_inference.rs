@@ -158,3 +158,49 @@ fn dtype_f32_is_the_model_as_loaded() {
     let loaded = load_model(&fixture("llama3"), &Device::Cpu).unwrap().with_dtype(WeightDtype::F32).unwrap();
     assert!(loaded.quantized.is_empty());
 }
+
+fn lmforge(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lmforge")).args(args).output().expect("run lmforge")
+}
+
+/// `score --dtype bf16` and `--dtype f32` from the command line: logits within the tolerance,
+/// not equal; `generate --dtype bf16` runs; an unknown dtype is clap's error naming the choices.
+#[test]
+fn the_cli_takes_dtype_on_score_and_generate() {
+    let model = fixture("llama_gqa");
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let scored = |dtype: &str| -> Vec<Vec<f32>> {
+        let out = dir.path().join(format!("{dtype}.safetensors"));
+        let run =
+            lmforge(&["score", "--model", m, "--ids", "3,17,91,5", "--out", out.to_str().unwrap(), "--dtype", dtype]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let tensors = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        tensors["logits"].to_vec2::<f32>().unwrap()
+    };
+    let (f32_logits, bf16_logits) = (scored("f32"), scored("bf16"));
+    let worst = worst_relative(&bf16_logits, &f32_logits);
+    assert!(worst > 0.0 && worst < 2f32.powi(-5), "{worst}");
+
+    let run = lmforge(&[
+        "generate",
+        "--model",
+        m,
+        "--ids",
+        "3,17",
+        "--greedy",
+        "--max-new-tokens",
+        "4",
+        "--print-ids",
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim().split(',').count(), 4);
+
+    let run = lmforge(&["generate", "--model", m, "--ids", "3", "--dtype", "fp8"]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && err.contains("'fp8'") && err.contains("f32, bf16"), "{err}");
+    let run = lmforge(&["train", "--dtype", "bf16"]);
+    assert!(!run.status.success() && String::from_utf8_lossy(&run.stderr).contains("--dtype"));
+}
