@@ -27,7 +27,7 @@ pub struct DtypeArg {
     /// How the weight matrices (linear layers, output head, token table) are held: f32, or bf16
     /// (half the memory; bf16 products summed in f32; activations, norms, attention, KV cache
     /// and logits stay f32; CPU only). A GGUF file's quantized matrices stay quantized either way.
-    #[arg(long = "dtype", value_enum, default_value_t = DtypeChoice::F32)]
+    #[arg(long = "dtype", value_name = "DTYPE", value_enum, default_value_t = DtypeChoice::F32)]
     choice: DtypeChoice,
 }
 
