@@ -21,8 +21,9 @@
 //!
 //! The tests check it for both kernels ([`dots`]), picked like the training GEMM's by
 //! [`bf16::kernel`] (`LMFORGE_BF16_KERNEL=avx512-bf16|f32` forces one):
-//! - `avx512-bf16`: `vdpbf16ps`, 32 multiply-adds per instruction, four rows at a time sharing
-//!   each load of the input. Subnormal operands (below 1.2e-38) count as zero (its DAZ).
+//! - `avx512-bf16`: `vdpbf16ps`, 32 multiply-adds per instruction, row after row (a single
+//!   stream through memory), with software prefetch. Subnormal operands (below 1.2e-38) count
+//!   as zero (its DAZ).
 //! - `f32`: the bf16 values widened to `f32` (exactly) and multiplied there, on any CPU.
 
 use std::ops::Range;
@@ -89,53 +90,61 @@ fn portable_dots(data: &[u8], x: &[u16], out: &mut [f32]) {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// Rows per step: each load of the input serves four rows' `vdpbf16ps`.
-    const ROWS: usize = 4;
+    /// Independent sums per row: `vdpbf16ps` takes several cycles, so one chain would wait on
+    /// itself; four keep a row's loads streaming.
+    const CHAINS: usize = 4;
+
+    /// How far ahead the weights are prefetched, in bytes: decoding streams each matrix from
+    /// memory once, row after row.
+    const PREFETCH_BYTES: usize = 4096;
 
     /// # Safety
     /// The CPU has AVX512F, AVX512BW and AVX512-BF16; `data` holds `out.len()` rows of
     /// `x.len()` bf16 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn dots(data: &[u8], x: &[u16], out: &mut [f32]) {
-        let cols = x.len();
-        let row_bytes = 2 * cols;
+        let row_bytes = 2 * x.len();
         debug_assert_eq!(data.len(), out.len() * row_bytes);
-        let mut r = 0;
-        while r + ROWS <= out.len() {
-            // SAFETY: rows r..r + ROWS are in `data`.
-            let sums = unsafe { rows::<ROWS>(data.as_ptr().add(r * row_bytes), row_bytes, x) };
-            out[r..r + ROWS].copy_from_slice(&sums);
-            r += ROWS;
-        }
-        while r < out.len() {
+        for (r, o) in out.iter_mut().enumerate() {
             // SAFETY: row r is in `data`.
-            out[r] = unsafe { rows::<1>(data.as_ptr().add(r * row_bytes), row_bytes, x) }[0];
-            r += 1;
+            *o = unsafe { row(data.as_ptr().add(r * row_bytes), x) };
         }
     }
 
-    /// `N` consecutive rows at `w` (each `row_bytes` apart) dotted with `x`: 32 values per step,
-    /// the last partial step under a mask.
+    /// One row at `w` dotted with `x`: `CHAINS` steps of 32 values at a time, then the rest
+    /// 32 at a time, the last partial step under a mask (masked-off lanes are zero).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn rows<const N: usize>(w: *const u8, row_bytes: usize, x: &[u16]) -> [f32; N] {
+    unsafe fn row(w: *const u8, x: &[u16]) -> f32 {
         let cols = x.len();
-        let mut acc = [_mm512_setzero_ps(); N];
+        let (xp, wp) = (x.as_ptr(), w.cast::<u16>());
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
         let mut j = 0;
-        while j < cols {
-            let mask: __mmask32 = if cols - j >= 32 { !0 } else { (1u32 << (cols - j)) - 1 };
-            // SAFETY: the mask keeps the loads inside `x` and each row (`j + lanes ≤ cols`);
-            // masked-off lanes are zero and add nothing.
-            unsafe {
-                let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x.as_ptr().add(j).cast()));
-                for (n, acc) in acc.iter_mut().enumerate() {
-                    let wv = _mm512_maskz_loadu_epi16(mask, w.add(n * row_bytes + 2 * j).cast());
-                    *acc = _mm512_dpbf16_ps(*acc, std::mem::transmute::<__m512i, __m512bh>(wv), xv);
+        // SAFETY (all loads): `j + 32 ≤ cols` in the unmasked steps, and the mask keeps the
+        // last one inside `x` and the row; the prefetch is a hint, never dereferenced.
+        unsafe {
+            while j + 32 * CHAINS <= cols {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(2 * j + PREFETCH_BYTES).cast());
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(2 * j + PREFETCH_BYTES + 64).cast());
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(2 * j + PREFETCH_BYTES + 128).cast());
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(2 * j + PREFETCH_BYTES + 192).cast());
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(xp.add(j + 32 * c).cast()));
+                    let wv: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(j + 32 * c).cast()));
+                    *acc = _mm512_dpbf16_ps(*acc, wv, xv);
                 }
+                j += 32 * CHAINS;
             }
-            j += 32;
+            while j < cols {
+                let mask: __mmask32 = if cols - j >= 32 { !0 } else { (1u32 << (cols - j)) - 1 };
+                let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, xp.add(j).cast()));
+                let wv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, wp.add(j).cast()));
+                acc[0] = _mm512_dpbf16_ps(acc[0], wv, xv);
+                j += 32;
+            }
         }
-        acc.map(|a| _mm512_reduce_add_ps(a))
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(sum)
     }
 }
 
