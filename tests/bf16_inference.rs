@@ -201,6 +201,17 @@ fn the_cli_takes_dtype_on_score_and_generate() {
     let run = lmforge(&["generate", "--model", m, "--ids", "3", "--dtype", "fp8"]);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && err.contains("'fp8'") && err.contains("f32, bf16"), "{err}");
+    // A forced kernel this CPU cannot run is reported at loading, with its cure.
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_lmforge"))
+        .args(["score", "--model", m, "--ids", "3", "--out", "/tmp/never.safetensors", "--dtype", "bf16"])
+        .env("LMFORGE_BF16_KERNEL", "amx")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && err.contains("loading model") && err.contains("HINT") && !err.contains("panicked"),
+        "{err}"
+    );
     let run = lmforge(&["train", "--dtype", "bf16"]);
     assert!(!run.status.success() && String::from_utf8_lossy(&run.stderr).contains("--dtype"));
 }

@@ -50,7 +50,8 @@ impl LoadedModel {
     /// The same model with its matrices held as `dtype` says. With [`WeightDtype::Bf16`] each
     /// matrix chosen by [`held_in_bf16`] that is still an `f32` tensor is rounded to bf16 (to
     /// nearest, ties to even) and its tensor dropped, one at a time; a GGUF file's matrices kept
-    /// in their blocks (Q4_1, …) stay as they are. An error off the CPU.
+    /// in their blocks (Q4_1, …) stay as they are. An error off the CPU, or when no bf16 kernel
+    /// can run.
     pub fn with_dtype(mut self, dtype: WeightDtype) -> Result<LoadedModel> {
         if dtype == WeightDtype::F32 {
             return Ok(self);
@@ -61,6 +62,9 @@ impl LoadedModel {
                 t.device()
             )));
         }
+        // A kernel that cannot run (`LMFORGE_BF16_KERNEL` naming one this CPU lacks) is
+        // reported now, before the conversion, not at the first product.
+        crate::nn::ops::bf16::kernel()?;
         for spec in self.config.param_specs().iter().filter(|s| held_in_bf16(s)) {
             let Some(tensor) = self.weights.remove(&spec.name) else { continue };
             let matrix = QMatrix::quantize(&tensor, QFormat::BF16)
