@@ -4,7 +4,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::Device;
-use lmforge::io::{self, LoadedModel};
+use clap::{Args, ValueEnum};
+use lmforge::io::{self, LoadedModel, WeightDtype};
 
 /// Load `--model` onto the CPU.
 pub fn load(model: &Path) -> anyhow::Result<LoadedModel> {
@@ -12,7 +13,36 @@ pub fn load(model: &Path) -> anyhow::Result<LoadedModel> {
 }
 
 /// Load `--model` onto `device` to run it (score, generate): on the CPU a GGUF file's quantized
-/// weights stay quantized ([`io::load_model_for_inference`]), elsewhere they are dequantized.
-pub fn load_for_inference(model: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
-    io::load_model_for_inference(model, device).with_context(|| format!("loading model {}", model.display()))
+/// weights stay quantized ([`io::load_model_for_inference`]), elsewhere they are dequantized;
+/// the other matrices are then held as `dtype` says ([`LoadedModel::with_dtype`]).
+pub fn load_for_inference(model: &Path, device: &Device, dtype: DtypeArg) -> anyhow::Result<LoadedModel> {
+    io::load_model_for_inference(model, device)
+        .and_then(|loaded| loaded.with_dtype(dtype.get()))
+        .with_context(|| format!("loading model {}", model.display()))
+}
+
+/// `--dtype`, shared by the commands that load a model to run it, not to train it.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct DtypeArg {
+    /// How the weight matrices (linear layers, output head, token table) are held: f32, or bf16
+    /// (half the memory; bf16 products summed in f32; activations, norms, attention, KV cache
+    /// and logits stay f32; CPU only). A GGUF file's quantized matrices stay quantized either way.
+    #[arg(long = "dtype", value_name = "DTYPE", value_enum, default_value_t = DtypeChoice::F32)]
+    choice: DtypeChoice,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum DtypeChoice {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn get(self) -> WeightDtype {
+        match self.choice {
+            DtypeChoice::F32 => WeightDtype::F32,
+            DtypeChoice::Bf16 => WeightDtype::Bf16,
+        }
+    }
 }

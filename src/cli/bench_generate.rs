@@ -20,6 +20,8 @@ use lmforge::model::Model;
 use lmforge::nn::ops::{parallel, quant};
 use lmforge::train::bench::rss_bytes;
 
+use super::arch::DtypeArg;
+
 #[derive(Args)]
 pub struct BenchGenerateArgs {
     /// The model (a .gguf file to compare with llama.cpp).
@@ -42,6 +44,8 @@ pub struct BenchGenerateArgs {
     /// quantized blocks.
     #[arg(long)]
     dequantize: bool,
+    #[command(flatten)]
+    dtype: DtypeArg,
 }
 
 /// Tokens per second of the two tests.
@@ -54,25 +58,31 @@ struct Speeds {
 pub fn bench_generate(a: BenchGenerateArgs) -> anyhow::Result<()> {
     let threads = parallel::threads();
     let started = Instant::now();
-    let loaded = load(&a.model, a.dequantize)?;
+    let loaded = load(&a.model, a.dequantize)?.with_dtype(a.dtype.get())?;
     let model = loaded.build()?;
     let load_s = started.elapsed().as_secs_f64();
     let quantized_bytes: usize = loaded.quantized.values().map(|q| q.bytes()).sum();
+    let bf16_bytes: usize =
+        loaded.quantized.values().filter(|q| q.format() == quant::QFormat::BF16).map(|q| q.bytes()).sum();
     let file_bytes = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
     drop(loaded.weights);
     let mib = |b: f64| b / (1 << 20) as f64;
     println!(
-        "model: {} ({:.1} MiB file), {} threads; loaded in {load_s:.2} s; {:.1} MiB of weights kept quantized; resident {} MiB",
+        "model: {} ({:.1} MiB file), {} threads; loaded in {load_s:.2} s; {:.1} MiB of weights kept quantized, {:.1} MiB in bf16; resident {} MiB",
         a.model.display(),
         mib(file_bytes as f64),
         threads,
-        mib(quantized_bytes as f64),
+        mib((quantized_bytes - bf16_bytes) as f64),
+        mib(bf16_bytes as f64),
         rss_bytes().map_or("?".into(), |b| format!("{:.0}", mib(b as f64)))
     );
     println!(
         "products: {}",
-        if quantized_bytes > 0 { quant::describe() } else { lmforge::nn::ops::gemm::backend().to_string() }
+        if quantized_bytes > bf16_bytes { quant::describe() } else { lmforge::nn::ops::gemm::backend().to_string() }
     );
+    if bf16_bytes > 0 {
+        println!("bf16 products: {}", lmforge::nn::ops::bf16::describe());
+    }
     let ours = time_lmforge(&model, &a)?;
     let theirs = match &a.llamacpp {
         Some(dir) => Some(time_llamacpp(dir, &a.model, threads, &a)?),

@@ -12,7 +12,7 @@ use lmforge::generate::{
 };
 use lmforge::model::Model;
 
-use super::arch::load_for_inference;
+use super::arch::{load_for_inference, DtypeArg};
 use super::device::DeviceArg;
 
 #[derive(Args)]
@@ -32,11 +32,13 @@ pub struct ScoreArgs {
     out: PathBuf,
     #[command(flatten)]
     device: DeviceArg,
+    #[command(flatten)]
+    dtype: DtypeArg,
 }
 
 pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let loaded = load_for_inference(&args.model, &device)?;
+    let loaded = load_for_inference(&args.model, &device, args.dtype)?;
     let model = loaded.build()?;
     let ids = Tensor::new(args.ids.as_slice(), &device)?.unsqueeze(0)?;
     let logits = match (&args.source_ids, model.decoder_start_token_id()) {
@@ -110,10 +112,12 @@ pub struct GenerateArgs {
     print_ids: bool,
     #[command(flatten)]
     device: DeviceArg,
+    #[command(flatten)]
+    dtype: DtypeArg,
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = load_for_inference(&args.model, &args.device.open()?)?;
+    let loaded = load_for_inference(&args.model, &args.device.open()?, args.dtype)?;
     let model = loaded.build()?;
     let tokenizer = loaded.tokenizer.as_ref();
     let given_source = args.source.is_some() || args.source_ids.is_some();

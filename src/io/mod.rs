@@ -4,11 +4,13 @@
 //! lmforge's canonical parameter names (see [`ModelConfig::param_specs`]), and the tokenizer
 //! when the source carries one.
 
+mod dtype;
 pub mod gguf;
 pub mod hf;
 pub mod native;
 pub mod tokenizer;
 
+pub use dtype::{held_in_bf16, WeightDtype};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 
 use std::collections::HashMap;
@@ -27,8 +29,9 @@ pub struct LoadedModel {
     /// Canonical name → tensor (f32): with `quantized`, exactly the names of
     /// `config.param_specs()`.
     pub weights: HashMap<String, Tensor>,
-    /// Weights kept in GGUF quantized blocks ([`load_model_for_inference`] only; empty
-    /// otherwise, so training and export see every weight as a tensor).
+    /// Weights kept in GGUF quantized blocks ([`load_model_for_inference`] only) or in bf16
+    /// ([`LoadedModel::with_dtype`]); empty otherwise, so training and export see every weight
+    /// as a tensor.
     pub quantized: QuantizedWeights,
     pub tokenizer: Option<TextTokenizer>,
     /// Where it came from, for messages.

@@ -15,6 +15,12 @@
 //!
 //! In Q4_0 / Q4_1 byte `i` holds value `i` in its low nibble and value `i + 16` in its high one;
 //! the K formats' nibble and 2-bit layouts are spelled out in [`super::scalar`].
+//!
+//! `BF16` is no block format: each value is its two bytes of bf16 (GGUF's `BF16` type, and
+//! what `--dtype bf16` holds a model's matrices in). It is kept here, beside the block formats,
+//! so a bf16 matrix is a [`QMatrix`] like theirs and shares their products, fused q/k/v and
+//! gate/up calls, row reordering and embedding lookups; its own dot products are
+//! [`super::bf16_rows`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -22,7 +28,7 @@ use std::fmt;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
 
-/// A GGUF block type that lmforge's integer kernels read.
+/// A GGUF block type that lmforge's integer kernels read, or bf16 values (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QFormat {
     Q4_0,
@@ -30,9 +36,12 @@ pub enum QFormat {
     Q8_0,
     Q4K,
     Q6K,
+    /// Two bytes per value, products on bf16 dot products ([`super::bf16_rows`]).
+    BF16,
 }
 
 impl QFormat {
+    /// The block formats (the integer kernels' five).
     pub const ALL: [QFormat; 5] = [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0, QFormat::Q4K, QFormat::Q6K];
 
     /// The format of a GGML type; `None` for the types the kernels do not read (f32, f16, …).
@@ -43,6 +52,7 @@ impl QFormat {
             GgmlDType::Q8_0 => Some(QFormat::Q8_0),
             GgmlDType::Q4K => Some(QFormat::Q4K),
             GgmlDType::Q6K => Some(QFormat::Q6K),
+            GgmlDType::BF16 => Some(QFormat::BF16),
             _ => None,
         }
     }
@@ -54,6 +64,7 @@ impl QFormat {
             QFormat::Q8_0 => GgmlDType::Q8_0,
             QFormat::Q4K => GgmlDType::Q4K,
             QFormat::Q6K => GgmlDType::Q6K,
+            QFormat::BF16 => GgmlDType::BF16,
         }
     }
 
@@ -62,6 +73,7 @@ impl QFormat {
         match self {
             QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => 32,
             QFormat::Q4K | QFormat::Q6K => 256,
+            QFormat::BF16 => 1,
         }
     }
 
@@ -73,6 +85,7 @@ impl QFormat {
             QFormat::Q8_0 => 34,
             QFormat::Q4K => 144,
             QFormat::Q6K => 210,
+            QFormat::BF16 => 2,
         }
     }
 }
@@ -85,6 +98,7 @@ impl fmt::Display for QFormat {
             QFormat::Q8_0 => "Q8_0",
             QFormat::Q4K => "Q4_K",
             QFormat::Q6K => "Q6_K",
+            QFormat::BF16 => "BF16",
         })
     }
 }
@@ -115,6 +129,10 @@ impl QMatrix {
     /// quantizers): for tests and for making small quantized models.
     pub fn quantize(w: &Tensor, format: QFormat) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
+        if format == QFormat::BF16 {
+            let values = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            return QMatrix::new(format, rows, cols, super::bf16_rows::bytes_of(&values));
+        }
         let q = QTensor::quantize(w, format.ggml())?;
         QMatrix::new(format, rows, cols, q.data()?.into_owned())
     }
@@ -122,6 +140,9 @@ impl QMatrix {
     /// The `f32` values, by candle's dequantizer (the reference the kernels are tested against,
     /// and what training from a quantized file starts from). `(rows, cols)`
     pub fn dequantize(&self) -> Result<Tensor> {
+        if self.format == QFormat::BF16 {
+            return Tensor::from_vec(super::bf16_rows::values_of(&self.data), (self.rows, self.cols), &Device::Cpu);
+        }
         let storage = QStorage::from_data(Cow::Borrowed(&self.data), &Device::Cpu, self.format.ggml())?;
         QTensor::new(storage, (self.rows, self.cols))?.dequantize(&Device::Cpu)
     }

@@ -20,8 +20,12 @@
 //!
 //! Inference only: the product has no backward (it returns an error naming the cure: load the
 //! model dequantized, which training does).
+//!
+//! A matrix in [`QFormat::BF16`] (`--dtype bf16`) takes the same products, fused calls and
+//! parallel loop, with its own dot products: [`bf16_rows`].
 
 pub mod act;
+mod bf16_rows;
 mod format;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -39,6 +43,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Ten
 
 use act::{Activations, PairLanes, Q8Block};
 
+use super::bf16::{self, Bf16Kernel, Precision};
 use super::parallel;
 
 /// The environment variable that forces a kernel: `vnni` or `scalar`.
@@ -155,23 +160,32 @@ const TASK_VALUES: usize = 16_384;
 /// `x` is quantized once for all of them, and one parallel loop runs over all their rows: when
 /// decoding, q, k and v (or gate and up) are then one region of the thread pool, with one wait
 /// at its end, instead of three (two), each with its own quantization and wait.
+///
+/// [`QFormat::BF16`] matrices meet `x` rounded to bf16 instead ([`bf16_rows`], on
+/// [`bf16::kernel`]'s kernel).
 pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], ws: &[&QMatrix], out: &mut [f32]) {
     let Some(cols) = ws.first().map(|w| w.dims().1) else { return };
     debug_assert!(ws.iter().all(|w| w.dims().1 == cols), "quant::matmul: matrices of different widths");
     let width: usize = ws.iter().map(|w| w.dims().0).sum();
-    let blocks = cols / Q8Block::LEN * digits;
+    let is_bf16 = |w: &&QMatrix| w.format() == QFormat::BF16;
+    let blocks = if ws.iter().all(is_bf16) { 0 } else { cols / Q8Block::LEN * digits };
     let tokens = x.len() / cols;
     debug_assert_eq!(out.len(), tokens * width);
+    let rounded = bf16_input(ws.iter().any(is_bf16), x);
+    // Checked by `qmatmul_each` before it gets here; the portable kernel runs anywhere.
+    let bf16_kernel = bf16::kernel().unwrap_or(Bf16Kernel::F32);
     let mut act = vec![Q8Block::ZERO; tokens * blocks];
     let tokens_per_task = tokens.div_ceil(parallel::threads()).max(1);
-    parallel::for_each_chunk(&mut act, tokens_per_task * blocks, |i, chunk| {
+    parallel::for_each_chunk(&mut act, (tokens_per_task * blocks).max(1), |i, chunk| {
         for (t, blocks_of_t) in chunk.chunks_exact_mut(blocks).enumerate() {
             quantize_row(kernel, &x[(i * tokens_per_task + t) * cols..][..cols], blocks_of_t, digits);
         }
     });
     let lanes: Vec<PairLanes> = match kernel {
-        QuantKernel::Vnni => act.chunks_exact(blocks).flat_map(|a| PairLanes::of_row(a, digits)).collect(),
-        QuantKernel::Scalar => Vec::new(),
+        QuantKernel::Vnni if blocks > 0 => {
+            act.chunks_exact(blocks).flat_map(|a| PairLanes::of_row(a, digits)).collect()
+        }
+        _ => Vec::new(),
     };
     let pairs = lanes.len() / tokens.max(1);
     // (matrix, its rows, where they go in an output row), about `TASK_VALUES` weights each.
@@ -186,13 +200,31 @@ pub fn matmul(kernel: QuantKernel, digits: usize, x: &[f32], ws: &[&QMatrix], ou
     let out = SharedOut(out.as_mut_ptr());
     parallel::for_each(tasks.len(), |task| {
         let (m, rows, offset) = tasks[task].clone();
-        for (t, blocks) in act.chunks_exact(blocks).enumerate() {
+        for t in 0..tokens {
             // SAFETY: inside `out` (`tokens × width`); each task writes only its own rows.
             let out = unsafe { out.slice(t * width + offset + rows.start, rows.len()) };
+            if is_bf16(&ws[m]) {
+                bf16_rows::dots(bf16_kernel, ws[m], rows.clone(), &rounded[t * cols..][..cols], out);
+                continue;
+            }
+            let blocks = &act[t * blocks..][..blocks];
             let lanes = lanes.get(t * pairs..(t + 1) * pairs).unwrap_or_default();
             dots(kernel, ws[m], rows.clone(), Activations { blocks, lanes }, digits, out);
         }
     });
+}
+
+/// `x` rounded to bf16 once for the product, when a matrix of it is [`QFormat::BF16`] (else
+/// nothing).
+fn bf16_input(needed: bool, x: &[f32]) -> Vec<u16> {
+    if !needed {
+        return Vec::new();
+    }
+    let mut rounded = vec![0u16; x.len()];
+    parallel::for_each_chunk(&mut rounded, parallel::TASK_ELEMENTS, |i, chunk| {
+        bf16_rows::round_row(&x[i * parallel::TASK_ELEMENTS..][..chunk.len()], chunk);
+    });
+    rounded
 }
 
 /// The output of [`matmul`], written by all tasks at once (each to its own rows).
@@ -229,9 +261,19 @@ pub fn qmatmul_each(x: &Tensor, ws: &[Arc<QMatrix>]) -> Result<Vec<Tensor>> {
     }
     let dtype = x.dtype();
     let tokens = x.elem_count() / features.max(1);
+    if ws.iter().any(|w| w.format() == QFormat::BF16) {
+        bf16::kernel()?;
+    }
     if tokens >= DEQUANTIZED_FROM_TOKENS {
         let x = x.to_dtype(DType::F32)?;
-        return ws.iter().map(|w| super::linear(&x, &w.dequantize()?, None)?.to_dtype(dtype)).collect();
+        return ws
+            .iter()
+            .map(|w| {
+                // A bf16 matrix keeps its bf16 products: the GEMM rounds `x` as it packs it.
+                let _scope = (w.format() == QFormat::BF16).then(|| Precision::Bf16.enter()).transpose()?;
+                super::linear(&x, &w.dequantize()?, None)?.to_dtype(dtype)
+            })
+            .collect();
     }
     let (kernel, digits) = (kernel()?, activation_digits()?);
     let op = QMatMul { ws: ws.to_vec(), kernel, digits };
@@ -279,6 +321,13 @@ impl CustomOp1 for QMatMul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, _dy: &Tensor) -> Result<Option<Tensor>> {
+        if self.ws.iter().any(|w| w.format() == QFormat::BF16) {
+            return Err(candle_core::Error::Msg(
+                "a weight held in bf16 for inference (`--dtype bf16`) has no gradient\n\
+                 HINT: training holds f32 weights; for bf16 products there, use `lmforge train --precision bf16`"
+                    .to_string(),
+            ));
+        }
         Err(candle_core::Error::Msg(format!(
             "a quantized ({}) weight has no gradient: quantized models are for inference\n\
              HINT: training loads a GGUF file dequantized to f32 (`lmforge train --init-from FILE.gguf`)",

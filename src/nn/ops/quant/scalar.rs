@@ -35,6 +35,7 @@ pub fn dot(format: QFormat, row: &[u8], act: &[Q8Block], digits: usize) -> f32 {
         QFormat::Q8_0 => dot_q8_0(row, act, digits),
         QFormat::Q4K => dot_q4k(row, act, digits),
         QFormat::Q6K => dot_q6k(row, act, digits),
+        QFormat::BF16 => unreachable!("bf16 rows take bf16_rows::dots"),
     }
 }
 

@@ -51,6 +51,7 @@ pub unsafe fn dot(format: QFormat, row: &[u8], act: &[Q8Block], digits: usize) -
             QFormat::Q8_0 => dot_q8_0(row, act, digits),
             QFormat::Q4K => dot_q4k(row, act, digits),
             QFormat::Q6K => dot_q6k(row, act, digits),
+            QFormat::BF16 => unreachable!("bf16 rows take bf16_rows::dots"),
         }
     }
 }
@@ -321,6 +322,7 @@ pub unsafe fn dots(format: QFormat, row_bytes: usize, rows: &[u8], a: Activation
                     *o = dot(format, row, a.blocks, digits);
                 }
             }
+            (QFormat::BF16, _) => unreachable!("bf16 rows take bf16_rows::dots"),
         }
     }
 }
