@@ -13,6 +13,7 @@ pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod host_memory;
 pub mod io;
 pub mod model;
 pub mod nn;

@@ -71,18 +71,9 @@ impl LoadedModel {
                 .map_err(|e| Error::checkpoint(&self.source, format!("tensor `{}` to bf16: {e}", spec.name)))?;
             self.quantized.insert(spec.name.clone(), Arc::new(matrix));
         }
-        release_free_memory();
+        // The f32 tensors just dropped go back to the system: the binary keeps freed memory
+        // for reuse, which would leave the f32 model's size resident beside its bf16 copy.
+        crate::host_memory::release_free_memory();
         Ok(self)
-    }
-}
-
-/// Hand the `f32` tensors just dropped back to the system (glibc's `malloc_trim`): the binary
-/// keeps freed memory for reuse (`main.rs`), which would leave the model's `f32` size resident
-/// beside its bf16 copy.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: no arguments beyond a pad size; glibc only releases memory no one holds.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -126,7 +126,7 @@ pub fn rehearse(spec: &RehearsalSpec) -> Result<Rehearsal> {
     // add to what the steps left live. The memory the steps freed goes back to the system
     // first: a long run's allocator may have returned it by the time it saves (and a run
     // measured so did), and a checkpoint that happened to fit in it would read too low.
-    release_free_memory();
+    crate::host_memory::release_free_memory();
     let can_reset = reset_peak_rss();
     // The first evaluation after the steps pays for memory handed back above; the median of
     // the next few is what the run's evaluations (many batches in a row) cost each.
@@ -176,15 +176,6 @@ fn write_checkpoint(bench: &StepBench, spec: &RehearsalSpec) -> Result<()> {
     let saved = checkpoint::save(&run_dir, &data);
     let _ = std::fs::remove_dir_all(&run_dir);
     saved.map(|_| ())
-}
-
-/// Hand the allocator's free memory back to the system (glibc's `malloc_trim`).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: no arguments beyond a pad size; glibc only releases memory no one holds.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Run [`rehearse`] in a fresh `lmforge plan --rehearse` process of `exe`.
