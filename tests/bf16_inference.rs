@@ -11,12 +11,15 @@
 //! `f32`'s. (These prompts are shorter than `DEQUANTIZED_FROM_TOKENS`: both ways run the row
 //! kernel; the prefill GEMM's bf16 path is checked on SmolLM2, `tests/smollm2_bf16.rs`.)
 
+mod chunked;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use lmforge::io::{held_in_bf16, load_model, load_model_for_inference, LoadedModel, WeightDtype};
-use lmforge::model::Model;
 use lmforge::nn::ops::quant::QFormat;
+
+use chunked::logits_in_chunks;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -26,17 +29,6 @@ fn input_ids(dir: &Path) -> Vec<u32> {
     let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let ids = tensors["input_ids"].to_dtype(candle_core::DType::I64).unwrap().to_vec1::<i64>().unwrap();
     ids.into_iter().map(|v| v as u32).collect()
-}
-
-/// `(T, V)` logits of `ids`, fed in pieces of `chunk` tokens through the cache.
-fn logits(model: &Model, ids: &[u32], chunk: usize) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
-    let mut rows = Vec::new();
-    for piece in ids.chunks(chunk) {
-        let input = Tensor::new(piece, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        rows.extend(model.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap());
-    }
-    rows
 }
 
 /// max over positions of max |Δlogit| / the spread of the `f32` logits there.
@@ -72,9 +64,9 @@ fn check_family(name: &str) {
 
     let ids = input_ids(&dir);
     let (f32_model, bf16_model) = (dense.build().unwrap(), halved.build().unwrap());
-    let want = logits(&f32_model, &ids, ids.len());
-    let whole = worst_relative(&logits(&bf16_model, &ids, ids.len()), &want);
-    let stepwise = worst_relative(&logits(&bf16_model, &ids, 1), &want);
+    let want = logits_in_chunks(&f32_model, &ids, ids.len());
+    let whole = worst_relative(&logits_in_chunks(&bf16_model, &ids, ids.len()), &want);
+    let stepwise = worst_relative(&logits_in_chunks(&bf16_model, &ids, 1), &want);
     eprintln!("{name}: max |Δlogit| / spread: {whole:.2e} all at once, {stepwise:.2e} a token at a time");
     assert!(whole > 0.0 && stepwise > 0.0, "{name}: the bf16 model must differ from the f32 one somewhere");
     assert!(whole < 2f32.powi(-5) && stepwise < 2f32.powi(-5), "{name}: {whole}, {stepwise}");
@@ -138,8 +130,8 @@ fn dtype_bf16_on_gguf_keeps_quantized_blocks_and_takes_the_other_matrices() {
         let experts: Vec<_> = specs.iter().filter(|s| s.expert.is_some()).collect();
         assert!(!experts.is_empty() && experts.iter().all(|s| halved.weights.contains_key(&s.name)));
         let ids: Vec<u32> = (1..9).collect();
-        let want = logits(&plain.build().unwrap(), &ids, 1);
-        let got = logits(&halved.build().unwrap(), &ids, 1);
+        let want = logits_in_chunks(&plain.build().unwrap(), &ids, 1);
+        let got = logits_in_chunks(&halved.build().unwrap(), &ids, 1);
         assert!(worst_relative(&got, &want) < 2f32.powi(-5), "{file}");
     }
     // All f16: every candidate matrix becomes bf16.

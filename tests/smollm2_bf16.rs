@@ -3,33 +3,23 @@
 //! tolerance, the greedy chat answer is unchanged (transformers' own), and the matrices take
 //! half the bytes.
 
+mod chunked;
 mod fetched;
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use lmforge::generate::{argmax, generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::{load_model, WeightDtype};
-use lmforge::model::Model;
 use lmforge::nn::ops::quant::{QFormat, DEQUANTIZED_FROM_TOKENS};
 
+use chunked::logits_in_chunks;
 use fetched::smollm2;
 
 fn reference_greedy_ids() -> Vec<u32> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     want["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
-}
-
-/// `(T, V)` logits of `ids` fed in pieces of `chunk` tokens through the cache.
-fn logits(model: &Model, ids: &[u32], chunk: usize) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
-    let mut rows = Vec::new();
-    for piece in ids.chunks(chunk) {
-        let input = Tensor::new(piece, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        rows.extend(model.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap());
-    }
-    rows
 }
 
 #[test]
@@ -50,14 +40,14 @@ fn bf16_smollm2_matches_f32_and_answers_paris() {
     let ids = tokenizer.encode(&prompt, false).unwrap();
     assert!(ids.len() >= DEQUANTIZED_FROM_TOKENS, "the prompt exercises both paths");
     let (f32_model, bf16_model) = (dense.build().unwrap(), halved.build().unwrap());
-    let want = logits(&f32_model, &ids, ids.len());
+    let want = logits_in_chunks(&f32_model, &ids, ids.len());
     // Tolerance: both operands of every product rounded to bf16 (2⁻⁹ of each value), through
     // 30 layers; the errors of the 576–1536 terms of each product mostly cancel. Measured: max
     // |Δlogit| of 1.4–1.5% of the logits' spread (≈ 0.45 of ≈ 30); allowed 2⁻⁵ (3.1%), and the same top token
     // at every position. Chunks shorter than DEQUANTIZED_FROM_TOKENS run the row kernel, the
     // whole prompt the GEMM at bf16 precision.
     for chunk in [DEQUANTIZED_FROM_TOKENS - 1, ids.len()] {
-        let got = logits(&bf16_model, &ids, chunk);
+        let got = logits_in_chunks(&bf16_model, &ids, chunk);
         let mut worst = 0f32;
         for (t, (g, w)) in got.iter().zip(&want).enumerate() {
             let spread = w.iter().fold(f32::MIN, |m, &v| m.max(v)) - w.iter().fold(f32::MAX, |m, &v| m.min(v));

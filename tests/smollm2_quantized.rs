@@ -4,15 +4,17 @@
 //! `LMFORGE_QUANT_ACTIVATIONS=8` the answer starts "L'Étoile, la …" instead, as llama.cpp's
 //! `llama-simple` does on this file; see `nn::ops::quant::act`.)
 
+mod chunked;
 mod fetched;
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::{load_model, load_model_for_inference};
 use lmforge::nn::ops::quant::DEQUANTIZED_FROM_TOKENS;
 
+use chunked::logits_in_chunks;
 use fetched::smollm2;
 
 fn reference_greedy_ids() -> Vec<u32> {
@@ -41,17 +43,9 @@ fn quantized_smollm2_matches_its_dequantized_self_and_answers_paris() {
     let (q_model, d_model) = (quantized.build().unwrap(), dense.build().unwrap());
     // The prompt in chunks through the KV cache: chunks shorter than DEQUANTIZED_FROM_TOKENS
     // run on the integer kernels, a whole-prompt chunk on the dequantized matrices.
-    let logits = |m: &lmforge::model::Model, chunk: usize| -> Vec<Vec<f32>> {
-        let mut cache = m.new_cache();
-        let mut rows = Vec::new();
-        for piece in ids.chunks(chunk) {
-            let input = Tensor::new(piece, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            rows.extend(m.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap());
-        }
-        rows
-    };
     assert!(ids.len() >= DEQUANTIZED_FROM_TOKENS, "the prompt exercises both paths");
-    let (q, d) = (logits(&q_model, DEQUANTIZED_FROM_TOKENS - 1), logits(&d_model, ids.len()));
+    let (q, d) =
+        (logits_in_chunks(&q_model, &ids, DEQUANTIZED_FROM_TOKENS - 1), logits_in_chunks(&d_model, &ids, ids.len()));
     // Tolerance: the activations are rounded (two 8-bit blocks per 32 values, about 16 bits)
     // before every product (the weights are exact), through 30 layers. Measured: max |Δ| of
     // 0.03% of the logits' spread (≈ 0.01 of ≈ 30); allowed 0.2%, and the same top token at
@@ -67,7 +61,7 @@ fn quantized_smollm2_matches_its_dequantized_self_and_answers_paris() {
     println!("max |Δlogit| / spread of the position's logits: {worst}");
     assert!(worst < 0.002, "max |Δlogit| / spread = {worst}");
     // The whole prompt at once: the f32 product of the exact dequantized weights.
-    let whole = logits(&q_model, ids.len());
+    let whole = logits_in_chunks(&q_model, &ids, ids.len());
     let prefill_worst = whole.iter().flatten().zip(d.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(prefill_worst < 1e-3, "max |Δlogit| of the dequantized prefill: {prefill_worst}");
 
