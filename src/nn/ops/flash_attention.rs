@@ -192,11 +192,22 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &At
 
 /// Run the kernel op on CPU tensors (converted to its compute dtype and made contiguous),
 /// returning the result in the inputs' dtype.
+///
+/// Head-major keys and values are not copied when each head's rows are already contiguous
+/// ([`HeadRows`]): a KV cache hands over a view of the filled part of its larger buffer, and
+/// copying it would cost a pass over the whole cache on every decoded token.
 fn apply_kernel(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan, token_major: bool) -> Result<Tensor> {
     let dtype = q.dtype();
     let compute = compute_dtype("flash_attention", dtype)?;
     let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
-    let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
+    let head_rows = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(compute)?;
+        if token_major || head_strides(t.layout()).is_none() {
+            return t.contiguous();
+        }
+        Ok(t)
+    };
+    let (q, k, v) = (contiguous(q)?, head_rows(k)?, head_rows(v)?);
     let op = FlashAttention {
         plan: Arc::new(plan),
         token_major,
@@ -486,16 +497,18 @@ impl CustomOp3 for FlashAttention {
             (v, lv): (&CpuStorage, &Layout),
         ) -> Result<(CpuStorage, Shape)> {
             let p = &op.plan;
-            let slice = |storage, layout| storage_slice::<T>("flash_attention", storage, layout);
-            let (q, k, v) = (slice(q, lq)?, slice(k, lk)?, slice(v, lv)?);
+            let q = storage_slice::<T>("flash_attention", q, lq)?;
             let (out, lse) = if op.token_major {
+                let slice = |storage, layout| storage_slice::<T>("flash_attention", storage, layout);
+                let (k, v) = (slice(k, lk)?, slice(v, lv)?);
                 let q = reorder_heads(q, p.b, p.t, p.h, p.hd, true);
                 let k = reorder_heads(k, p.b, p.s, p.kv, p.hd, true);
                 let v = reorder_heads(v, p.b, p.s, p.kv, p.hd, true);
                 let (out, lse) = forward(p, &q, &k, &v);
                 (reorder_heads(&out, p.b, p.t, p.h, p.hd, false), lse)
             } else {
-                forward(p, q, k, v)
+                let (k, v) = (HeadRows::of(p, k, lk)?, HeadRows::of(p, v, lv)?);
+                forward_strided(p, q, k, v)
             };
             if op.save_lse {
                 let lse = Tensor::from_vec(lse, (p.b, p.h, p.t), &Device::Cpu)?;
@@ -566,6 +579,55 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+/// Keys or values `(B, KV, S, hd)` whose `S × hd` rows of each (batch, KV head) are
+/// contiguous, with any stride between heads and between batch rows: a contiguous tensor, or
+/// a KV cache's view of the filled prefix of its `(B, KV, capacity, hd)` buffer.
+#[derive(Clone, Copy)]
+struct HeadRows<'a, T> {
+    /// The storage from the first element on.
+    data: &'a [T],
+    batch_stride: usize,
+    head_stride: usize,
+    kv: usize,
+    /// `S·hd`: the elements of one head.
+    head_len: usize,
+}
+
+impl<'a, T> HeadRows<'a, T> {
+    /// Contiguous `(B, KV, S, hd)` data.
+    fn contiguous(p: &Plan, data: &'a [T]) -> Self {
+        let head_len = p.s * p.hd;
+        HeadRows { data, batch_stride: p.kv * head_len, head_stride: head_len, kv: p.kv, head_len }
+    }
+
+    /// The data of `storage` in `layout` (checked by [`head_strides`]).
+    fn of(p: &Plan, storage: &'a CpuStorage, layout: &Layout) -> Result<Self>
+    where
+        T: Real,
+    {
+        let Some((batch_stride, head_stride)) = head_strides(layout) else {
+            bail!("flash_attention: internal error, keys/values are not contiguous within each head")
+        };
+        let data = &T::cpu_storage_as_slice(storage)?[layout.start_offset()..];
+        Ok(HeadRows { data, batch_stride, head_stride, kv: p.kv, head_len: p.s * p.hd })
+    }
+
+    /// `(S, hd)` of (batch, KV head) `g = b·KV + kv_head`.
+    fn head(&self, g: usize) -> &'a [T] {
+        let start = (g / self.kv) * self.batch_stride + (g % self.kv) * self.head_stride;
+        &self.data[start..][..self.head_len]
+    }
+}
+
+/// `(batch stride, head stride)` of a `(B, KV, S, hd)` layout whose rows are contiguous within
+/// each head (what [`HeadRows`] reads), `None` otherwise.
+fn head_strides(layout: &Layout) -> Option<(usize, usize)> {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let &[_, _, s, hd] = dims else { return None };
+    let rows_contiguous = (hd <= 1 || stride[3] == 1) && (s <= 1 || stride[2] == hd);
+    rows_contiguous.then_some((stride[0], stride[1]))
+}
+
 /// Read-only inputs of the forward kernels.
 struct Fwd<'a, T> {
     plan: &'a Plan,
@@ -574,11 +636,16 @@ struct Fwd<'a, T> {
     /// `scale·k`, transposed per key tile and zero-padded: `(B, KV, tiles, hd, KEY_TILE)`.
     kt: &'a [T],
     /// `(B, KV, S, hd)`
-    v: &'a [T],
+    v: HeadRows<'a, T>,
 }
 
-/// Returns `O` `(B, H, T, hd)` and `L` `(B, H, T)`.
+/// Returns `O` `(B, H, T, hd)` and `L` `(B, H, T)` for contiguous `q`, `k`, `v`.
 fn forward<T: Real>(p: &Plan, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
+    forward_strided(p, q, HeadRows::contiguous(p, k), HeadRows::contiguous(p, v))
+}
+
+/// [`forward`] with keys and values read through their head strides.
+fn forward_strided<T: Real>(p: &Plan, q: &[T], k: HeadRows<'_, T>, v: HeadRows<'_, T>) -> (Vec<T>, Vec<T>) {
     let (t, hd) = (p.t, p.hd);
     // SAFETY (both): `forward_query_tile` zeroes its rows of `out` first and writes each
     // row's `lse`; the tiles cover both.
@@ -596,7 +663,7 @@ fn forward<T: Real>(p: &Plan, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
         let scale = T::of(p.scale);
         parallel::for_each_chunk(&mut kt, tile_elems, |i, dst| {
             let (g, tile) = (i / p.key_tiles(), i % p.key_tiles());
-            let src = &k[(g * p.s + tile * KEY_TILE) * hd..][..p.tile_len[tile] * hd];
+            let src = &k.head(g)[tile * KEY_TILE * hd..][..p.tile_len[tile] * hd];
             transpose_tile(src, hd, scale, dst);
         });
     }
@@ -637,7 +704,7 @@ multiversion! {
         let q0 = tile * QUERY_TILE;
         let q = &inputs.q[(bh * p.t + q0) * hd..][..rows * hd]; // (rows, hd)
         let kt = &inputs.kt[g * p.key_tiles() * hd * KEY_TILE..][..p.key_tiles() * hd * KEY_TILE];
-        let v = &inputs.v[g * p.s * hd..][..p.s * hd]; // (S, hd)
+        let v = inputs.v.head(g); // (S, hd)
         let q_lo = p.query_start + q0 as i64;
         let q_hi = q_lo + rows as i64 - 1;
         let slope = p.slopes.as_ref().map(|s| T::of(s[h]));

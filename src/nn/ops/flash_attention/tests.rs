@@ -172,6 +172,41 @@ fn non_contiguous_inputs() {
     crate::nn::ops::testing::assert_close("view", &a, &b, 0.0, 0.0);
 }
 
+/// Keys and values read in place from a larger buffer, as a KV cache hands them over (the
+/// filled prefix of `(B, KV, capacity, hd)`, strided between heads), give bit-identical output
+/// and gradients to contiguous copies of the same values.
+#[test]
+fn keys_in_a_larger_buffer_are_read_in_place() {
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+    };
+    for (b, h, kv, t, s, capacity) in [(2, 4, 2, 1, 70, 128), (1, 6, 3, 5, 9, 64), (2, 2, 1, 1, 1, 8)] {
+        let x = qkv(b, h, kv, t, s, 8, DType::F32, 40 + s as u64);
+        let in_buffer = |x: &Tensor| {
+            let buffer = Tensor::zeros((b, kv, capacity, 8), DType::F32, &Device::Cpu).unwrap();
+            buffer.slice_set(x, 2, 0).unwrap();
+            buffer
+        };
+        let mask = AttentionMask::causal(s - t, (0..s).collect()).with_alibi(Some(alibi_slopes(h, 8.0)));
+        let contiguous = flash(0.4, mask.clone());
+        let (contiguous_out, contiguous_grads) = value_and_grads(&contiguous, &x);
+        // The inputs are the whole buffers; the op sees views of their first `s` slots.
+        let prefix = |x: &Tensor| x.narrow(2, 0, s);
+        let viewed = |x: &[Tensor]| {
+            let (k, v) = (prefix(&x[1])?, prefix(&x[2])?);
+            assert!(!k.is_contiguous() && head_strides(k.layout()).is_some());
+            contiguous(&[x[0].clone(), k, v])
+        };
+        let buffers = [x[0].clone(), in_buffer(&x[1]), in_buffer(&x[2])];
+        let (view_out, view_grads) = value_and_grads(&viewed, &buffers);
+        assert_eq!(bits(&view_out), bits(&contiguous_out), "output, B={b} S={s}");
+        assert_eq!(bits(&view_grads[0]), bits(&contiguous_grads[0]), "dq, B={b} S={s}");
+        for i in [1, 2] {
+            assert_eq!(bits(&prefix(&view_grads[i]).unwrap()), bits(&contiguous_grads[i]), "gradient {i}, B={b} S={s}");
+        }
+    }
+}
+
 #[test]
 fn empty_dims_do_not_panic() {
     // No keys: every query sees nothing → zeros, and no gradient. No queries: an empty output.
