@@ -7,21 +7,13 @@
 mod chunked;
 mod fetched;
 
-use std::path::Path;
-
 use candle_core::Device;
 use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::{load_model, load_model_for_inference};
 use lmforge::nn::ops::quant::DEQUANTIZED_FROM_TOKENS;
 
 use chunked::logits_in_chunks;
-use fetched::smollm2;
-
-fn reference_greedy_ids() -> Vec<u32> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    want["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
-}
+use fetched::{smollm2, smollm2_reference_greedy_ids};
 
 #[test]
 fn quantized_smollm2_matches_its_dequantized_self_and_answers_paris() {
@@ -72,6 +64,6 @@ fn quantized_smollm2_matches_its_dequantized_self_and_answers_paris() {
         full_cache: false,
     };
     let new = generate(&q_model, &ids, &options, &mut Sampler::new(Sampling::Greedy).unwrap(), |_| Ok(())).unwrap();
-    assert_eq!(new, reference_greedy_ids());
+    assert_eq!(new, smollm2_reference_greedy_ids());
     assert!(tokenizer.decode(&new).unwrap().starts_with("The capital of France is Paris."));
 }

@@ -1,6 +1,9 @@
 //! The real checkpoint the tests use, fetched at setup (`scripts/fetch_smollm2.sh`), shared by
 //! the test files that need it.
 
+// Each test file is its own crate and uses only part of this module.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 
 /// SmolLM2-135M-Instruct's GGUF (`LMFORGE_SMOLLM2`, or where the fetch script caches it), or
@@ -21,4 +24,12 @@ pub fn smollm2() -> Option<PathBuf> {
     );
     eprintln!("skipped: {} not found (run scripts/fetch_smollm2.sh)", path.display());
     None
+}
+
+/// The greedy continuation transformers gives for SmolLM2's chat prompt
+/// (`tests/fixtures/smollm2_reference.json`).
+pub fn smollm2_reference_greedy_ids() -> Vec<u32> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    want["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }

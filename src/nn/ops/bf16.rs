@@ -550,4 +550,4 @@ mod pairs {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

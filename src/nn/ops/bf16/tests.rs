@@ -33,8 +33,8 @@ fn on_kernel<R>(kernel: Bf16Kernel, f: impl FnOnce() -> R) -> R {
 
 /// The kernels this CPU runs. AVX512-BF16 missing is printed, and an error when
 /// `LMFORGE_REQUIRE_AVX512_BF16=1` (CI on a machine that has it: a skipped kernel must not
-/// pass silently there).
-fn kernels_to_test() -> Vec<Bf16Kernel> {
+/// pass silently there). Shared with the bf16 inference kernels' tests (`quant::bf16_rows`).
+pub(crate) fn kernels_to_test() -> Vec<Bf16Kernel> {
     let mut kernels = vec![Bf16Kernel::F32];
     if avx512_bf16_available() {
         kernels.push(Bf16Kernel::Avx512Bf16);

@@ -149,27 +149,7 @@ mod tests {
 
     use super::super::{matmul, qmatmul, qmatmul_each, QFormat, QuantKernel, DEQUANTIZED_FROM_TOKENS};
     use super::*;
-
-    /// The kernels this CPU runs; AVX512-BF16 missing is an error where CI sets
-    /// `LMFORGE_REQUIRE_AVX512_BF16=1` (as the training GEMM's tests do).
-    fn kernels() -> Vec<Bf16Kernel> {
-        let mut kernels = vec![Bf16Kernel::F32];
-        #[cfg(target_arch = "x86_64")]
-        let has =
-            crate::nn::ops::simd::isa() == crate::nn::ops::simd::Isa::Avx512 && is_x86_feature_detected!("avx512bf16");
-        #[cfg(not(target_arch = "x86_64"))]
-        let has = false;
-        if has {
-            kernels.push(Bf16Kernel::Avx512Bf16);
-        } else {
-            assert!(
-                std::env::var("LMFORGE_REQUIRE_AVX512_BF16").as_deref() != Ok("1"),
-                "LMFORGE_REQUIRE_AVX512_BF16=1 but this CPU has no AVX512-BF16: its kernel is untested"
-            );
-            eprintln!("NOT EXERCISED: the AVX512-BF16 kernel (this CPU lacks it)");
-        }
-        kernels
-    }
+    use crate::nn::ops::bf16::tests::kernels_to_test;
 
     /// `(rows, cols)` values of varied magnitudes and signs, none exact in bf16.
     fn values(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
@@ -218,7 +198,7 @@ mod tests {
                 .unwrap();
             let mut rounded = vec![0; cols];
             round_row(&x, &mut rounded);
-            let outputs: Vec<Vec<f32>> = kernels()
+            let outputs: Vec<Vec<f32>> = kernels_to_test()
                 .into_iter()
                 .map(|kernel| {
                     let mut out = vec![f32::NAN; rows];
