@@ -26,10 +26,20 @@ pub fn smollm2() -> Option<PathBuf> {
     None
 }
 
-/// The greedy continuation transformers gives for SmolLM2's chat prompt
-/// (`tests/fixtures/smollm2_reference.json`).
-pub fn smollm2_reference_greedy_ids() -> Vec<u32> {
+/// SmolLM2's greedy answer to the chat prompt `ids` ("What is the capital of France?") is
+/// transformers' own (`tests/fixtures/smollm2_reference.json`): "The capital of France is Paris."
+pub fn assert_answers_paris(model: &lmforge::model::Model, tokenizer: &lmforge::io::TextTokenizer, ids: &[u32]) {
+    use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    want["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    let want: Vec<u32> = want["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let options = GenerateOptions {
+        max_new_tokens: 20,
+        prefill_chunk: None,
+        stop: tokenizer.eos_ids().to_vec(),
+        full_cache: false,
+    };
+    let new = generate(model, ids, &options, &mut Sampler::new(Sampling::Greedy).unwrap(), |_| Ok(())).unwrap();
+    assert_eq!(new, want);
+    assert!(tokenizer.decode(&new).unwrap().starts_with("The capital of France is Paris."));
 }
