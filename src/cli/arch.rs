@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::Device;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use lmforge::io::{self, LoadedModel, WeightDtype};
 
 /// Load `--model` onto the CPU.
@@ -17,7 +17,7 @@ pub fn load(model: &Path) -> anyhow::Result<LoadedModel> {
 /// the other matrices are then held as `dtype` says ([`LoadedModel::with_dtype`]).
 pub fn load_for_inference(model: &Path, device: &Device, dtype: DtypeArg) -> anyhow::Result<LoadedModel> {
     io::load_model_for_inference(model, device)
-        .and_then(|loaded| loaded.with_dtype(dtype.get()))
+        .and_then(|loaded| loaded.with_dtype(dtype.dtype))
         .with_context(|| format!("loading model {}", model.display()))
 }
 
@@ -27,22 +27,6 @@ pub struct DtypeArg {
     /// How the weight matrices (linear layers, output head, token table) are held: f32, or bf16
     /// (half the memory; bf16 products summed in f32; activations, norms, attention, KV cache
     /// and logits stay f32; CPU only). A GGUF file's quantized matrices stay quantized either way.
-    #[arg(long = "dtype", value_name = "DTYPE", value_enum, default_value_t = DtypeChoice::F32)]
-    choice: DtypeChoice,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum DtypeChoice {
-    #[default]
-    F32,
-    Bf16,
-}
-
-impl DtypeArg {
-    pub fn get(self) -> WeightDtype {
-        match self.choice {
-            DtypeChoice::F32 => WeightDtype::F32,
-            DtypeChoice::Bf16 => WeightDtype::Bf16,
-        }
-    }
+    #[arg(long = "dtype", value_name = "f32|bf16", default_value_t)]
+    pub dtype: WeightDtype,
 }

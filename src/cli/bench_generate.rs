@@ -58,7 +58,7 @@ struct Speeds {
 pub fn bench_generate(a: BenchGenerateArgs) -> anyhow::Result<()> {
     let threads = parallel::threads();
     let started = Instant::now();
-    let loaded = load(&a.model, a.dequantize)?.with_dtype(a.dtype.get())?;
+    let loaded = load(&a.model, a.dequantize)?.with_dtype(a.dtype.dtype)?;
     let model = loaded.build()?;
     let load_s = started.elapsed().as_secs_f64();
     let quantized_bytes: usize = loaded.quantized.values().map(|q| q.bytes()).sum();

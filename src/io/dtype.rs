@@ -3,6 +3,7 @@
 //! `--precision`, which rounds operands inside the products instead).
 
 use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::config::{ParamKind, ParamSpec};
@@ -29,6 +30,18 @@ impl fmt::Display for WeightDtype {
             WeightDtype::F32 => "f32",
             WeightDtype::Bf16 => "bf16",
         })
+    }
+}
+
+impl FromStr for WeightDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(WeightDtype::F32),
+            "bf16" => Ok(WeightDtype::Bf16),
+            other => Err(format!("unknown dtype `{other}`; expected one of f32, bf16")),
+        }
     }
 }
 
