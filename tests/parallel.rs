@@ -4,7 +4,7 @@
 
 mod command;
 
-use command::{fails, lmforge};
+use command::{fails, ok, ok_stderr};
 use std::path::{Path, PathBuf};
 
 fn assert_mentions(stderr: &str, parts: &[&str]) {
@@ -27,6 +27,31 @@ fn small_tsv(dir: &Path) -> PathBuf {
     let path = dir.join("small.tsv");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A temporary directory holding the small corpus, and the path a run in it takes.
+struct Workspace {
+    dir: tempfile::TempDir,
+    tsv: String,
+    run: String,
+}
+
+impl Workspace {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tsv = small_tsv(dir.path()).to_str().unwrap().to_string();
+        let run = dir.path().join("run").to_str().unwrap().to_string();
+        Workspace { dir, tsv, run }
+    }
+
+    /// A file of the run, as JSON.
+    fn run_json(&self, file: &str) -> serde_json::Value {
+        serde_json::from_str(&self.run_text(file)).unwrap()
+    }
+
+    fn run_text(&self, file: &str) -> String {
+        std::fs::read_to_string(Path::new(&self.run).join(file)).unwrap()
+    }
 }
 
 /// `train` arguments of an encoder–decoder run on the small corpus.
@@ -59,32 +84,26 @@ fn train_args<'a>(run: &'a str, tsv: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn train_prepares_the_parallel_run_and_trains() {
-    let dir = tempfile::tempdir().unwrap();
-    let tsv = small_tsv(dir.path());
-    let run = dir.path().join("run");
-    let (run_s, tsv_s) = (run.to_str().unwrap(), tsv.to_str().unwrap());
-    let mut args = train_args(run_s, tsv_s);
+    let work = Workspace::new();
+    let (run, run_s) = (Path::new(&work.run), work.run.as_str());
+    let mut args = train_args(run_s, &work.tsv);
     args.extend(["--label-smoothing", "0.1", "--decay", "inverse-sqrt", "--beta2", "0.98", "--batch-tokens", "512"]);
     args.extend(["--steps", "4", "--warmup-steps", "2", "--sample-every", "0"]);
-    let out = lmforge(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = ok_stderr(&args);
     assert_mentions(
         &stderr,
         &["en → es: 67 training pairs (4 books), 6 validation pairs (Delta), 5 test pairs (Zeta)", "step      4/4"],
     );
     assert!(run.join("checkpoints/step-000004/manifest.json").exists());
 
-    let split: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
+    let split = work.run_json("split.json");
     assert_eq!(split["books"]["test"], serde_json::json!(["Zeta"]));
     assert_eq!(split["pairs"]["train"], 67);
-    let tokenizer: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("tokenizer.json")).unwrap()).unwrap();
+    let tokenizer = work.run_json("tokenizer.json");
     let added: Vec<&str> =
         tokenizer["added_tokens"].as_array().unwrap().iter().map(|t| t["content"].as_str().unwrap()).collect();
     assert_eq!(added, ["<pad>", "<s>", "</s>"]);
-    let config = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    let config = work.run_text("run.toml");
     for line in
         ["label_smoothing = 0.1", "kind = \"inverse_sqrt\"", "beta2 = 0.98", "batch_tokens = 512", "[data.parallel]"]
     {
@@ -101,42 +120,33 @@ fn train_prepares_the_parallel_run_and_trains() {
     let err = fails(&["eval", "translate", "--model", run_s, "--books", "Alpha"]);
     assert_mentions(&err, &["the run trained on Alpha", "HINT: evaluate on its held-out books: Zeta"]);
     assert!(!run.join("eval").exists(), "no hypotheses file without hypotheses");
-    let out = lmforge(&["eval", "translate", "--model", run_s, "--beams", "1", "--max-new-tokens", "8"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("BLEU = "));
-    assert_eq!(std::fs::read_to_string(run.join("eval/en-es.txt")).unwrap().lines().count(), 5);
+    let scores = ok(&["eval", "translate", "--model", run_s, "--beams", "1", "--max-new-tokens", "8"]);
+    assert!(scores.contains("BLEU = "), "{scores}");
+    assert_eq!(work.run_text("eval/en-es.txt").lines().count(), 5);
 }
 
 #[test]
 fn copied_targets_train_each_training_target_also_as_its_own_source() {
-    let dir = tempfile::tempdir().unwrap();
-    let tsv = small_tsv(dir.path());
-    let run = dir.path().join("run");
-    let (run_s, tsv_s) = (run.to_str().unwrap(), tsv.to_str().unwrap());
-    let mut args = train_args(run_s, tsv_s);
+    let work = Workspace::new();
+    let mut args = train_args(&work.run, &work.tsv);
     args.extend(["--copied-targets", "1", "--batch-tokens", "512", "--steps", "2", "--warmup-steps", "1"]);
     args.extend(["--sample-every", "0"]);
-    let out = lmforge(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = ok_stderr(&args);
     assert_mentions(&stderr, &["en → es: 134 training pairs (4 books, 67 of them copied targets), 6 validation pairs"]);
-    let split: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
+    let split = work.run_json("split.json");
     assert_eq!((split["pairs"]["train"].as_u64(), split["copied_targets"].as_u64()), (Some(134), Some(67)));
     assert_eq!(split["pairs"]["validation"], 6, "validation pairs are never copied");
-    let config = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    let config = work.run_text("run.toml");
     assert!(config.contains("copied_targets = 1.0"), "{config}");
 
-    let err = fails(&["train", "--no-supervisor", "--resume", run_s, "--copied-targets", "0.5"]);
+    let err = fails(&["train", "--no-supervisor", "--resume", &work.run, "--copied-targets", "0.5"]);
     assert_mentions(&err, &["differ from the run being resumed"]);
 }
 
 #[test]
 fn layout_and_data_must_agree() {
-    let dir = tempfile::tempdir().unwrap();
-    let tsv = small_tsv(dir.path());
-    let run = dir.path().join("run");
-    let (run_s, tsv_s) = (run.to_str().unwrap(), tsv.to_str().unwrap());
+    let work = Workspace::new();
+    let (run_s, tsv_s) = (work.run.as_str(), work.tsv.as_str());
     // --source given to a decoder-only model.
     let err = fails(&[
         "train",
@@ -156,7 +166,7 @@ fn layout_and_data_must_agree() {
     ]);
     assert_mentions(&err, &["need an encoder–decoder model", "decoder-only", "HINT"]);
     // An encoder–decoder model without --source.
-    let other = dir.path().join("run2");
+    let other = work.dir.path().join("run2");
     let err = fails(&["train", "--no-supervisor", "--run", other.to_str().unwrap(), "--arch", "transformer-base"]);
     assert_mentions(
         &err,
