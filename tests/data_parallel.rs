@@ -6,13 +6,10 @@
 //! `.ci/run` installs it and runs `cargo test --release --features mpi --test data_parallel`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
+mod command;
 mod small_run;
 
-fn lmforge() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmforge"))
-}
+use command::command;
 
 /// The tests' small run (tests/small_run): 2 layers of width 64, global batch 4, checkpoints
 /// every 8 steps.
@@ -22,7 +19,7 @@ fn write_config(dir: &Path, run: &Path, steps: u64) -> PathBuf {
 
 #[cfg(feature = "mpi")]
 mod with_mpi {
-    use std::process::{Output, Stdio};
+    use std::process::{Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
     use super::small_run::{events, losses, metrics};
@@ -36,7 +33,7 @@ mod with_mpi {
 
     /// Train in one process, without the supervisor.
     fn train_alone(config: &Path, extra: &[&str]) {
-        let mut command = lmforge();
+        let mut command = command();
         command.args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"]).args(extra);
         succeed(command);
     }
@@ -86,7 +83,7 @@ mod with_mpi {
 
     /// `lmforge train --ranks 2 ARGS`: two ranks under the supervisor.
     fn supervised(args: &[&str]) -> Command {
-        let mut command = lmforge();
+        let mut command = command();
         set_mpi_env(&mut command);
         command.args(["train", "--ranks", "2"]).args(args);
         command
@@ -218,7 +215,7 @@ mod with_mpi {
         succeed(mpirun(&["--config", write_config(tmp.path(), &ranks, 16).to_str().unwrap()]));
         // Back to step 8 (the schedule is the 16-step run's), then on in one process.
         std::fs::remove_dir_all(checkpoint(&ranks, 16)).unwrap();
-        let mut resume = lmforge();
+        let mut resume = command();
         resume.args(["train", "--resume", ranks.to_str().unwrap(), "--no-supervisor"]);
         let log = String::from_utf8_lossy(&succeed(resume).stderr).to_string();
         assert!(log.contains("saved by 2 rank(s), this job has 1"), "{log}");
@@ -261,14 +258,14 @@ fn data_parallel_without_a_launcher_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let config = write_config(tmp.path(), &run, 8);
-    let out = lmforge().args(["train", "--data-parallel", "--config", config.to_str().unwrap()]).output().unwrap();
+    let out = command().args(["train", "--data-parallel", "--config", config.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--data-parallel needs an MPI launcher") && err.contains("HINT"), "{err}");
     assert!(!run.exists(), "nothing written");
 
     // `--ranks` with no launcher installed.
-    let out = lmforge()
+    let out = command()
         .args(["train", "--ranks", "2", "--config", config.to_str().unwrap()])
         .env("LMFORGE_MPIRUN", "/nonexistent/mpirun")
         .output()

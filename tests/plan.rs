@@ -3,34 +3,17 @@
 //! clear errors on bad input. (Time predictions are checked by hand, not here: timings on a
 //! shared machine are not a test.)
 
+mod command;
 mod fetched;
 mod small_run;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
+use command::{command, fails, ok};
 use fetched::smollm2;
 use small_run::corpus;
-
-fn lmforge() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmforge"))
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = lmforge().args(args).output().unwrap();
-    assert!(out.status.success(), "lmforge {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs, expects a clean failure, returns stderr.
-fn fails(args: &[&str]) -> String {
-    let out: Output = lmforge().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "lmforge {args:?} should fail");
-    assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
-    stderr
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap()
@@ -64,15 +47,15 @@ fn words(command: &str) -> Vec<String> {
     out
 }
 
-/// Run `command` (`lmforge …`) in `dir`; its exit status, stderr and peak resident memory in
+/// Run `printed` (`lmforge …`) in `dir`; its exit status, stderr and peak resident memory in
 /// bytes (the child's `ru_maxrss`, read when it is reaped).
 #[cfg(target_os = "linux")]
 #[allow(clippy::zombie_processes)] // reaped by wait4, which also reports its peak memory
-fn run_measuring_peak(command: &str, dir: &Path) -> (bool, String, u64) {
-    let words = words(command);
+fn run_measuring_peak(printed: &str, dir: &Path) -> (bool, String, u64) {
+    let words = words(printed);
     assert_eq!(words[0], "lmforge");
     let mut child =
-        lmforge().args(&words[1..]).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        command().args(&words[1..]).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();

@@ -2,27 +2,19 @@
 //! automatic rollback after NaN and loss spikes, and clear errors on bad runs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
+mod command;
 mod small_run;
+use command::{command, fails, succeeds};
 use small_run::{events, losses, metrics, write_config_with};
-
-fn lmforge() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmforge"))
-}
 
 /// A small run config; `arch` picks the family.
 fn write_config(dir: &Path, run: &Path, arch: &str, steps: u64) -> PathBuf {
     write_config_with(dir, run, arch, steps, &[])
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = lmforge().args(args).output().unwrap();
-    assert!(out.status.success(), "lmforge {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
-    out
 }
 
 fn final_val_loss(run: &Path) -> f64 {
@@ -71,10 +63,10 @@ fn resume_with_config_is_bit_identical(write_config: impl Fn(&Path, &Path) -> Pa
     let clean = tmp.path().join("clean");
     let killed = tmp.path().join("killed");
     let clean_config = write_config(tmp.path(), &clean);
-    run(&["train", "--config", clean_config.to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--config", clean_config.to_str().unwrap(), "--no-supervisor"]);
 
     let config = write_config(tmp.path(), &killed);
-    let mut child = lmforge()
+    let mut child = command()
         .args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"])
         .stderr(Stdio::null())
         .spawn()
@@ -88,7 +80,7 @@ fn resume_with_config_is_bit_identical(write_config: impl Fn(&Path, &Path) -> Pa
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!checkpoint(&killed, 48).exists(), "the run finished before it was killed");
-    run(&["train", "--resume", killed.to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--resume", killed.to_str().unwrap(), "--no-supervisor"]);
 
     assert_same_weights(&checkpoint(&clean, 48), &checkpoint(&killed, 48));
     assert_eq!(losses(&clean), losses(&killed), "loss lines differ");
@@ -127,7 +119,7 @@ fn bf16_training_tracks_f32_and_keeps_its_precision() {
     let (f32_run, bf16_run) = (tmp.path().join("f32"), tmp.path().join("bf16"));
     for (run_dir, precision) in [(&f32_run, "f32"), (&bf16_run, "bf16")] {
         let config = write_config_at(tmp.path(), run_dir, "tiny-llama", 24, &[], precision);
-        run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+        succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     }
     let (a, b) = (losses(&f32_run), losses(&bf16_run));
     assert_eq!(a.len(), b.len());
@@ -137,7 +129,7 @@ fn bf16_training_tracks_f32_and_keeps_its_precision() {
     let weights = candle_core::safetensors::load(checkpoint(&bf16_run, 24).join("model.safetensors"), &Device::Cpu);
     assert!(weights.unwrap().values().all(|t| t.dtype() == candle_core::DType::F32));
 
-    let out = lmforge()
+    let out = command()
         .args([
             "train",
             "--resume",
@@ -161,7 +153,7 @@ fn a_forced_bf16_kernel_that_cannot_run_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("amx");
     let config = write_config_at(tmp.path(), &run_dir, "tiny-llama", 4, &[], "bf16");
-    let out = lmforge()
+    let out = command()
         .args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"])
         .env("LMFORGE_BF16_KERNEL", "amx")
         .env("RUST_BACKTRACE", "1")
@@ -242,7 +234,7 @@ fn seq2seq_training_lowers_the_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("kjv-web");
     let config = write_seq2seq_config(tmp.path(), &run_dir, "web", 40);
-    let out = run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    let out = succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("label smoothing 0.1") && log.contains("tok/s counts target tokens"), "{log}");
 
@@ -269,9 +261,9 @@ fn eval_translate_prints_the_scores_of_its_hypotheses_file() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("kjv-web");
     let config = write_seq2seq_config(tmp.path(), &run_dir, "web", 24);
-    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     let hypotheses = tmp.path().join("jude.txt");
-    let out = run(&[
+    let out = succeeds(&[
         "eval",
         "translate",
         "--model",
@@ -316,7 +308,7 @@ fn seq2seq_init_from_a_run_continues_from_its_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let first = tmp.path().join("first");
     let config = write_seq2seq_config(tmp.path(), &first, "web", 24);
-    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     let trained = *val_losses(&first).last().unwrap();
 
     let second = tmp.path().join("second");
@@ -325,7 +317,7 @@ fn seq2seq_init_from_a_run_continues_from_its_weights() {
         .unwrap()
         .replace("[model]\n", &format!("[model]\ninit_from = \"{}\"\n", first.display()));
     std::fs::write(&config, text).unwrap();
-    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     let start = val_losses(&second)[0];
     assert_eq!(start, (0, trained.1), "step 0 of the new run is the first run's last model");
     assert_eq!(
@@ -339,14 +331,14 @@ fn supervisor_restarts_a_crashed_worker_and_finishes_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let clean = tmp.path().join("clean");
     let crashed = tmp.path().join("crashed");
-    run(&[
+    succeeds(&[
         "train",
         "--config",
         write_config(tmp.path(), &clean, "tiny-llama", 24).to_str().unwrap(),
         "--no-supervisor",
     ]);
     let config = write_config(tmp.path(), &crashed, "tiny-llama", 24);
-    run(&["train", "--config", config.to_str().unwrap(), "--inject", "crash@step=13"]);
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--inject", "crash@step=13"]);
     assert_eq!(events(&crashed, "restart"), 1);
     assert_same_weights(&checkpoint(&clean, 24), &checkpoint(&crashed, 24));
 }
@@ -356,21 +348,21 @@ fn nan_and_spike_roll_back_and_the_run_converges_like_a_clean_one() {
     let tmp = tempfile::tempdir().unwrap();
     let clean = tmp.path().join("clean");
     let faulty = tmp.path().join("faulty");
-    run(&[
+    succeeds(&[
         "train",
         "--config",
         write_config(tmp.path(), &clean, "tiny-llama", 40).to_str().unwrap(),
         "--no-supervisor",
     ]);
     let config = write_config(tmp.path(), &faulty, "tiny-llama", 40);
-    run(&["train", "--config", config.to_str().unwrap(), "--inject", "nan@step=11", "--inject", "spike@step=30"]);
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--inject", "nan@step=11", "--inject", "spike@step=30"]);
     assert_eq!(events(&faulty, "rollback"), 2, "one rollback for the NaN, one for the spike");
     let (a, b) = (final_val_loss(&clean), final_val_loss(&faulty));
     assert!((a - b).abs() < 0.1, "final validation loss {b} vs clean {a}");
     assert_eq!(losses(&faulty).last().unwrap().0, 40);
 
     let png = tmp.path().join("loss.png");
-    run(&["plot", faulty.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    succeeds(&["plot", faulty.to_str().unwrap(), "--out", png.to_str().unwrap()]);
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 900 * 500 * 3);
 }
@@ -380,36 +372,30 @@ fn bad_runs_fail_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let not_a_run = tmp.path().join("nothing");
     std::fs::create_dir_all(&not_a_run).unwrap();
-    let out = lmforge().args(["train", "--resume", not_a_run.to_str().unwrap()]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a run directory"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = fails(&["train", "--resume", not_a_run.to_str().unwrap()]);
+    assert!(err.contains("not a run directory"), "{err}");
 
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
     let run_dir = tmp.path().join("r");
-    let out = lmforge()
-        .args(["train", "--run", run_dir.to_str().unwrap(), "--train-file", empty.to_str().unwrap(), "--no-supervisor"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("empty.txt"), "{err}");
+    let err = fails(&[
+        "train",
+        "--run",
+        run_dir.to_str().unwrap(),
+        "--train-file",
+        empty.to_str().unwrap(),
+        "--no-supervisor",
+    ]);
+    assert!(err.contains("empty.txt"), "{err}");
 
     // A finished run cannot be restarted from scratch by accident, nor resumed with another model.
     let done = tmp.path().join("done");
     let config = write_config(tmp.path(), &done, "tiny-llama", 8);
-    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
-    let out = lmforge().args(["train", "--config", config.to_str().unwrap(), "--no-supervisor"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already has checkpoints"));
-    let out = lmforge()
-        .args(["train", "--resume", done.to_str().unwrap(), "--set", "layers=3", "--no-supervisor"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("differ from the run being resumed"));
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    let err = fails(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    assert!(err.contains("already has checkpoints"), "{err}");
+    let err = fails(&["train", "--resume", done.to_str().unwrap(), "--set", "layers=3", "--no-supervisor"]);
+    assert!(err.contains("differ from the run being resumed"), "{err}");
 }
 
 /// ALiBi has no position table: a model trained on 64-token windows scores 256 tokens.
@@ -420,7 +406,7 @@ fn alibi_model_trained_at_64_evaluates_at_256() {
     let config = write_config(tmp.path(), &run_dir, "tiny-mpt", 8);
     let text = std::fs::read_to_string(&config).unwrap().replace("seq_len = 32", "seq_len = 64");
     std::fs::write(&config, text).unwrap();
-    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
 
     let loaded = lmforge::io::load_model(&run_dir, &Device::Cpu).unwrap();
     assert_eq!(loaded.config.context_length, 64);
@@ -439,7 +425,7 @@ fn resuming_a_complete_run_removes_stale_partial_saves() {
     let tmp = tempfile::tempdir().unwrap();
     let done = tmp.path().join("done");
     let config = write_config(tmp.path(), &done, "tiny-llama", 8);
-    run(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
+    succeeds(&["train", "--config", config.to_str().unwrap(), "--no-supervisor"]);
     // Above Linux's largest pid (2^22), so no such process can exist.
     let stale = [".step-000009.tmp-99999999", ".step-000008.deleting-99999999", ".step-000008.replaced-99999999"]
         .map(|name| done.join("checkpoints").join(name));
@@ -447,7 +433,7 @@ fn resuming_a_complete_run_removes_stale_partial_saves() {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("model.safetensors"), b"half a checkpoint").unwrap();
     }
-    let out = run(&["train", "--resume", done.to_str().unwrap(), "--no-supervisor"]);
+    let out = succeeds(&["train", "--resume", done.to_str().unwrap(), "--no-supervisor"]);
     for dir in &stale {
         assert!(!dir.exists(), "{} survived the resume", dir.display());
     }
