@@ -1,7 +1,8 @@
 //! `--dtype bf16` ([`WeightDtype::Bf16`]): each family's tiny parity fixture with its matrices
 //! held in bf16, against the same model in `f32`, on the fixture's prompt, all at once (the
 //! prefill GEMM at bf16 precision when long enough) and a token at a time through the KV cache
-//! (the bf16 row kernel); and what `--dtype bf16` does to a GGUF file's matrices.
+//! (the bf16 row kernel); what `--dtype bf16` does to a GGUF file's matrices; and that
+//! converting each matrix as it is read is bit-identical to converting the loaded `f32` model.
 //!
 //! Tolerance: every product's operands are rounded to bf16 (each value by at most 2⁻⁹ of
 //! itself), so each layer's outputs move by up to 2⁻⁸ of `Σ|x·w|`, typically far less (the
@@ -16,8 +17,10 @@ mod chunked;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use lmforge::io::{held_in_bf16, load_model, load_model_for_inference, LoadedModel, WeightDtype};
-use lmforge::nn::ops::quant::QFormat;
+use lmforge::io::{
+    held_in_bf16, load_model, load_model_for_inference, load_model_with, LoadOptions, LoadedModel, WeightDtype,
+};
+use lmforge::nn::ops::quant::{QFormat, QMatrix};
 
 use chunked::logits_in_chunks;
 
@@ -48,11 +51,16 @@ fn f32_bytes_of_bf16_candidates(loaded: &LoadedModel) -> usize {
     specs.iter().filter(|s| held_in_bf16(s)).map(|s| loaded.weights[&s.name].elem_count() * 4).sum()
 }
 
+/// `path` loaded for running with `--dtype bf16`.
+fn load_bf16(path: &Path) -> LoadedModel {
+    load_model_with(path, &Device::Cpu, LoadOptions::inference(WeightDtype::Bf16)).unwrap()
+}
+
 fn check_family(name: &str) {
     let dir = fixture(name);
     let dense = load_model(&dir, &Device::Cpu).unwrap();
     let f32_bytes = f32_bytes_of_bf16_candidates(&dense);
-    let halved = load_model(&dir, &Device::Cpu).unwrap().with_dtype(WeightDtype::Bf16).unwrap();
+    let halved = load_bf16(&dir);
     let specs = dense.config.param_specs();
     let expected: Vec<&str> = specs.iter().filter(|s| held_in_bf16(s)).map(|s| s.name.as_str()).collect();
     assert!(expected.contains(&"tok_embeddings.weight") && expected.len() > 4, "{name}: {expected:?}");
@@ -116,7 +124,7 @@ fn dtype_bf16_on_gguf_keeps_quantized_blocks_and_takes_the_other_matrices() {
         let path = dir.join(file);
         let plain = load_model_for_inference(&path, &Device::Cpu).unwrap();
         assert!(!plain.quantized.is_empty() && plain.quantized.values().all(|q| q.format() != QFormat::BF16));
-        let halved = load_model_for_inference(&path, &Device::Cpu).unwrap().with_dtype(WeightDtype::Bf16).unwrap();
+        let halved = load_bf16(&path);
         for (name, q) in &plain.quantized {
             assert_eq!(halved.quantized[name].format(), q.format(), "{file}: `{name}` stays in its blocks");
         }
@@ -135,10 +143,7 @@ fn dtype_bf16_on_gguf_keeps_quantized_blocks_and_takes_the_other_matrices() {
         assert!(worst_relative(&got, &want) < 2f32.powi(-5), "{file}");
     }
     // All f16: every candidate matrix becomes bf16.
-    let halved = load_model_for_inference(&dir.join("model.f16.gguf"), &Device::Cpu)
-        .unwrap()
-        .with_dtype(WeightDtype::Bf16)
-        .unwrap();
+    let halved = load_bf16(&dir.join("model.f16.gguf"));
     let specs = halved.config.param_specs();
     assert_eq!(halved.quantized.len(), specs.iter().filter(|s| held_in_bf16(s)).count());
     assert!(halved.quantized.values().all(|q| q.format() == QFormat::BF16));
@@ -147,8 +152,64 @@ fn dtype_bf16_on_gguf_keeps_quantized_blocks_and_takes_the_other_matrices() {
 /// `--dtype f32` changes nothing.
 #[test]
 fn dtype_f32_is_the_model_as_loaded() {
-    let loaded = load_model(&fixture("llama3"), &Device::Cpu).unwrap().with_dtype(WeightDtype::F32).unwrap();
+    let options = LoadOptions::inference(WeightDtype::F32);
+    let loaded = load_model_with(&fixture("llama3"), &Device::Cpu, options).unwrap();
     assert!(loaded.quantized.is_empty());
+}
+
+/// `model` loaded in `f32`, then each matrix [`held_in_bf16`] chooses rounded to bf16 afterwards:
+/// what `--dtype bf16` did before it converted each matrix as it is read.
+fn converted_after_loading(path: &Path) -> LoadedModel {
+    let mut loaded = load_model(path, &Device::Cpu).unwrap();
+    for spec in loaded.config.param_specs().iter().filter(|s| held_in_bf16(s)) {
+        let tensor = loaded.weights.remove(&spec.name).unwrap();
+        loaded.quantized.insert(spec.name.clone(), QMatrix::quantize(&tensor, QFormat::BF16).unwrap().into());
+    }
+    loaded
+}
+
+/// Converting each matrix as it is read (so loading never holds the model in `f32`) gives the
+/// same bf16 bytes, the same `f32` tensors and bit-identical logits as converting the loaded
+/// `f32` model: for a Hugging Face directory with fused, transposed QKV (gpt2), one with a
+/// mixture's experts (mixtral), an lmforge directory, and GGUF files in f32 and f16.
+#[test]
+fn converting_as_read_is_bit_identical_to_converting_after_loading() {
+    let native = tempfile::tempdir().unwrap();
+    let llama = load_model(&fixture("llama_gqa"), &Device::Cpu).unwrap();
+    lmforge::io::native::save_native_dir(&llama.config, &llama.weights, None, native.path()).unwrap();
+    let gguf = fixture("mixtral_gguf");
+    for path in [
+        fixture("gpt2"),
+        fixture("mixtral"),
+        native.path().to_path_buf(),
+        gguf.join("model.gguf"),
+        gguf.join("model.f16.gguf"),
+    ] {
+        let (after, as_read) = (converted_after_loading(&path), load_bf16(&path));
+        let shown = path.display();
+        assert!(!as_read.quantized.is_empty(), "{shown}");
+        assert_eq!(as_read.quantized.len(), after.quantized.len(), "{shown}");
+        for (name, want) in &after.quantized {
+            let got = &as_read.quantized[name];
+            assert_eq!(got.format(), QFormat::BF16, "{shown}: `{name}`");
+            assert_eq!(got.rows_data(0..got.dims().0), want.rows_data(0..want.dims().0), "{shown}: `{name}`");
+        }
+        assert_eq!(as_read.weights.len(), after.weights.len(), "{shown}");
+        for (name, want) in &after.weights {
+            let got = &as_read.weights[name];
+            let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(got), flat(want), "{shown}: `{name}`");
+        }
+        let ids: Vec<u32> = (1..12).collect();
+        for chunk in [1, ids.len()] {
+            let want = logits_in_chunks(&after.build().unwrap(), &ids, chunk);
+            let got = logits_in_chunks(&as_read.build().unwrap(), &ids, chunk);
+            assert!(
+                got.iter().flatten().zip(want.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{shown}"
+            );
+        }
+    }
 }
 
 fn lmforge(args: &[&str]) -> std::process::Output {
