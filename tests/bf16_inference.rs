@@ -115,6 +115,35 @@ fn mpt_in_bf16_is_within_tolerance_of_f32() {
     check_family("mpt_heads5");
 }
 
+/// An encoder–decoder (Marian): the encoder's, the decoder's and the cross-attention's matrices
+/// in bf16, the logits of the fixture's source and decoder input within the tolerance.
+#[test]
+fn marian_in_bf16_holds_cross_attention_in_bf16_within_tolerance_of_f32() {
+    let dir = fixture("marian");
+    let (dense, halved) = (load_model(&dir, &Device::Cpu).unwrap(), load_bf16(&dir));
+    let cross: Vec<_> = halved.quantized.iter().filter(|(name, _)| name.contains("cross_attn.")).collect();
+    assert!(
+        cross.len() >= 4 && cross.iter().all(|(_, q)| q.format() == QFormat::BF16),
+        "{:?}",
+        halved.quantized.keys()
+    );
+    assert!(halved.quantized.keys().any(|n| n.starts_with("encoder.")));
+    assert_eq!(2 * halved.quantized.values().map(|q| q.bytes()).sum::<usize>(), f32_bytes_of_bf16_candidates(&dense));
+
+    let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids =
+        |name: &str| want[name].to_dtype(candle_core::DType::U32).unwrap().flatten_all().unwrap().unsqueeze(0).unwrap();
+    let (source, decoder_input) = (ids("source_ids"), ids("decoder_input_ids"));
+    let logits = |loaded: &LoadedModel| -> Vec<Vec<f32>> {
+        let model = loaded.build().unwrap();
+        let encoded = model.encode(&source, None).unwrap();
+        model.decoder_logits(&encoded, &decoder_input).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    };
+    let worst = worst_relative(&logits(&halved), &logits(&dense));
+    eprintln!("marian: max |Δlogit| / spread: {worst:.2e}");
+    assert!(worst > 0.0 && worst < 2f32.powi(-5), "{worst}");
+}
+
 /// A GGUF file's quantized matrices stay in their blocks under `--dtype bf16`; its f16 and f32
 /// matrices (dequantized to f32 on loading) become bf16; a mixture's stacked experts stay f32.
 #[test]

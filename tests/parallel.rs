@@ -105,6 +105,27 @@ fn train_prepares_the_parallel_run_and_trains() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("BLEU = "));
     assert_eq!(std::fs::read_to_string(run.join("eval/en-es.txt")).unwrap().lines().count(), 5);
+    // With the matrices (cross-attention's too) held in bf16.
+    let hypotheses = dir.path().join("bf16.txt");
+    let out = lmforge(&[
+        "eval",
+        "translate",
+        "--model",
+        run_s,
+        "--beams",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "bf16",
+        "--out",
+        hypotheses.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("bf16 weights"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&hypotheses).unwrap().lines().count(), 5);
+    let err = fails(&["eval", "translate", "--model", run_s, "--dtype", "fp8"]);
+    assert_mentions(&err, &["'fp8'", "f32, bf16"]);
 }
 
 #[test]
