@@ -1,8 +1,9 @@
 //! `--dtype bf16` ([`WeightDtype::Bf16`]): each family's tiny parity fixture with its matrices
 //! held in bf16, against the same model in `f32`, on the fixture's prompt, all at once (the
 //! prefill GEMM at bf16 precision when long enough) and a token at a time through the KV cache
-//! (the bf16 row kernel); what `--dtype bf16` does to a GGUF file's matrices; and that
-//! converting each matrix as it is read is bit-identical to converting the loaded `f32` model.
+//! (the bf16 row kernel); what `--dtype bf16` does to a GGUF file's matrices; a GGUF file whose
+//! own matrices are BF16; and that converting each matrix as it is read is bit-identical to
+//! converting the loaded `f32` model.
 //!
 //! Tolerance: every product's operands are rounded to bf16 (each value by at most 2⁻⁹ of
 //! itself), so each layer's outputs move by up to 2⁻⁸ of `Σ|x·w|`, typically far less (the
@@ -176,6 +177,44 @@ fn dtype_bf16_on_gguf_keeps_quantized_blocks_and_takes_the_other_matrices() {
     let specs = halved.config.param_specs();
     assert_eq!(halved.quantized.len(), specs.iter().filter(|s| held_in_bf16(s)).count());
     assert!(halved.quantized.values().all(|q| q.format() == QFormat::BF16));
+}
+
+/// A GGUF file whose own matrices are BF16 (model.gguf rewritten by the `gguf` Python package,
+/// `scripts/make_gguf_fixture.py`): loaded to run, each matrix is held as the file's bf16 bytes
+/// (not widened to `f32`), with the q/k rows in lmforge's order; a mixture's stacked experts are
+/// widened (their grouped product runs on tensors); the logits are within the tolerance of the
+/// same weights in `f32`.
+#[test]
+fn a_gguf_file_of_bf16_matrices_is_held_in_bf16_within_tolerance_of_f32() {
+    let dir = fixture("mixtral_gguf");
+    let f32_model = load_model_for_inference(&dir.join("model.gguf"), &Device::Cpu).unwrap();
+    let bf16_file = load_model_for_inference(&dir.join("model.bf16.gguf"), &Device::Cpu).unwrap();
+    let specs = bf16_file.config.param_specs();
+    let matrices: Vec<_> = specs.iter().filter(|s| held_in_bf16(s)).collect();
+    assert_eq!(bf16_file.quantized.len(), matrices.len());
+    for spec in &matrices {
+        let held = &bf16_file.quantized[&spec.name];
+        assert_eq!(held.format(), QFormat::BF16, "`{}`", spec.name);
+        let rounded = QMatrix::quantize(&f32_model.weights[&spec.name], QFormat::BF16).unwrap();
+        assert_eq!(held.rows_data(0..held.dims().0), rounded.rows_data(0..rounded.dims().0), "`{}`", spec.name);
+    }
+    let experts: Vec<_> = specs.iter().filter(|s| s.expert.is_some()).collect();
+    assert!(!experts.is_empty() && experts.iter().all(|s| bf16_file.weights.contains_key(&s.name)));
+    // Asking for bf16 changes nothing: the matrices already are.
+    let asked = load_bf16(&dir.join("model.bf16.gguf"));
+    assert!(asked
+        .quantized
+        .iter()
+        .all(|(name, q)| q.rows_data(0..q.dims().0) == bf16_file.quantized[name].rows_data(0..q.dims().0)));
+
+    let ids: Vec<u32> = (1..12).collect();
+    let (want_model, got_model) = (f32_model.build().unwrap(), bf16_file.build().unwrap());
+    for chunk in [1, ids.len()] {
+        let worst =
+            worst_relative(&logits_in_chunks(&got_model, &ids, chunk), &logits_in_chunks(&want_model, &ids, chunk));
+        eprintln!("model.bf16.gguf, chunks of {chunk}: max |Δlogit| / spread: {worst:.2e}");
+        assert!(worst > 0.0 && worst < 2f32.powi(-5), "chunks of {chunk}: {worst}");
+    }
 }
 
 /// `--dtype f32` changes nothing.
