@@ -181,3 +181,55 @@ pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resu
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::checkpoint(&tmp, format!("cannot write: {e}")))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+    use crate::test_util::TempDir;
+
+    /// Two shards listed by an index: the headers give every name and shape before any data is
+    /// read; each tensor is read once, as `f32` (bf16 and f16 widened exactly).
+    #[test]
+    fn shards_listed_by_an_index_read_as_one_directory() {
+        let dir = TempDir::new("shards");
+        let values = [0.5f32, -1.25, 3.0, 0.0078125, 7.5, -0.0]; // exact in bf16 and f16
+        let x = Tensor::new(&values, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let (y, z) = (x.to_dtype(DType::BF16).unwrap(), x.to_dtype(DType::F16).unwrap().reshape((3, 2)).unwrap());
+        let first: HashMap<String, Tensor> = [("x".to_string(), x.clone()), ("y".to_string(), y)].into();
+        candle_core::safetensors::save(&first, dir.path("model-1.safetensors")).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("z".to_string(), z)]), dir.path("model-2.safetensors"))
+            .unwrap();
+        let index =
+            r#"{"weight_map": {"x": "model-1.safetensors", "y": "model-1.safetensors", "z": "model-2.safetensors"}}"#;
+        dir.write("model.safetensors.index.json", index);
+
+        let mut files = SafetensorsDir::open(&dir.0).unwrap();
+        assert_eq!(files.names(), ["x", "y", "z"]);
+        assert_eq!(files.dims("z"), Some(&[3, 2][..]));
+        let z = files.take("z", &Device::Cpu).unwrap().unwrap();
+        assert_eq!((z.dtype(), z.flatten_all().unwrap().to_vec1::<f32>().unwrap()), (DType::F32, values.to_vec()));
+        assert!(files.take("z", &Device::Cpu).unwrap().is_none() && files.dims("z").is_none());
+        assert_eq!(files.len(), 2);
+
+        let all = read_safetensors_dir(&dir.0, &Device::Cpu).unwrap();
+        for name in ["x", "y", "z"] {
+            assert_eq!(all[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), values, "{name}");
+        }
+        assert_eq!(all["x"].dims(), [2, 3]);
+    }
+
+    /// A shard cut short is refused when its header is read, naming the file.
+    #[test]
+    fn a_truncated_shard_is_refused_naming_it() {
+        let dir = TempDir::new("cut");
+        let x = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+        let path = dir.path("model.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let err = SafetensorsDir::open(&dir.0).err().unwrap().to_string();
+        assert!(err.contains("model.safetensors") && err.contains("truncated or corrupted"), "{err}");
+    }
+}
