@@ -63,7 +63,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device, dtype: WeightDtype) -> Result<Lo
         ));
     }
     let mut sink = WeightSink::new(&config, dtype, device, dir)?;
-    import_tensors(family, &config, &json, (&mut file, dir), device, &mut sink)?;
+    import_tensors(family, &config, &json, &mut file, dir, device, &mut sink)?;
     let (weights, quantized) = sink.finish();
     let tokenizer = TextTokenizer::from_dir(dir)?;
     Ok(LoadedModel { config, weights, quantized, tokenizer, source: dir.to_path_buf() })
@@ -77,7 +77,8 @@ fn import_tensors(
     family: &Family,
     config: &ModelConfig,
     json: &HfJson,
-    (file, origin): (&mut SafetensorsDir, &Path),
+    file: &mut SafetensorsDir,
+    origin: &Path,
     device: &Device,
     sink: &mut WeightSink,
 ) -> Result<()> {
@@ -110,7 +111,9 @@ fn import_tensors(
         return Err(Error::checkpoint(origin, reason));
     }
     for (entry, name) in found {
-        let tensor = file.take(&name, device)?.expect("checked above");
+        let tensor = file.take(&name, device)?.ok_or_else(|| {
+            Error::checkpoint(origin, format!("tensor `{name}` stands for two tensors of the table (`{}`)", entry.hf))
+        })?;
         for (canonical, part) in entry.to_canonical(&tensor, &specs).map_err(|r| Error::checkpoint(origin, r))? {
             sink.put(canonical, part)?;
         }
