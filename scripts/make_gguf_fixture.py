@@ -21,6 +21,11 @@ What goes into tests/fixtures/mixtral_gguf/:
   into ffn_{gate,up,down}_exps, router as ffn_gate_inp, q/k rows permuted);
 - model.{f16,q8_0,q4_0}.gguf: model.gguf requantized by llama.cpp's `llama-quantize` (F16,
   Q8_0, Q4_0), the reference for lmforge's `--quant` exports, byte for byte;
+- model.bf16.gguf: model.gguf rewritten by the `gguf` Python package (0.19, the venv's, run in
+  a process of its own so that the converter's copy of gguf-py is not the one imported) with
+  every tensor of two or more dims (matrices, router, stacked experts) in BF16, rounded to
+  nearest even, and the 1-D norms in F32, as `convert_hf_to_gguf.py --outtype bf16` lays a
+  file out: a file whose own matrices lmforge must hold as bf16, not widen;
 - expected.safetensors: transformers' logits and greedy ids for the same weights (copied from
   tests/fixtures/mixtral, where scripts/make_fixtures.py computed them).
 
@@ -102,11 +107,43 @@ def convert(llama_cpp: Path, hf_dir: Path, outfile: Path) -> None:
     convert_hf_to_gguf.main()
 
 
+def write_bf16(f32_file: Path, outfile: Path) -> None:
+    """`f32_file` with its tensors of 2+ dims in BF16: metadata and tensor order as they are."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(f32_file)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(outfile, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue  # written by the writer itself
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+    for tensor in reader.tensors:
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, (tensor.name, tensor.tensor_type)
+        values = np.asarray(tensor.data, dtype=np.float32)
+        if values.ndim == 1:
+            writer.add_tensor(tensor.name, values)
+        else:
+            bf16 = gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
+            writer.add_tensor(tensor.name, bf16, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llama-cpp", type=Path, default=DEFAULT_LLAMA_CPP)
     ap.add_argument("--llama-cpp-bin", type=Path, default=DEFAULT_LLAMA_CPP_BIN)
+    ap.add_argument("--bf16", nargs=2, type=Path, metavar=("F32_GGUF", "OUT"), help="only write OUT (see above)")
     args = ap.parse_args()
+    if args.bf16:
+        write_bf16(*args.bf16)
+        return 0
     if not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
         print(f"error: no convert_hf_to_gguf.py in {args.llama_cpp} (see --help)", file=sys.stderr)
         return 2
@@ -127,6 +164,8 @@ def main() -> int:
         for quant in QUANTS:
             out = staging / f"model.{quant.lower()}.gguf"
             subprocess.run([str(quantize), str(staging / "model.gguf"), str(out), quant], check=True, capture_output=True)
+        bf16 = [sys.executable, __file__, "--bf16", str(staging / "model.gguf"), str(staging / "model.bf16.gguf")]
+        subprocess.run(bf16, check=True)
         shutil.copy(SOURCE / "expected.safetensors", staging / "expected.safetensors")
         if OUT.exists():
             shutil.rmtree(OUT)

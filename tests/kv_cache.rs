@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use lmforge::config::{apply_overrides, presets, ModelConfig};
 use lmforge::model::{init_weights, Model};
+use lmforge::nn::{KvCache, RollingCache};
 
 const WINDOW: usize = 6;
 
@@ -113,4 +114,42 @@ fn naive_and_flash_attention_give_the_same_model() {
         let scale: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(max_diff(&a, &b) <= 1e-5 * scale, "{settings:?}");
     }
+}
+
+/// The rolling buffer's worked example (`nn::kv_cache`), on the cache itself: a decoded token is
+/// written first and sees the buffer itself, `window` slots with the position it evicted (just
+/// outside its window) replaced by its own; a chunk that wraps the buffer sees the cached slots
+/// and its own keys (its early queries still need what it evicts), then is stored.
+#[test]
+fn rolling_cache_hands_a_decoded_token_the_buffer_itself() {
+    // Key/value `(1, 1, T, 2)` of positions `start..start + T`: each holds its position.
+    let kv = |start: usize, len: usize| {
+        let values: Vec<f32> = (start..start + len).flat_map(|p| [p as f32, -(p as f32)]).collect();
+        Tensor::from_vec(values, (1, 1, len, 2), &Device::Cpu).unwrap()
+    };
+    let held = |t: &Tensor| -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().step_by(2).collect()
+    };
+    let mut cache = RollingCache::new(4);
+    let prompt = kv(0, 6);
+    let seen = cache.append(&prompt, &prompt, 0).unwrap();
+    assert_eq!(seen.positions, [0, 1, 2, 3, 4, 5], "a chunk that wraps sees its own keys");
+    let token = kv(6, 1);
+    let seen = cache.append(&token, &token, 6).unwrap();
+    assert_eq!(seen.positions, [4, 5, 6, 3], "slot 6 mod 4 = 2 now holds 6; 2 is gone");
+    assert_eq!(held(&seen.k), [4.0, 5.0, 6.0, 3.0], "the keys are the buffer's, in slot order");
+    assert_eq!(seen.v.dims(), [1, 1, 4, 2]);
+    let chunk = kv(7, 3);
+    let seen = cache.append(&chunk, &chunk, 7).unwrap();
+    assert_eq!(seen.positions, [4, 5, 6, 3, 7, 8, 9], "position 7 still sees 4, which 8 evicts");
+    assert_eq!(held(&seen.k), [4.0, 5.0, 6.0, 3.0, 7.0, 8.0, 9.0]);
+    let token = kv(10, 1);
+    assert_eq!(cache.append(&token, &token, 10).unwrap().positions, [8, 9, 10, 7]);
+    assert_eq!(cache.len(), 4);
+
+    let mut short = RollingCache::new(4);
+    let first = kv(0, 2);
+    assert_eq!(short.append(&first, &first, 0).unwrap().positions, [0, 1], "a chunk that evicts nothing");
+    let second = kv(2, 2);
+    assert_eq!(held(&short.append(&second, &second, 2).unwrap().k), [0.0, 1.0, 2.0, 3.0]);
 }

@@ -123,6 +123,26 @@ fn train_prepares_the_parallel_run_and_trains() {
     let scores = ok(&["eval", "translate", "--model", run_s, "--beams", "1", "--max-new-tokens", "8"]);
     assert!(scores.contains("BLEU = "), "{scores}");
     assert_eq!(work.run_text("eval/en-es.txt").lines().count(), 5);
+    // With the matrices (cross-attention's too) held in bf16.
+    let hypotheses = work.dir.path().join("bf16.txt");
+    let stderr = ok_stderr(&[
+        "eval",
+        "translate",
+        "--model",
+        run_s,
+        "--beams",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "bf16",
+        "--out",
+        hypotheses.to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("bf16 weights"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&hypotheses).unwrap().lines().count(), 5);
+    let err = fails(&["eval", "translate", "--model", run_s, "--dtype", "fp8"]);
+    assert_mentions(&err, &["'fp8'", "f32, bf16"]);
 }
 
 #[test]

@@ -1,15 +1,18 @@
-//! SmolLM2-135M-Instruct with `--dtype bf16` (its Q4_1 file dequantized to f32, then every
-//! matrix rounded to bf16), against the same weights in `f32`: the logits agree within a stated
-//! tolerance, the greedy chat answer is unchanged (transformers' own), and the matrices take
-//! half the bytes.
+//! SmolLM2-135M-Instruct with `--dtype bf16` (its Q4_1 file dequantized to f32, each matrix
+//! rounded to bf16 as it is read), against the same weights in `f32`: the logits agree within a
+//! stated tolerance, the greedy chat answer is unchanged (transformers' own), the matrices take
+//! half the bytes, and the logits are bit-identical to rounding the loaded `f32` model.
 
 mod chunked;
 mod fetched;
 
 use candle_core::Device;
 use lmforge::generate::argmax;
-use lmforge::io::{load_model, WeightDtype};
-use lmforge::nn::ops::quant::{QFormat, DEQUANTIZED_FROM_TOKENS};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lmforge::io::{held_in_bf16, load_model, load_model_with, LoadOptions, LoadedModel, WeightDtype};
+use lmforge::nn::ops::quant::{QFormat, QMatrix, DEQUANTIZED_FROM_TOKENS};
 
 use chunked::logits_in_chunks;
 use fetched::{assert_answers_paris, smollm2};
@@ -19,7 +22,8 @@ fn bf16_smollm2_matches_f32_and_answers_paris() {
     let Some(path) = smollm2() else { return };
     let dense = load_model(&path, &Device::Cpu).unwrap();
     let f32_bytes: usize = dense.weights.values().filter(|t| t.rank() == 2).map(|t| t.elem_count() * 4).sum();
-    let halved = load_model(&path, &Device::Cpu).unwrap().with_dtype(WeightDtype::Bf16).unwrap();
+    let options = LoadOptions { keep_quantized: false, dtype: WeightDtype::Bf16 };
+    let halved = load_model_with(&path, &Device::Cpu, options).unwrap();
     // 30 layers × 7 matrices + the (tied) embedding, in bf16; the 61 norm vectors stay f32.
     assert_eq!(halved.quantized.len(), 211);
     assert_eq!(halved.weights.len(), 61);
@@ -51,4 +55,19 @@ fn bf16_smollm2_matches_f32_and_answers_paris() {
     }
 
     assert_answers_paris(&bf16_model, tokenizer, &ids);
+
+    // The same matrices rounded after loading the whole f32 model (what `--dtype bf16` did
+    // before it converted each as it is read): bit-identical logits, both product paths.
+    let mut weights = dense.weights.clone();
+    let mut quantized = HashMap::new();
+    for spec in dense.config.param_specs().iter().filter(|s| held_in_bf16(s)) {
+        let tensor = weights.remove(&spec.name).unwrap();
+        quantized.insert(spec.name.clone(), Arc::new(QMatrix::quantize(&tensor, QFormat::BF16).unwrap()));
+    }
+    let after = LoadedModel { config: dense.config.clone(), weights, quantized, tokenizer: None, source: path.clone() };
+    let after = after.build().unwrap();
+    for chunk in [DEQUANTIZED_FROM_TOKENS - 1, ids.len()] {
+        let (got, want) = (logits_in_chunks(&bf16_model, &ids, chunk), logits_in_chunks(&after, &ids, chunk));
+        assert!(got.iter().flatten().zip(want.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "{chunk}");
+    }
 }

@@ -13,11 +13,10 @@ pub fn load(model: &Path) -> anyhow::Result<LoadedModel> {
 }
 
 /// Load `--model` onto `device` to run it (score, generate): on the CPU a GGUF file's quantized
-/// weights stay quantized ([`io::load_model_for_inference`]), elsewhere they are dequantized;
-/// the other matrices are then held as `dtype` says ([`LoadedModel::with_dtype`]).
+/// weights stay quantized, elsewhere they are dequantized; the other matrices are held as
+/// `dtype` says, each converted as it is read ([`io::LoadOptions`]).
 pub fn load_for_inference(model: &Path, device: &Device, dtype: DtypeArg) -> anyhow::Result<LoadedModel> {
-    io::load_model_for_inference(model, device)
-        .and_then(|loaded| loaded.with_dtype(dtype.dtype))
+    io::load_model_with(model, device, io::LoadOptions::inference(dtype.dtype))
         .with_context(|| format!("loading model {}", model.display()))
 }
 

@@ -15,7 +15,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Args;
 use lmforge::generate::argmax;
-use lmforge::io::{self, LoadedModel};
+use lmforge::io;
 use lmforge::model::Model;
 use lmforge::nn::ops::{parallel, quant};
 use lmforge::train::bench::rss_bytes;
@@ -58,7 +58,9 @@ struct Speeds {
 pub fn bench_generate(a: BenchGenerateArgs) -> anyhow::Result<()> {
     let threads = parallel::threads();
     let started = Instant::now();
-    let loaded = load(&a.model, a.dequantize)?.with_dtype(a.dtype.dtype)?;
+    let options = io::LoadOptions { keep_quantized: !a.dequantize, dtype: a.dtype.dtype };
+    let loaded = io::load_model_with(&a.model, &Device::Cpu, options)
+        .with_context(|| format!("loading model {}", a.model.display()))?;
     let model = loaded.build()?;
     let load_s = started.elapsed().as_secs_f64();
     let quantized_bytes: usize = loaded.quantized.values().map(|q| q.bytes()).sum();
@@ -101,14 +103,6 @@ pub fn bench_generate(a: BenchGenerateArgs) -> anyhow::Result<()> {
         println!("{name:<8} {mine:>14.1} {reference:>14} {ratio:>10}");
     }
     Ok(())
-}
-
-fn load(model: &Path, dequantize: bool) -> anyhow::Result<LoadedModel> {
-    let loaded = match dequantize {
-        true => io::load_model(model, &Device::Cpu),
-        false => io::load_model_for_inference(model, &Device::Cpu),
-    };
-    loaded.with_context(|| format!("loading model {}", model.display()))
 }
 
 /// Prompt ids that any vocabulary has: `1, 2, …` (the content does not change the work).

@@ -12,6 +12,7 @@ use lmforge::train::run_config::RunConfig;
 use lmforge::train::setup::RUN_CONFIG_FILE;
 use serde_json::json;
 
+use super::arch::{load_for_inference, DtypeArg};
 use super::device::DeviceArg;
 
 #[derive(Subcommand)]
@@ -62,6 +63,8 @@ pub struct TranslateArgs {
     json: bool,
     #[command(flatten)]
     device: DeviceArg,
+    #[command(flatten)]
+    dtype: DtypeArg,
 }
 
 pub fn eval(command: EvalCommand) -> anyhow::Result<()> {
@@ -108,8 +111,11 @@ fn eval_translate(args: TranslateArgs) -> anyhow::Result<()> {
                 length_penalty: args.length_penalty,
                 max_new_tokens: args.max_new_tokens,
             };
-            let hypotheses = translate(model, &set.sources, &options, &args.device.open()?)?;
-            (format!("{} (beams {}, length penalty {})", model.display(), args.beams, args.length_penalty), hypotheses)
+            let loaded = load_for_inference(model, &args.device.open()?, args.dtype)?;
+            let hypotheses = translate(&loaded, &set.sources, &options)?;
+            let how =
+                format!("beams {}, length penalty {}, {} weights", args.beams, args.length_penalty, args.dtype.dtype);
+            (format!("{} ({how})", model.display()), hypotheses)
         }
     };
     let out = args

@@ -12,14 +12,12 @@
 //! a modernizer that does not beat it has not learned anything useful.
 
 use std::io::IsTerminal;
-use std::path::Path;
-
-use candle_core::Device;
 
 use crate::data::parallel::{BookSplit, ParallelCorpus, ParallelData, SplitRole};
 use crate::error::{Error, Result};
 use crate::eval::{Bleu, Chrf};
 use crate::generate::{generate_seq2seq_batch, Search, Seq2SeqOptions};
+use crate::io::LoadedModel;
 
 /// The pairs of some books of a corpus, in file order.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,15 +107,16 @@ pub struct DecodeOptions {
 /// of similar lengths wastes little on padding.
 const SOURCES_PER_BATCH: usize = 16;
 
-/// Translate `sources` with the model at `model` (a run, one of its checkpoints, or a model
-/// directory with a tokenizer) on `device`, one hypothesis per source, in order.
+/// Translate `sources` with `loaded` (a run, one of its checkpoints, or a model directory with a
+/// tokenizer; its weights held as it was loaded, `f32` or bf16), one hypothesis per source, in
+/// order.
 ///
 /// Each source is encoded as training encodes it (its tokens + `</s>`, see
 /// `data::parallel::encode_pairs`), and decoded from the model's start token with `options`
 /// until its end token. Sources are decoded in batches of similar length (sorted, so padding
 /// stays small), and put back in their own order.
-pub fn translate(model: &Path, sources: &[String], options: &DecodeOptions, device: &Device) -> Result<Vec<String>> {
-    let loaded = crate::io::load_model(model, device)?;
+pub fn translate(loaded: &LoadedModel, sources: &[String], options: &DecodeOptions) -> Result<Vec<String>> {
+    let model = &loaded.source;
     let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
         Error::Input(format!(
             "{} has no tokenizer.json, so its translations cannot be read\nHINT: evaluate a training run or a model directory with its tokenizer",

@@ -10,7 +10,8 @@ pub mod hf;
 pub mod native;
 pub mod tokenizer;
 
-pub use dtype::{held_in_bf16, WeightDtype};
+pub(crate) use dtype::WeightSink;
+pub use dtype::{held_in_bf16, LoadOptions, WeightDtype};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 
 use std::collections::HashMap;
@@ -29,9 +30,8 @@ pub struct LoadedModel {
     /// Canonical name → tensor (f32): with `quantized`, exactly the names of
     /// `config.param_specs()`.
     pub weights: HashMap<String, Tensor>,
-    /// Weights kept in GGUF quantized blocks ([`load_model_for_inference`] only) or in bf16
-    /// ([`LoadedModel::with_dtype`]); empty otherwise, so training and export see every weight
-    /// as a tensor.
+    /// Weights kept in GGUF quantized blocks or in bf16 (as [`LoadOptions`] asked: for running
+    /// a model); empty otherwise, so training and export see every weight as a tensor.
     pub quantized: QuantizedWeights,
     pub tokenizer: Option<TextTokenizer>,
     /// Where it came from, for messages.
@@ -85,24 +85,28 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
     Ok(if json.get("model_type").is_some() { SourceKind::HuggingFace } else { SourceKind::Native })
 }
 
-/// Load any supported model source: `.gguf`, Hugging Face directory, or lmforge directory.
+/// Load any supported model source: `.gguf`, Hugging Face directory, or lmforge directory,
+/// every weight an `f32` tensor (for training and export).
 pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
-    match source_kind(path)? {
-        SourceKind::Gguf => gguf::load_gguf(path, device),
-        SourceKind::HuggingFace => hf::load_hf_dir(path, device),
-        SourceKind::Native => native::load_native_dir(path, device),
-        SourceKind::Run => native::load_native_dir(&newest_checkpoint(path)?, device),
-    }
+    load_model_with(path, device, LoadOptions::default())
 }
 
 /// [`load_model`] for running a model, not training it: a GGUF file's quantized matrices
-/// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q6_K`) stay in their blocks on the CPU and run on integer
-/// dot products ([`crate::nn::ops::quant`]), so memory holds about the file's size; other
+/// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q6_K`, `BF16`) stay in their blocks on the CPU and run on
+/// lmforge's kernels ([`crate::nn::ops::quant`]), so memory holds about the file's size; other
 /// sources load as [`load_model`] does.
 pub fn load_model_for_inference(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_model_with(path, device, LoadOptions::inference(WeightDtype::F32))
+}
+
+/// Load a model source as `options` say. With [`WeightDtype::Bf16`] each matrix is converted
+/// as it is read, so loading never holds the model in `f32`.
+pub fn load_model_with(path: &Path, device: &Device, options: LoadOptions) -> Result<LoadedModel> {
     match source_kind(path)? {
-        SourceKind::Gguf if device.is_cpu() => gguf::load_gguf_quantized(path),
-        _ => load_model(path, device),
+        SourceKind::Gguf => gguf::load_gguf(path, device, options),
+        SourceKind::HuggingFace => hf::load_hf_dir(path, device, options.dtype),
+        SourceKind::Native => native::load_native(path, device, options.dtype),
+        SourceKind::Run => native::load_native(&newest_checkpoint(path)?, device, options.dtype),
     }
 }
 

@@ -6,18 +6,33 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::hf::{read_safetensors_dir, write_safetensors};
-use super::{LoadedModel, TextTokenizer};
+use super::hf::{write_safetensors, SafetensorsDir};
+use super::{LoadedModel, TextTokenizer, WeightDtype, WeightSink};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::nn::params::check_weights;
+use crate::nn::params::check_shapes;
 
+/// Load an lmforge model directory (a training checkpoint is one), every weight `f32`.
 pub fn load_native_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    load_native(dir, device, WeightDtype::F32)
+}
+
+/// [`load_native_dir`] with each matrix held as `dtype` says from the moment it is read; the
+/// names and shapes are checked against the config before any data is read.
+pub fn load_native(dir: &Path, device: &Device, dtype: WeightDtype) -> Result<LoadedModel> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let weights = read_safetensors_dir(dir, device)?;
-    check_weights(&config, &weights, &dir.join("model.safetensors"))?;
+    let mut file = SafetensorsDir::open(dir)?;
+    let names = file.names();
+    let shapes = names.iter().map(|n| (n.as_str(), file.dims(n).expect("listed").to_vec())).collect();
+    check_shapes(&config, shapes, &dir.join("model.safetensors"))?;
+    let mut sink = WeightSink::new(&config, dtype, device, dir)?;
+    for name in names {
+        let tensor = file.take(&name, device)?.expect("listed");
+        sink.put(name, tensor)?;
+    }
+    let (weights, quantized) = sink.finish();
     let tokenizer = TextTokenizer::from_dir(dir)?;
-    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, source: dir.to_path_buf() })
+    Ok(LoadedModel { config, weights, quantized, tokenizer, source: dir.to_path_buf() })
 }
 
 /// Write config, weights and tokenizer into `dir` (created if needed).

@@ -36,7 +36,9 @@ pub trait KvCache: Send {
     }
 }
 
-/// Preallocated `(B, KV, capacity, hd)` key and value buffers written in place.
+/// Preallocated `(B, KV, capacity, hd)` key and value buffers written in place (a clone shares
+/// them).
+#[derive(Clone)]
 struct Buffers {
     k: Tensor,
     v: Tensor,
@@ -116,21 +118,51 @@ impl KvCache for FullCache {
 /// position:  4  5  2  3      (4 overwrote 0, 5 overwrote 1)
 /// ```
 ///
-/// Decoding position 6: the cache returns keys for positions `[4, 5, 2, 3]` (slot order) plus
-/// the new key 6; the window mask (`6 − p < 4`) keeps 3, 4, 5, 6 and drops 2. Then 6 is written
-/// to slot `6 mod 4 = 2`, replacing 2, which no later token can see. A chunk of `T` tokens sees
-/// the `window` cached slots plus its own `T` keys, so a prefill chunk costs `(T, window + T)`
-/// scores, whatever the prompt length.
+/// Decoding position 6 (one token, with the buffer full): 6 is first written to slot
+/// `6 mod 4 = 2`, replacing 2, and attention is handed the buffer itself, positions
+/// `[4, 5, 6, 3]`; the window mask (`6 − p < 4`) keeps all four. Nothing is lost by writing
+/// first: the position a token evicts is `window` before it, just outside its own window. So a
+/// decoded token costs the same at every position, and copies nothing.
+///
+/// A chunk of `T > 1` tokens that wraps the buffer cannot be written first: its early queries
+/// still see the positions its later tokens evict. It sees the `window` cached slots plus its
+/// own `T` keys (one copy), and is written after; so a prefill chunk costs `(T, window + T)`
+/// scores, whatever the prompt length. A chunk that evicts nothing is written first too.
 pub struct RollingCache {
     window: usize,
     buffers: Option<Buffers>,
-    /// Absolute position held by each slot (`None` until first written).
-    slot_positions: Vec<Option<usize>>,
+    /// Absolute position held by each filled slot. Slots fill in order 0, 1, … until the
+    /// buffer wraps, so the filled ones are a prefix, `slot_positions.len()` long.
+    slot_positions: Vec<usize>,
 }
 
 impl RollingCache {
     pub fn new(window: usize) -> Self {
-        RollingCache { window, buffers: None, slot_positions: vec![None; window] }
+        RollingCache { window, buffers: None, slot_positions: Vec::with_capacity(window) }
+    }
+
+    /// Keep the last `window` of positions `start..start + T` (keys/values `(B, KV, T, hd)`),
+    /// each at slot `position mod window`; a run of consecutive positions wraps around the
+    /// buffer at most once.
+    fn store(&mut self, k: &Tensor, v: &Tensor, start: usize) -> Result<()> {
+        let buffers = self.buffers.as_ref().expect("allocated by append");
+        let new_tokens = k.dim(2)?;
+        let keep = new_tokens.min(self.window);
+        let first = start + new_tokens - keep;
+        // Every slot from the filled prefix to the new end is among those written below.
+        let filled = (self.slot_positions.len() + new_tokens).min(self.window);
+        self.slot_positions.resize(filled, 0);
+        let mut written = 0;
+        while written < keep {
+            let slot = (first + written) % self.window;
+            let run = (keep - written).min(self.window - slot);
+            buffers.write(k, v, new_tokens - keep + written, run, slot)?;
+            for (held, position) in self.slot_positions[slot..slot + run].iter_mut().zip(first + written..) {
+                *held = position;
+            }
+            written += run;
+        }
+        Ok(())
     }
 }
 
@@ -138,41 +170,33 @@ impl KvCache for RollingCache {
     fn append(&mut self, k: &Tensor, v: &Tensor, start: usize) -> Result<LayerKv> {
         let new_tokens = k.dim(2)?;
         let buffers = match &self.buffers {
-            Some(b) => b,
-            None => self.buffers.insert(Buffers::new(k, self.window)?),
+            Some(b) => b.clone(),
+            None => self.buffers.insert(Buffers::new(k, self.window)?).clone(),
         };
-        // What the new queries see: every filled slot (slots fill in order 0, 1, ... until the
-        // buffer wraps, so the filled ones are a prefix), then the new keys.
-        let filled = self.slot_positions.iter().take_while(|p| p.is_some()).count();
-        let mut positions: Vec<usize> = self.slot_positions[..filled].iter().map(|p| p.expect("filled")).collect();
-        positions.extend(start..start + new_tokens);
-        let (visible_k, visible_v) = if filled == 0 {
-            (k.clone(), v.clone())
-        } else {
-            (
-                Tensor::cat(&[&buffers.k.narrow(2, 0, filled)?, k], 2)?,
-                Tensor::cat(&[&buffers.v.narrow(2, 0, filled)?, v], 2)?,
-            )
-        };
-        // Then keep only the last `window` new positions, each at slot `position mod window`;
-        // a run of consecutive positions wraps around the buffer at most once.
-        let keep = new_tokens.min(self.window);
-        let first = start + new_tokens - keep;
-        let mut written = 0;
-        while written < keep {
-            let slot = (first + written) % self.window;
-            let run = (keep - written).min(self.window - slot);
-            buffers.write(k, v, new_tokens - keep + written, run, slot)?;
-            for i in 0..run {
-                self.slot_positions[slot + i] = Some(first + written + i);
-            }
-            written += run;
+        let filled = self.slot_positions.len();
+        if new_tokens == 1 || filled + new_tokens <= self.window {
+            // Written first (see above): the buffer's filled slots are exactly what the new
+            // queries may see.
+            self.store(k, v, start)?;
+            let filled = self.slot_positions.len();
+            return Ok(LayerKv {
+                k: buffers.k.narrow(2, 0, filled)?,
+                v: buffers.v.narrow(2, 0, filled)?,
+                positions: self.slot_positions.clone(),
+            });
         }
+        // Every filled slot, then the new keys; stored after.
+        let mut positions = Vec::with_capacity(filled + new_tokens);
+        positions.extend_from_slice(&self.slot_positions);
+        positions.extend(start..start + new_tokens);
+        let visible_k = Tensor::cat(&[&buffers.k.narrow(2, 0, filled)?, k], 2)?;
+        let visible_v = Tensor::cat(&[&buffers.v.narrow(2, 0, filled)?, v], 2)?;
+        self.store(k, v, start)?;
         Ok(LayerKv { k: visible_k, v: visible_v, positions })
     }
 
     fn len(&self) -> usize {
-        self.slot_positions.iter().filter(|p| p.is_some()).count()
+        self.slot_positions.len()
     }
 
     fn reorder(&mut self, rows: &Tensor) -> Result<()> {

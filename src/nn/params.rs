@@ -80,7 +80,7 @@ pub fn check_weights(config: &ModelConfig, tensors: &HashMap<String, Tensor>, or
 }
 
 /// [`check_weights`] on the names and shapes alone.
-fn check_shapes(config: &ModelConfig, tensors: HashMap<&str, Vec<usize>>, origin: &Path) -> Result<()> {
+pub(crate) fn check_shapes(config: &ModelConfig, tensors: HashMap<&str, Vec<usize>>, origin: &Path) -> Result<()> {
     let specs = config.param_specs();
     let mut problems = Vec::new();
     for spec in &specs {

@@ -1,8 +1,10 @@
-//! Where a layer's weight matrix lives: an ordinary tensor, or GGUF quantized blocks.
+//! Where a layer's weight matrix lives: an ordinary tensor, or GGUF quantized blocks (bf16
+//! among them).
 //!
-//! One property of the weight, decided by the loader (`io::load_model_for_inference` keeps a
-//! GGUF file's `Q4_0`/`Q4_1`/`Q8_0`/`Q4_K`/`Q6_K` matrices as they are); the layers that take a
-//! matrix ([`super::Linear`], [`TokenEmbedding`]) dispatch on it, so there is no second model.
+//! One property of the weight, decided by the loader (`io::LoadOptions`: a GGUF file's
+//! `Q4_0`/`Q4_1`/`Q8_0`/`Q4_K`/`Q6_K`/`BF16` matrices kept as they are, the others rounded to
+//! bf16 as they are read with `--dtype bf16`); the layers that take a matrix
+//! ([`super::Linear`], [`TokenEmbedding`]) dispatch on it, so there is no second model.
 
 use std::collections::HashMap;
 use std::sync::Arc;

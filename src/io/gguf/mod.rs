@@ -42,33 +42,24 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use super::LoadedModel;
+use super::{LoadOptions, LoadedModel};
 use crate::error::Result;
 
 /// Architectures whose metadata and tensor names this module maps.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
 
-/// Read a GGUF file: config from its metadata, every tensor dequantized to f32 under its
-/// canonical name, and the tokenizer it carries.
+/// Read a GGUF file: config from its metadata, every tensor under its canonical name (as
+/// `options` say: dequantized to f32, or kept in its blocks, or rounded to bf16 as it is read),
+/// and the tokenizer it carries.
 ///
 /// Fails (without panicking) on a file that is not GGUF, is truncated or corrupted, has an
 /// architecture other than [`SUPPORTED_ARCHITECTURES`], a tensor type outside
 /// [`SUPPORTED_TYPES`], missing metadata, missing/extra/mis-shaped tensors, or a tokenizer we
 /// cannot rebuild (use [`GgufFile`] directly to load the weights without it).
-pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+pub fn load_gguf(path: &Path, device: &Device, options: LoadOptions) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
     let config = file.config()?;
-    let weights = file.weights(&config, device)?;
-    let tokenizer = file.tokenizer()?;
-    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, source: path.to_path_buf() })
-}
-
-/// [`load_gguf`] for inference: the matrices in a block format the integer kernels read stay
-/// quantized (see [`GgufFile::weights_quantized`]), on the CPU.
-pub fn load_gguf_quantized(path: &Path) -> Result<LoadedModel> {
-    let file = GgufFile::open(path)?;
-    let config = file.config()?;
-    let (weights, quantized) = file.weights_quantized(&config)?;
+    let (weights, quantized) = file.load_weights(&config, device, options)?;
     let tokenizer = file.tokenizer()?;
     Ok(LoadedModel { config, weights, quantized, tokenizer, source: path.to_path_buf() })
 }

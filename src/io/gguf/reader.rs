@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
@@ -19,6 +18,7 @@ use crate::config::{
 };
 use crate::error::{bullet_list, without_backtrace, Error, Result};
 use crate::io::tokenizer::TextTokenizer;
+use crate::io::{LoadOptions, WeightSink};
 use crate::nn::ops::quant::{QFormat, QMatrix};
 use crate::nn::QuantizedWeights;
 
@@ -181,28 +181,25 @@ impl GgufFile {
     /// All names, shapes and types are checked against `config.param_specs()` first, and every
     /// problem is reported at once, before any data is read.
     pub fn weights(&self, config: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
-        Ok(self.read_weights(config, device, false)?.0)
+        Ok(self.load_weights(config, device, LoadOptions::default())?.0)
     }
 
-    /// Every parameter of `config` on the CPU, as [`weights`](Self::weights) but with each
-    /// matrix stored in a format the integer kernels read ([`QFormat`]) kept in its blocks
-    /// (for inference): the tensors, and the quantized matrices. A mixture's experts, stored
-    /// stacked in one tensor, are dequantized (their grouped product runs on tensors).
-    pub fn weights_quantized(&self, config: &ModelConfig) -> Result<(HashMap<String, Tensor>, QuantizedWeights)> {
-        self.read_weights(config, &Device::Cpu, true)
-    }
-
-    fn read_weights(
+    /// Every parameter of `config`, as [`weights`](Self::weights) but as `options` say: on the
+    /// CPU with `keep_quantized`, each matrix stored in a format lmforge's kernels read
+    /// ([`QFormat`]) kept in its blocks; with `dtype` bf16, each other matrix rounded to bf16 as
+    /// it is read. A mixture's experts, stored stacked in one tensor, are dequantized (their
+    /// grouped product runs on `f32` tensors).
+    pub fn load_weights(
         &self,
         config: &ModelConfig,
         device: &Device,
-        keep_quantized: bool,
+        options: LoadOptions,
     ) -> Result<(HashMap<String, Tensor>, QuantizedWeights)> {
         let plan = self.plan(config)?;
+        let mut sink = WeightSink::new(config, options.dtype, device, &self.path)?;
+        let keep_quantized = options.keep_quantized && device.is_cpu();
         let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let mut reader = BufReader::new(file);
-        let mut weights = HashMap::with_capacity(config.param_specs().len());
-        let mut quantized = QuantizedWeights::new();
         for tensor in plan {
             let info = &self.content.tensor_infos[&tensor.name];
             let described = |e: candle_core::Error| {
@@ -214,13 +211,13 @@ impl GgufFile {
                 if info.shape.rank() == 2 {
                     let q =
                         self.read_quantized(&mut reader, info, format, tensor.rows.heads(config)).map_err(described)?;
-                    quantized.insert(name.clone(), Arc::new(q));
+                    sink.put_quantized(name.clone(), q);
                     continue;
                 }
             }
             let read = |reader: &mut BufReader<File>| -> candle_core::Result<Vec<Tensor>> {
-                let q = info.read(reader, self.content.tensor_data_offset, &Device::Cpu)?;
-                let w = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let w = info.read(reader, self.content.tensor_data_offset, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+                let w = w.to_dtype(DType::F32)?;
                 let w = match tensor.rows.heads(config) {
                     Some(heads) => unpermute_rope_rows(&w, heads)?,
                     None => w,
@@ -233,9 +230,11 @@ impl GgufFile {
                 parts.into_iter().map(|p| p.to_device(device)).collect()
             };
             let parts = read(&mut reader).map_err(described)?;
-            weights.extend(tensor.parts.into_iter().zip(parts));
+            for (name, part) in tensor.parts.into_iter().zip(parts) {
+                sink.put(name, part)?;
+            }
         }
-        Ok((weights, quantized))
+        Ok(sink.finish())
     }
 
     /// One `(out, in)` matrix's blocks as they are in the file, with the q/k rows put back in

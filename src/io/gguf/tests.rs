@@ -107,7 +107,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn load_err(path: &Path) -> String {
-    match load_gguf(path, &Device::Cpu) {
+    match load_gguf(path, &Device::Cpu, Default::default()) {
         Ok(_) => panic!("{} loaded, expected an error", path.display()),
         Err(e) => e.to_string(),
     }
@@ -218,7 +218,7 @@ fn tiny_gguf_loads_with_config_weights_and_tokenizer() {
     let config = tiny_config();
     let original = write_tiny(&path, &config, &llama_metadata(&config));
 
-    let loaded = load_gguf(&path, &Device::Cpu).unwrap();
+    let loaded = load_gguf(&path, &Device::Cpu, Default::default()).unwrap();
     assert_eq!(loaded.config, config);
     let mut names: Vec<&String> = loaded.weights.keys().collect();
     names.sort();
@@ -314,7 +314,7 @@ fn truncated_files_are_refused_at_every_length() {
     let cuts = (0..header_end).filter(|&i| i < 512 || i % 7 == 0).chain((header_end..bytes.len()).step_by(997));
     for len in cuts {
         std::fs::write(&cut, &bytes[..len]).unwrap();
-        assert!(load_gguf(&cut, &Device::Cpu).is_err(), "cut at {len} of {} loaded", bytes.len());
+        assert!(load_gguf(&cut, &Device::Cpu, Default::default()).is_err(), "cut at {len} of {} loaded", bytes.len());
     }
 }
 
@@ -337,7 +337,7 @@ fn corrupted_headers_never_panic() {
             let mut copy = bytes.clone();
             copy[at] = value;
             std::fs::write(&bad, &copy).unwrap();
-            let _ = load_gguf(&bad, &Device::Cpu);
+            let _ = load_gguf(&bad, &Device::Cpu, Default::default());
         }
     }
 }
@@ -388,7 +388,7 @@ fn unsupported_tensor_type_names_tensor_and_type() {
     assert_eq!(u32::from_le_bytes(bytes[ty..ty + 4].try_into().unwrap()), 3, "Q4_1");
     bytes[ty..ty + 4].copy_from_slice(&23u32.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
-    let err = load_gguf(&path, &Device::Cpu).err().unwrap();
+    let err = load_gguf(&path, &Device::Cpu, Default::default()).err().unwrap();
     assert!(matches!(err, Error::Unsupported(_)), "{err}");
     let err = err.to_string();
     assert!(err.contains("`blk.1.ffn_up.weight`") && err.contains("IQ4_XS") && err.contains("Q4_1, Q5_0"), "{err}");
@@ -521,7 +521,7 @@ fn smollm2_weights_match_transformers() {
     let tensors = std::env::var_os("LMFORGE_SMOLLM2_TENSORS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/tmp/lmforge_smollm2_layer0.safetensors"));
-    let loaded = load_gguf(&path, &Device::Cpu).unwrap();
+    let loaded = load_gguf(&path, &Device::Cpu, Default::default()).unwrap();
     assert_eq!(loaded.weights.len(), 272);
     if !tensors.is_file() {
         println!(

@@ -80,6 +80,15 @@ impl HfTensor {
         self
     }
 
+    /// Whether a checkpoint tensor of shape `dims` is this entry (before reading its data).
+    pub fn check_shape(&self, dims: &[usize], specs: &HashMap<String, Vec<usize>>) -> std::result::Result<(), String> {
+        let expected = self.expected_shape(specs);
+        match dims == expected.as_slice() {
+            true => Ok(()),
+            false => Err(format!("tensor `{}` has shape {dims:?}, expected {expected:?}", self.hf)),
+        }
+    }
+
     /// Split (and un-transpose) a checkpoint tensor into its canonical parts.
     pub fn to_canonical(
         &self,
@@ -87,10 +96,7 @@ impl HfTensor {
         specs: &HashMap<String, Vec<usize>>,
     ) -> std::result::Result<Vec<(String, Tensor)>, String> {
         let shapes: Vec<&Vec<usize>> = self.parts.iter().map(|p| &specs[p]).collect();
-        let expected = self.expected_shape(specs);
-        if tensor.dims() != expected.as_slice() {
-            return Err(format!("tensor `{}` has shape {:?}, expected {expected:?}", self.hf, tensor.dims()));
-        }
+        self.check_shape(tensor.dims(), specs)?;
         let tensor = if self.unit_dim { tensor.squeeze(0).map_err(|e| e.to_string())? } else { tensor.clone() };
         let tensor = if self.transpose { tensor.t().and_then(|t| t.contiguous()) } else { Ok(tensor) };
         let tensor = tensor.map_err(|e| e.to_string())?;

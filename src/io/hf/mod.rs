@@ -14,14 +14,14 @@ mod shapes;
 
 pub use families::{family_for_config, family_for_model_type, Family, HfTensor};
 pub use json::HfJson;
-pub use safetensors_io::{read_safetensors_dir, write_safetensors};
+pub use safetensors_io::{read_safetensors_dir, write_safetensors, SafetensorsDir};
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::{LoadedModel, TextTokenizer};
+use super::{LoadedModel, TextTokenizer, WeightDtype, WeightSink};
 use crate::config::ModelConfig;
 use crate::error::{bullet_list, Error, Result};
 
@@ -49,32 +49,39 @@ pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
     Ok(read_family_config(dir)?.1)
 }
 
-/// Load a Hugging Face model directory.
-pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+/// Load a Hugging Face model directory, each matrix held as `dtype` says from the moment it is
+/// read.
+pub fn load_hf_dir(dir: &Path, device: &Device, dtype: WeightDtype) -> Result<LoadedModel> {
     let (family, config, json) = read_family_config(dir)?;
-    let mut file_tensors = read_safetensors_dir(dir, device)?;
+    let mut file = SafetensorsDir::open(dir)?;
     // Every layer has tensors: a layer count beyond the tensor count is a damaged config, and
     // listing its parameters could take unbounded time and memory.
-    if config.layers > file_tensors.len() {
+    if config.layers > file.len() {
         return Err(Error::checkpoint(
             dir.join("config.json"),
-            format!("{} layers, but the weights hold only {} tensors", config.layers, file_tensors.len()),
+            format!("{} layers, but the weights hold only {} tensors", config.layers, file.len()),
         ));
     }
-    let weights = import_tensors(family, &config, &json, &mut file_tensors, dir)?;
+    let mut sink = WeightSink::new(&config, dtype, device, dir)?;
+    import_tensors(family, &config, &json, &mut file, dir, device, &mut sink)?;
+    let (weights, quantized) = sink.finish();
     let tokenizer = TextTokenizer::from_dir(dir)?;
-    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, source: dir.to_path_buf() })
+    Ok(LoadedModel { config, weights, quantized, tokenizer, source: dir.to_path_buf() })
 }
 
 /// Map a checkpoint's tensors to canonical names with the family's table, after checking that
-/// the tensors agree with the fields of `json` they state.
+/// the tensors agree with the fields of `json` they state and that every tensor is there with
+/// its shape (from the headers, before any data is read); then read them one at a time into
+/// `sink`.
 fn import_tensors(
     family: &Family,
     config: &ModelConfig,
     json: &HfJson,
-    file: &mut HashMap<String, Tensor>,
+    file: &mut SafetensorsDir,
     origin: &Path,
-) -> Result<HashMap<String, Tensor>> {
+    device: &Device,
+    sink: &mut WeightSink,
+) -> Result<()> {
     let specs: HashMap<String, Vec<usize>> = config.param_specs().into_iter().map(|s| (s.name, s.shape)).collect();
     let table = (family.tensors)(config);
     let contradicted = shapes::contradictions(&table, file, &specs, family.optional_prefix, json);
@@ -85,33 +92,40 @@ fn import_tensors(
         );
         return Err(Error::checkpoint(&json.path, reason));
     }
-    let mut weights = HashMap::new();
     let mut problems = Vec::new();
-    for entry in table {
-        let Some(tensor) = take_tensor(file, &entry.hf, family.optional_prefix) else {
-            problems.push(format!("missing tensor `{}`", entry.hf));
-            continue;
-        };
-        match entry.to_canonical(&tensor, &specs) {
-            Ok(parts) => weights.extend(parts),
-            Err(reason) => problems.push(reason),
+    let mut found = Vec::with_capacity(table.len());
+    for entry in &table {
+        match stored_name(file, &entry.hf, family.optional_prefix) {
+            None => problems.push(format!("missing tensor `{}`", entry.hf)),
+            Some(name) => match entry.check_shape(file.dims(&name).expect("just found"), &specs) {
+                Ok(()) => found.push((entry, name)),
+                Err(reason) => problems.push(reason),
+            },
         }
     }
-    let mut extra: Vec<String> = file.keys().filter(|name| !(family.ignorable)(name)).cloned().collect();
-    extra.sort();
-    problems
-        .extend(extra.into_iter().map(|name| format!("unexpected tensor `{name}` (not part of this architecture)")));
+    let taken: std::collections::HashSet<&str> = found.iter().map(|(_, name)| name.as_str()).collect();
+    let extra = file.names().into_iter().filter(|name| !taken.contains(name.as_str()) && !(family.ignorable)(name));
+    problems.extend(extra.map(|name| format!("unexpected tensor `{name}` (not part of this architecture)")));
     if !problems.is_empty() {
         let reason = format!("tensors do not match config.json:{}", bullet_list(&problems, 12));
         return Err(Error::checkpoint(origin, reason));
     }
-    Ok(weights)
+    for (entry, name) in found {
+        let tensor = file.take(&name, device)?.ok_or_else(|| {
+            Error::checkpoint(origin, format!("tensor `{name}` stands for two tensors of the table (`{}`)", entry.hf))
+        })?;
+        for (canonical, part) in entry.to_canonical(&tensor, &specs).map_err(|r| Error::checkpoint(origin, r))? {
+            sink.put(canonical, part)?;
+        }
+    }
+    Ok(())
 }
 
-/// Take `name`, also under the family's optional prefix (GPT-2 checkpoints exist with and
-/// without `transformer.`).
-fn take_tensor(file: &mut HashMap<String, Tensor>, name: &str, optional_prefix: Option<&str>) -> Option<Tensor> {
-    file.remove(name).or_else(|| optional_prefix.and_then(|p| file.remove(name.strip_prefix(p)?)))
+/// The name `name` is stored under: itself, or without the family's optional prefix (GPT-2
+/// checkpoints exist with and without `transformer.`).
+fn stored_name(file: &SafetensorsDir, name: &str, optional_prefix: Option<&str>) -> Option<String> {
+    let bare = optional_prefix.and_then(|p| name.strip_prefix(p));
+    [Some(name), bare].into_iter().flatten().find(|n| file.dims(n).is_some()).map(str::to_string)
 }
 
 /// Write `weights` (canonical names) as a Hugging Face directory that `transformers` loads:

@@ -9,9 +9,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
-
-use super::{HfJson, HfTensor};
+use super::{HfJson, HfTensor, SafetensorsDir};
 
 /// One dim of a checkpoint tensor that states a `config.json` field: the dim must be `value`
 /// times a whole number (1 for `intermediate_size`, head_dim for `num_key_value_heads`).
@@ -26,7 +24,7 @@ pub struct Witness {
 /// One line per `config.json` field that the tensors of `file` contradict, in table order.
 pub fn contradictions(
     table: &[HfTensor],
-    file: &HashMap<String, Tensor>,
+    file: &SafetensorsDir,
     specs: &HashMap<String, Vec<usize>>,
     optional_prefix: Option<&str>,
     json: &HfJson,
@@ -37,7 +35,7 @@ pub fn contradictions(
         let Some(tensor) = lookup(file, &entry.hf, optional_prefix) else {
             continue; // reported as missing later
         };
-        let (expected, actual) = (entry.expected_shape(specs), tensor.dims());
+        let (expected, actual) = (entry.expected_shape(specs), tensor);
         if expected.len() != actual.len() {
             continue; // not a matter of one field; reported as a shape mismatch later
         }
@@ -82,6 +80,6 @@ impl Witness {
 }
 
 /// `name`, also under the family's optional prefix (see `take_tensor`).
-fn lookup<'f>(file: &'f HashMap<String, Tensor>, name: &str, optional_prefix: Option<&str>) -> Option<&'f Tensor> {
-    file.get(name).or_else(|| optional_prefix.and_then(|p| file.get(name.strip_prefix(p)?)))
+fn lookup<'f>(file: &'f SafetensorsDir, name: &str, optional_prefix: Option<&str>) -> Option<&'f [usize]> {
+    file.dims(name).or_else(|| optional_prefix.and_then(|p| file.dims(name.strip_prefix(p)?)))
 }
