@@ -32,7 +32,9 @@ const HUGE_PAGE: usize = 2 << 20;
 /// 33–34 tok/s in `f32` and from 37–38 to 65–69 in bf16 (same runs, same binary otherwise).
 ///
 /// The cost is at loading: the kernel copies the pages into huge ones, about 0.2 s per 512 MiB
-/// where it has free 2 MiB blocks, up to ~2 s where it must compact memory first.
+/// where fresh memory comes quickly, 1–2 s on the 2-core VM lmforge is developed on (where a
+/// first touch of memory is slow). Splitting the call over the thread pool did not shorten it
+/// there beyond the noise.
 ///
 /// Regions are widened to whole 2 MiB extents (the neighbours of a small matrix are usually
 /// other weights: `main.rs` keeps every allocation on one heap), so memory next to them may
