@@ -117,5 +117,20 @@ mod tests {
         back_with_huge_pages([region, (small.as_ptr() as usize, small.len()), (small.as_ptr() as usize, 0)]);
         assert_eq!(t.to_vec1::<f32>().unwrap(), big_before);
         assert_eq!(small, small_before);
+        // The 12 MiB buffer holds whole 2 MiB extents: where the kernel can collapse them, the
+        // process now has huge pages.
+        if collapse_expected() {
+            let huge = huge_page_bytes().expect("smaps_rollup on Linux");
+            assert!(huge >= HUGE_PAGE as u64, "{huge} bytes on huge pages after the advice");
+        }
+    }
+
+    /// Linux 6.1 or later (`MADV_COLLAPSE`) with transparent huge pages not switched off.
+    fn collapse_expected() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        version >= (6, 1) && !mode.is_empty() && !mode.contains("[never]")
     }
 }
