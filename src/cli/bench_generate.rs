@@ -70,13 +70,14 @@ pub fn bench_generate(a: BenchGenerateArgs) -> anyhow::Result<()> {
     drop(loaded.weights);
     let mib = |b: f64| b / (1 << 20) as f64;
     println!(
-        "model: {} ({:.1} MiB file), {} threads; loaded in {load_s:.2} s; {:.1} MiB of weights kept quantized, {:.1} MiB in bf16; resident {} MiB",
+        "model: {} ({:.1} MiB file), {} threads; loaded in {load_s:.2} s; {:.1} MiB of weights kept quantized, {:.1} MiB in bf16; resident {} MiB ({} on 2 MiB pages)",
         a.model.display(),
         mib(file_bytes as f64),
         threads,
         mib((quantized_bytes - bf16_bytes) as f64),
         mib(bf16_bytes as f64),
-        rss_bytes().map_or("?".into(), |b| format!("{:.0}", mib(b as f64)))
+        rss_bytes().map_or("?".into(), |b| format!("{:.0}", mib(b as f64))),
+        lmforge::host_memory::huge_page_bytes().map_or("?".into(), |b| format!("{:.0}", mib(b as f64)))
     );
     println!(
         "products: {}",

@@ -39,8 +39,14 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The model, its weights moved onto 2 MiB pages ([`crate::host_memory::back_with_huge_pages`]:
+    /// decoding streams them all every token).
     pub fn build(&self) -> Result<Model> {
-        Model::with_quantized(&self.config, &self.weights, &self.quantized, &self.source)
+        let model = Model::with_quantized(&self.config, &self.weights, &self.quantized, &self.source)?;
+        let dense = self.weights.values().filter_map(crate::host_memory::tensor_region);
+        let blocks = self.quantized.values().map(|q| q.region());
+        crate::host_memory::back_with_huge_pages(dense.chain(blocks));
+        Ok(model)
     }
 }
 

@@ -60,13 +60,21 @@ impl Linear {
 
     /// `[layer(x) for layer in layers]`: when every weight is quantized, as one product
     /// ([`ops::quant::qmatmul_each`]: `x` quantized once, one parallel region for all of them,
-    /// which is what decoding a token spends its time waiting on), else one layer at a time.
+    /// which is what decoding a token spends its time waiting on); for one token's row and
+    /// `f32` weights, one parallel region too ([`ops::gemv::linear_each`]); else one layer at a
+    /// time.
     pub fn forward_each(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let Some(weights) = layers.iter().map(|l| l.quantized_weight().cloned()).collect::<Option<Vec<_>>>() else {
-            return layers.iter().map(|l| l.forward(x)).collect();
+        let quantized = layers.iter().map(|l| l.quantized_weight().cloned()).collect::<Option<Vec<_>>>();
+        let dense = layers.iter().map(|l| l.dense_weight()).collect::<Option<Vec<_>>>();
+        let together = match (quantized, dense) {
+            (Some(weights), _) => Some(ops::quant::qmatmul_each(x, &weights)?),
+            (None, Some(weights)) => ops::gemv::linear_each(x, &weights)?,
+            (None, None) => None,
         };
-        let ys = ops::quant::qmatmul_each(x, &weights)?;
-        ys.into_iter().zip(layers).map(|(y, l)| l.add_bias(y)).collect()
+        match together {
+            Some(ys) => ys.into_iter().zip(layers).map(|(y, l)| l.add_bias(y)).collect(),
+            None => layers.iter().map(|l| l.forward(x)).collect(),
+        }
     }
 
     /// `y + bias`, for the products that do not add it themselves (the quantized ones).

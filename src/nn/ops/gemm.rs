@@ -428,7 +428,7 @@ fn scratch<P: Copy>(buffer: &mut Vec<f64>, len: usize) -> &mut [P] {
 
 multiversion! {
     /// `c[0, j] (+)= Σ_p a[0, p] · W[j, p]` for `b = Wᵀ`, `W` rows contiguous.
-    fn dot_rows<T: Real>(x: &[T], w: &[T], w_stride: usize, out: &mut [T], accumulate: bool) {
+    pub(super) fn dot_rows<T: Real>(x: &[T], w: &[T], w_stride: usize, out: &mut [T], accumulate: bool) {
         let k = x.len();
         for (j, o) in out.iter_mut().enumerate() {
             let row = &w[j * w_stride..j * w_stride + k];

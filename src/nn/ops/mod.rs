@@ -24,6 +24,7 @@ pub mod dispatch;
 pub mod dropout;
 pub mod flash_attention;
 pub mod gemm;
+pub mod gemv;
 pub mod linear;
 pub mod norm;
 pub mod parallel;

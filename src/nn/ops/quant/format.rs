@@ -175,6 +175,11 @@ impl QMatrix {
         self.cols / self.format.block_len() * self.format.block_bytes()
     }
 
+    /// `(address, bytes)` of the blocks in memory (for [`crate::host_memory::back_with_huge_pages`]).
+    pub fn region(&self) -> (usize, usize) {
+        (self.data.as_ptr() as usize, self.data.len())
+    }
+
     /// The blocks of row `r`.
     pub fn row(&self, r: usize) -> &[u8] {
         let n = self.row_bytes();
