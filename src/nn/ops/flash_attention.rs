@@ -1237,6 +1237,8 @@ multiversion! {
     }
 }
 
+#[cfg(test)]
+mod bf16_tests;
 mod bf16_tiles;
 mod fused_qkv;
 #[cfg(test)]
