@@ -171,3 +171,23 @@ fn backward_keeps_the_precision_of_its_forward() {
         assert!(a != c, "bf16 and f32 gradients are identical: were the products rounded?");
     }
 }
+
+/// No keys, or no queries, at bf16: zeros and no gradient, or an empty output, as in `f32`.
+#[test]
+fn empty_dims_do_not_panic() {
+    for kernel in kernels_to_test() {
+        let x = inputs(2, 1, 3, 4, 8);
+        let no_keys: Vec<Tensor> = vec![x[0].clone(), x[1].narrow(2, 0, 0).unwrap(), x[2].narrow(2, 0, 0).unwrap()];
+        let mask = AttentionMask::causal(0, vec![]);
+        let flash_fn = |x: &[Tensor]| flash_attention(&x[0], &x[1], &x[2], 0.5, &mask);
+        let (out, grads) = at_bf16(kernel, || value_and_grads(&flash_fn, &no_keys));
+        assert_eq!(out.dims(), &[1, 2, 3, 4]);
+        assert!(flat(&out).iter().chain(&flat(&grads[0])).all(|&x| x == 0.0), "{kernel:?}: no keys");
+        let no_queries = vec![x[0].narrow(2, 0, 0).unwrap(), x[1].clone(), x[2].clone()];
+        let mask = AttentionMask::causal(0, (0..3).collect());
+        let flash_fn = |x: &[Tensor]| flash_attention(&x[0], &x[1], &x[2], 0.5, &mask);
+        let (out, grads) = at_bf16(kernel, || value_and_grads(&flash_fn, &no_queries));
+        assert_eq!(out.dims(), &[1, 2, 0, 4]);
+        assert!(flat(&grads[1]).iter().all(|&x| x == 0.0), "{kernel:?}: no queries");
+    }
+}
