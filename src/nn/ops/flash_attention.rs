@@ -773,13 +773,19 @@ multiversion! {
             }
             let len = p.keys_in_tile(b, key_tile);
             let tile = g * p.key_tiles() + key_tile; // (batch, KV head, key tile)
-            scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s, |s| match p.bf16 {
-                None => gemm_acc(rows, KEY_TILE, hd, q, hd, 1, &inputs.kt[tile * hd * KEY_TILE..][..hd * KEY_TILE], KEY_TILE, s, KEY_TILE),
+            let scores = &mut s[..rows * KEY_TILE];
+            scores.fill(T::ZERO);
+            match p.bf16 {
+                None => {
+                    let kt = &inputs.kt[tile * hd * KEY_TILE..][..hd * KEY_TILE];
+                    gemm_acc(rows, KEY_TILE, hd, q, hd, 1, kt, KEY_TILE, scores, KEY_TILE); // S = Q·(scale·K)ᵀ
+                }
                 Some(bf16) => {
                     let kt = &inputs.kt_pairs[tile * hd_pairs * KEY_TILE..][..hd_pairs * KEY_TILE];
-                    bf16.product(rows, KEY_TILE, hd_pairs, &q_pairs, hd_pairs, 1, kt, KEY_TILE, f32s_mut(s), KEY_TILE)
+                    bf16.product(rows, KEY_TILE, hd_pairs, &q_pairs, hd_pairs, 1, kt, KEY_TILE, f32s_mut(scores), KEY_TILE)
                 }
-            });
+            }
+            mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
             // New running maxima and the factors that rescale what was summed so far.
             for (i, row) in s.chunks_exact(KEY_TILE).enumerate() {
                 let row: &[T; KEY_TILE] = row.try_into().expect("one row");
@@ -860,12 +866,14 @@ fn drop_probabilities<T: Real>(
     }
 }
 
-/// `s = q·ktᵀ` (scale already in `kt`), computed by `product` into the zeroed `s`, plus
-/// ALiBi, with hidden scores set to `-inf`; keys `len..` of the tile are hidden (padding).
-/// `s`: `(rows, KEY_TILE)`.
+/// Add ALiBi to the scores `s = q·(scale·k)ᵀ` `(rows, KEY_TILE)` and set hidden ones to `-inf`;
+/// keys `len..` of the tile are hidden (padding).
+///
+/// (The product that makes `s` stays in the caller, not in a closure passed here: a closure
+/// is compiled without the SIMD features of the multiversioned kernel around it.)
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn scores<T: Real>(
+fn mask_scores<T: Real>(
     p: &Plan,
     rows: usize,
     q_lo: i64,
@@ -874,11 +882,8 @@ fn scores<T: Real>(
     mask: TileMask,
     slope: Option<T>,
     s: &mut [T],
-    product: impl FnOnce(&mut [T]),
 ) {
     let s = &mut s[..rows * KEY_TILE];
-    s.fill(T::ZERO);
-    product(s);
     let key_pos: &[i64; KEY_TILE] = p.key_pos[key_tile * KEY_TILE..][..KEY_TILE].try_into().expect("one tile");
     for (i, row) in s.chunks_exact_mut(KEY_TILE).enumerate() {
         let qp = q_lo + i as i64;
@@ -1164,13 +1169,16 @@ multiversion! {
                         }
                         _ => None,
                     };
-                    scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s, |s| match &bf16 {
-                        None => gemm_acc(rows, KEY_TILE, hd, q, hd, 1, &kt, KEY_TILE, s, KEY_TILE),
+                    let scores = &mut s[..rows * KEY_TILE];
+                    scores.fill(T::ZERO);
+                    match &bf16 {
+                        None => gemm_acc(rows, KEY_TILE, hd, q, hd, 1, &kt, KEY_TILE, scores, KEY_TILE), // S = Q·(scale·K)ᵀ
                         Some((bf16, q_pairs, ..)) => {
                             let q = q_pairs.along(p, bh, q0, rows);
-                            bf16.product(rows, KEY_TILE, hd_pairs, q, hd_pairs, 1, &kt_pairs, KEY_TILE, f32s_mut(s), KEY_TILE)
+                            bf16.product(rows, KEY_TILE, hd_pairs, q, hd_pairs, 1, &kt_pairs, KEY_TILE, f32s_mut(scores), KEY_TILE)
                         }
-                    });
+                    }
+                    mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
                     for (row, &l) in s.chunks_exact_mut(KEY_TILE).take(rows).zip(lse) {
                         if l == T::NEG_INFINITY {
                             row.fill(T::ZERO); // a row that saw nothing has no gradient
