@@ -12,9 +12,12 @@
 //! weight gradient  dW = bf16(dY)ᵀ·bf16(X)
 //! ```
 //!
-//! and nothing else: the tensors themselves are not changed, so the master weights, their
-//! gradients, the AdamW moments, embeddings, norms, softmax, attention, activations and the
-//! loss stay `f32`, and a checkpoint holds the `f32` masters exactly. The weight is rounded
+//! and the six tile products inside flash attention (`Q·Kᵀ`, `P·V` and, in the backward,
+//! `dO·Vᵀ`, `Pᵀ·dO`, `dS·K`, `dSᵀ·Q`: see `flash_attention::bf16_tiles`, which also states the
+//! error bound), as PyTorch's CPU autocast runs `scaled_dot_product_attention`. Nothing else:
+//! the tensors themselves are not changed, so the master weights, their gradients, the AdamW
+//! moments, embeddings, norms, the attention's softmax, activations and the loss stay `f32`,
+//! and a checkpoint holds the `f32` masters exactly. The weight is rounded
 //! each time it is packed (forward and input gradient), which gives the same values as
 //! rounding it once per step after the optimizer update. Backward treats the rounding as the
 //! identity (the gradient of `bf16(x)` is taken to be 1, as in every mixed-precision recipe).
@@ -22,8 +25,8 @@
 //!
 //! Precision is chosen per thread by a scope ([`Precision::enter`]), like PyTorch's autocast:
 //! the trainer enters it around the forward and backward passes and the evaluation. The
-//! linear op, and the grouped product of a mixture's experts ([`super::grouped_linear`]),
-//! read it once, when they run forward, and keep it for their backward, so the backward
+//! linear op, the grouped product of a mixture's experts ([`super::grouped_linear`]) and flash
+//! attention read it once, when they run forward, and keep it for their backward, so the backward
 //! products run at the precision of their forward whenever `backward()` is called.
 //! Why a scope rather than a property of the weights: the weights stay `f32` (they are the
 //! masters); what changes is how their products are computed, for one run.

@@ -57,12 +57,19 @@
 //! forward + backward): T = 1024 in 25 ms against 434 ms for the composed path; T = 4096 in
 //! 220 ms and 48 MiB against 6.4 s and 4.7 GiB.
 //!
+//! Under a bf16 precision scope (`--precision bf16`) the six tile products take bf16 operands
+//! and sum in `f32`, the softmax statistics and the online rescaling staying `f32`
+//! ([`bf16_tiles`], which states what is rounded and the error bound); in `f32` nothing is
+//! rounded.
+//!
 //! The backward is not itself differentiable (no second derivatives).
 
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
+use self::bf16_tiles::{f32s, f32s_mut, Bf16Tiles, TileScratch};
+use super::bf16::{self, Precision};
 use super::dropout::DropoutMask;
 use super::parallel::{self, Split};
 use super::simd::{multiversion, Real};
@@ -327,6 +334,9 @@ struct Plan {
     /// Per batch row: keys that are not padding (`S` without key lengths).
     key_len: Vec<usize>,
     dropout: Option<DropoutMask>,
+    /// bf16 operands in the products ([`bf16_tiles`]): `f32` data under a bf16 precision scope,
+    /// read when the op is built, like the linear layers' precision, and kept for its backward.
+    bf16: Option<Bf16Tiles>,
 }
 
 /// Position given to padding slots: far past any real one, yet `PAD − pos` cannot overflow.
@@ -398,6 +408,12 @@ impl Plan {
         if !scale.is_finite() {
             bail!("{OP}: scale must be finite, got {scale}")
         }
+        let bf16 = match bf16::current() {
+            Precision::Bf16 if compute_dtype(OP, q.dtype()).ok() == Some(DType::F32) => {
+                Some(Bf16Tiles { kernel: bf16::kernel()? })
+            }
+            _ => None,
+        };
         let tiles = s.div_ceil(KEY_TILE);
         let mut key_pos = vec![PAD_POSITION; tiles * KEY_TILE];
         for (slot, &p) in key_pos.iter_mut().zip(&mask.key_positions) {
@@ -423,6 +439,7 @@ impl Plan {
             key_pos,
             key_len: mask.key_lengths.clone().unwrap_or_else(|| vec![s; b]),
             dropout: mask.dropout,
+            bf16,
         })
     }
 
@@ -633,10 +650,15 @@ struct Fwd<'a, T> {
     plan: &'a Plan,
     /// `(B, H, T, hd)`
     q: &'a [T],
-    /// `scale·k`, transposed per key tile and zero-padded: `(B, KV, tiles, hd, KEY_TILE)`.
+    /// `scale·k`, transposed per key tile and zero-padded: `(B, KV, tiles, hd, KEY_TILE)`
+    /// (empty with bf16 products).
     kt: &'a [T],
     /// `(B, KV, S, hd)`
     v: HeadRows<'a, T>,
+    /// With bf16 products: `scale·kᵀ` paired along `hd`, `(B, KV, tiles, hd/2, KEY_TILE)`,
+    /// and `v` paired along keys, `(B, KV, tiles, KEY_TILE/2, hd)`; empty otherwise.
+    kt_pairs: &'a [u32],
+    v_pairs: &'a [u32],
 }
 
 /// Returns `O` `(B, H, T, hd)` and `L` `(B, H, T)` for contiguous `q`, `k`, `v`.
@@ -657,17 +679,40 @@ fn forward_strided<T: Real>(p: &Plan, q: &[T], k: HeadRows<'_, T>, v: HeadRows<'
     }
     // Kᵀ once per KV head (shared by the whole query group), with the scale folded in.
     let tile_elems = hd * KEY_TILE;
-    // SAFETY: `transpose_tile` fills each tile whole.
-    let mut kt = unsafe { output_buffer(p.b * p.kv * p.key_tiles() * tile_elems) };
-    if !kt.is_empty() {
-        let scale = T::of(p.scale);
-        parallel::for_each_chunk(&mut kt, tile_elems, |i, dst| {
-            let (g, tile) = (i / p.key_tiles(), i % p.key_tiles());
-            let src = &k.head(g)[tile * KEY_TILE * hd..][..p.tile_len[tile] * hd];
-            transpose_tile(src, hd, scale, dst);
-        });
+    let tiles = p.b * p.kv * p.key_tiles();
+    let scale = T::of(p.scale);
+    // Tile `i` of all (batch, KV head, key tile): its `(keys, hd)` rows.
+    fn key_tile<'a, T>(p: &Plan, x: HeadRows<'a, T>, i: usize) -> &'a [T] {
+        let (g, tile) = (i / p.key_tiles(), i % p.key_tiles());
+        &x.head(g)[tile * KEY_TILE * p.hd..][..p.tile_len[tile] * p.hd]
     }
-    let inputs = Fwd { plan: p, q, kt: &kt, v };
+    let (mut kt, mut kt_pairs, mut v_pairs) = (Vec::new(), Vec::new(), Vec::new());
+    match p.bf16 {
+        None => {
+            // SAFETY: `transpose_tile` fills each tile whole.
+            kt = unsafe { output_buffer(tiles * tile_elems) };
+            if !kt.is_empty() {
+                parallel::for_each_chunk(&mut kt, tile_elems, |i, dst| {
+                    transpose_tile(key_tile(p, k, i), hd, scale, dst)
+                });
+            }
+        }
+        Some(bf16) => {
+            let pair_elems = hd.div_ceil(2) * KEY_TILE;
+            kt_pairs = vec![0; tiles * pair_elems];
+            parallel::for_each_chunk(&mut kt_pairs, pair_elems, |i, dst| {
+                let mut kt = vec![T::ZERO; tile_elems];
+                transpose_tile(key_tile(p, k, i), hd, scale, &mut kt);
+                bf16.pack_across(f32s(&kt), hd, KEY_TILE, KEY_TILE, dst);
+            });
+            v_pairs = vec![0; tiles * tile_elems / 2];
+            parallel::for_each_chunk(&mut v_pairs, tile_elems / 2, |i, dst| {
+                let v = key_tile(p, v, i);
+                bf16.pack_across(f32s(v), v.len() / hd, hd, hd, dst);
+            });
+        }
+    }
+    let inputs = Fwd { plan: p, q, kt: &kt, v, kt_pairs: &kt_pairs, v_pairs: &v_pairs };
     // One task per (batch, head, query tile): the rows `bh·T + q0 ..` of `lse`, times hd of `out`.
     let tiles = p.query_tiles();
     let rows: Vec<_> = (0..p.b * p.h * tiles)
@@ -703,8 +748,14 @@ multiversion! {
         let g = b * p.kv + h / p.group(); // (batch, KV head) this head reads
         let q0 = tile * QUERY_TILE;
         let q = &inputs.q[(bh * p.t + q0) * hd..][..rows * hd]; // (rows, hd)
-        let kt = &inputs.kt[g * p.key_tiles() * hd * KEY_TILE..][..p.key_tiles() * hd * KEY_TILE];
         let v = inputs.v.head(g); // (S, hd)
+        // With bf16 products: q paired along hd (rows, hd/2), and the probabilities' pairs.
+        let (hd_pairs, mut q_pairs, mut scratch) = (hd.div_ceil(2), Vec::new(), None);
+        if let Some(bf16) = p.bf16 {
+            q_pairs = vec![0; rows * hd_pairs];
+            bf16.pack_rows(f32s(q), rows, hd, hd, &mut q_pairs);
+            scratch = Some(TileScratch::new());
+        }
         let q_lo = p.query_start + q0 as i64;
         let q_hi = q_lo + rows as i64 - 1;
         let slope = p.slopes.as_ref().map(|s| T::of(s[h]));
@@ -721,7 +772,20 @@ multiversion! {
                 continue;
             }
             let len = p.keys_in_tile(b, key_tile);
-            scores(p, q, rows, q_lo, &kt[key_tile * hd * KEY_TILE..][..hd * KEY_TILE], key_tile, len, mask, slope, &mut s);
+            let tile = g * p.key_tiles() + key_tile; // (batch, KV head, key tile)
+            let scores = &mut s[..rows * KEY_TILE];
+            scores.fill(T::ZERO);
+            match p.bf16 {
+                None => {
+                    let kt = &inputs.kt[tile * hd * KEY_TILE..][..hd * KEY_TILE];
+                    gemm_acc(rows, KEY_TILE, hd, q, hd, 1, kt, KEY_TILE, scores, KEY_TILE); // S = Q·(scale·K)ᵀ
+                }
+                Some(bf16) => {
+                    let kt = &inputs.kt_pairs[tile * hd_pairs * KEY_TILE..][..hd_pairs * KEY_TILE];
+                    bf16.product(rows, KEY_TILE, hd_pairs, &q_pairs, hd_pairs, 1, kt, KEY_TILE, f32s_mut(scores), KEY_TILE)
+                }
+            }
+            mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
             // New running maxima and the factors that rescale what was summed so far.
             for (i, row) in s.chunks_exact(KEY_TILE).enumerate() {
                 let row: &[T; KEY_TILE] = row.try_into().expect("one row");
@@ -753,8 +817,19 @@ multiversion! {
                 let first = key_tile * KEY_TILE;
                 drop_probabilities(p, dropout, bh, q0, first, rows, &mut s);
             }
-            let v_tile = &v[key_tile * KEY_TILE * hd..][..len * hd];
-            gemm_acc(rows, hd, len, &s, KEY_TILE, 1, v_tile, hd, out, hd); // o += P·V
+            match (p.bf16, &mut scratch) {
+                (Some(bf16), Some(scratch)) => {
+                    let p_pairs = &mut scratch.along_keys[..rows * KEY_TILE / 2];
+                    bf16.pack_rows(f32s(&s), rows, KEY_TILE, KEY_TILE, p_pairs);
+                    let v_tile = &inputs.v_pairs[tile * KEY_TILE / 2 * hd..][..KEY_TILE / 2 * hd];
+                    let pairs = len.div_ceil(2);
+                    bf16.product(rows, hd, pairs, p_pairs, KEY_TILE / 2, 1, v_tile, hd, f32s_mut(out), hd); // o += P·V
+                }
+                _ => {
+                    let v_tile = &v[key_tile * KEY_TILE * hd..][..len * hd];
+                    gemm_acc(rows, hd, len, &s, KEY_TILE, 1, v_tile, hd, out, hd); // o += P·V
+                }
+            }
         }
         for i in 0..rows {
             if l[i] > T::ZERO {
@@ -791,17 +866,17 @@ fn drop_probabilities<T: Real>(
     }
 }
 
-/// `s = q·ktᵀ` (scale already in `kt`) plus ALiBi, with hidden scores set to `-inf`; keys
-/// `len..` of the tile are hidden (padding).
-/// `q`: `(rows, hd)`, `kt`: `(hd, KEY_TILE)`, `s`: `(rows, KEY_TILE)`.
+/// Add ALiBi to the scores `s = q·(scale·k)ᵀ` `(rows, KEY_TILE)` and set hidden ones to `-inf`;
+/// keys `len..` of the tile are hidden (padding).
+///
+/// (The product that makes `s` stays in the caller, not in a closure passed here: a closure
+/// is compiled without the SIMD features of the multiversioned kernel around it.)
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn scores<T: Real>(
+fn mask_scores<T: Real>(
     p: &Plan,
-    q: &[T],
     rows: usize,
     q_lo: i64,
-    kt: &[T],
     key_tile: usize,
     len: usize,
     mask: TileMask,
@@ -809,8 +884,6 @@ fn scores<T: Real>(
     s: &mut [T],
 ) {
     let s = &mut s[..rows * KEY_TILE];
-    s.fill(T::ZERO);
-    gemm_acc(rows, KEY_TILE, p.hd, q, p.hd, 1, kt, KEY_TILE, s, KEY_TILE);
     let key_pos: &[i64; KEY_TILE] = p.key_pos[key_tile * KEY_TILE..][..KEY_TILE].try_into().expect("one tile");
     for (i, row) in s.chunks_exact_mut(KEY_TILE).enumerate() {
         let qp = q_lo + i as i64;
@@ -887,6 +960,50 @@ struct Bwd<'a, T> {
     lse: &'a [T],
     /// `(B, H, T)`: `D_i = dO_i · O_i`.
     d: &'a [T],
+    /// With bf16 products, `q` and `dO` as pair operands ([`QueryPairs`]); `None` otherwise.
+    q_pairs: Option<QueryPairs>,
+    dout_pairs: Option<QueryPairs>,
+}
+
+/// Queries (or their output gradients) `(B, H, T, hd)` as bf16 pair operands, made once per
+/// backward: paired along `hd` (`A` of `Q·Kᵀ` and `dO·Vᵀ`) and, per query tile, paired across
+/// its rows (`B` of `dSᵀ·Q` and `Pᵀ·dO`).
+struct QueryPairs {
+    /// `(B, H, T, hd/2)`
+    along: Vec<u32>,
+    /// `(B, H, query tiles, QUERY_TILE/2, hd)`
+    across: Vec<u32>,
+}
+
+impl QueryPairs {
+    fn new<T: Real>(p: &Plan, bf16: Bf16Tiles, x: &[T]) -> Self {
+        let (t, hd) = (p.t, p.hd);
+        let hd_pairs = hd.div_ceil(2);
+        let mut along = vec![0; p.b * p.h * t * hd_pairs];
+        parallel::for_each_chunk(&mut along, t * hd_pairs, |bh, dst| {
+            bf16.pack_rows(f32s(&x[bh * t * hd..][..t * hd]), t, hd, hd, dst)
+        });
+        let tile_elems = QUERY_TILE / 2 * hd;
+        let mut across = vec![0; p.b * p.h * p.query_tiles() * tile_elems];
+        parallel::for_each_chunk(&mut across, tile_elems, |i, dst| {
+            let (bh, q0) = (i / p.query_tiles(), i % p.query_tiles() * QUERY_TILE);
+            let rows = (t - q0).min(QUERY_TILE);
+            bf16.pack_across(f32s(&x[(bh * t + q0) * hd..][..rows * hd]), rows, hd, hd, dst)
+        });
+        QueryPairs { along, across }
+    }
+
+    /// Rows `q0..q0 + rows` of head `bh` paired along `hd`: `(rows, hd/2)`.
+    fn along(&self, p: &Plan, bh: usize, q0: usize, rows: usize) -> &[u32] {
+        let hd_pairs = p.hd.div_ceil(2);
+        &self.along[(bh * p.t + q0) * hd_pairs..][..rows * hd_pairs]
+    }
+
+    /// Query tile `q0 / QUERY_TILE` of head `bh` paired across rows: `(QUERY_TILE/2, hd)`.
+    fn across(&self, p: &Plan, bh: usize, q0: usize) -> &[u32] {
+        let tile_elems = QUERY_TILE / 2 * p.hd;
+        &self.across[(bh * p.query_tiles() + q0 / QUERY_TILE) * tile_elems..][..tile_elems]
+    }
 }
 
 /// Returns `(dq, dk, dv)`.
@@ -922,7 +1039,11 @@ fn backward<T: Real>(
             *d = o.iter().zip(g).fold(T::ZERO, |acc, (&o, &g)| acc + o * g);
         }
     });
-    let inputs = Bwd { plan: p, q, k, v, dout, lse, d: &d };
+    let (q_pairs, dout_pairs) = match p.bf16 {
+        Some(bf16) => (Some(QueryPairs::new(p, bf16, q)), Some(QueryPairs::new(p, bf16, dout))),
+        None => (None, None),
+    };
+    let inputs = Bwd { plan: p, q, k, v, dout, lse, d: &d, q_pairs, dout_pairs };
     let scale = T::of(p.scale);
     let dq_len = group * t * hd;
 
@@ -998,6 +1119,16 @@ multiversion! {
         // P∘Z, with dropout only.
         let mut pz = if p.dropout.is_some() { vec![T::ZERO; QUERY_TILE * KEY_TILE] } else { Vec::new() };
         let scale = T::of(p.scale);
+        // With bf16 products: the tile's scale·Kᵀ and Vᵀ paired along hd, K paired along keys.
+        let hd_pairs = hd.div_ceil(2);
+        let (mut kt_pairs, mut vt_pairs, mut k_pairs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut scratch = None;
+        if p.bf16.is_some() {
+            kt_pairs = vec![0; hd_pairs * KEY_TILE];
+            vt_pairs = vec![0; hd_pairs * KEY_TILE];
+            k_pairs = vec![0; KEY_TILE / 2 * hd];
+            scratch = Some(TileScratch::new());
+        }
         for key_tile in first_tile..first_tile + tiles {
             let len = p.keys_in_tile(b, key_tile);
             if len == 0 {
@@ -1007,6 +1138,11 @@ multiversion! {
             let v_tile = &v[key_tile * KEY_TILE * hd..][..len * hd];
             transpose_tile(k_tile, hd, scale, &mut kt);
             transpose_tile(v_tile, hd, T::ONE, &mut vt);
+            if let Some(bf16) = p.bf16 {
+                bf16.pack_across(f32s(&kt), hd, KEY_TILE, KEY_TILE, &mut kt_pairs);
+                bf16.pack_across(f32s(&vt), hd, KEY_TILE, KEY_TILE, &mut vt_pairs);
+                bf16.pack_across(f32s(k_tile), len, hd, hd, &mut k_pairs);
+            }
             let local = (key_tile - first_tile) * KEY_TILE * hd;
             let dk_tile = &mut dk[local..][..len * hd];
             let dv_tile = &mut dv[local..][..len * hd];
@@ -1026,7 +1162,23 @@ multiversion! {
                     let dout = &inputs.dout[(bh * t + q0) * hd..][..rows * hd];
                     let lse = &inputs.lse[bh * t + q0..][..rows];
                     let d = &inputs.d[bh * t + q0..][..rows];
-                    scores(p, q, rows, q_lo, &kt, key_tile, len, mask, slope, &mut s);
+                    // With bf16 products: the pair operands of these rows, and the tile's scratch.
+                    let mut bf16 = match (p.bf16, &inputs.q_pairs, &inputs.dout_pairs, scratch.as_mut()) {
+                        (Some(bf16), Some(q_pairs), Some(dout_pairs), Some(scratch)) => {
+                            Some((bf16, q_pairs, dout_pairs, scratch))
+                        }
+                        _ => None,
+                    };
+                    let scores = &mut s[..rows * KEY_TILE];
+                    scores.fill(T::ZERO);
+                    match &bf16 {
+                        None => gemm_acc(rows, KEY_TILE, hd, q, hd, 1, &kt, KEY_TILE, scores, KEY_TILE), // S = Q·(scale·K)ᵀ
+                        Some((bf16, q_pairs, ..)) => {
+                            let q = q_pairs.along(p, bh, q0, rows);
+                            bf16.product(rows, KEY_TILE, hd_pairs, q, hd_pairs, 1, &kt_pairs, KEY_TILE, f32s_mut(scores), KEY_TILE)
+                        }
+                    }
+                    mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
                     for (row, &l) in s.chunks_exact_mut(KEY_TILE).take(rows).zip(lse) {
                         if l == T::NEG_INFINITY {
                             row.fill(T::ZERO); // a row that saw nothing has no gradient
@@ -1048,10 +1200,23 @@ multiversion! {
                             pz
                         }
                     };
-                    gemm_acc(len, hd, rows, p_seen_by_v, 1, KEY_TILE, dout, hd, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
                     let dp = &mut dp[..rows * KEY_TILE];
                     dp.fill(T::ZERO);
-                    gemm_acc(rows, KEY_TILE, hd, dout, hd, 1, &vt, KEY_TILE, dp, KEY_TILE); // dP = dO·Vᵀ
+                    let query_pairs = rows.div_ceil(2);
+                    match &mut bf16 {
+                        None => {
+                            gemm_acc(len, hd, rows, p_seen_by_v, 1, KEY_TILE, dout, hd, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
+                            gemm_acc(rows, KEY_TILE, hd, dout, hd, 1, &vt, KEY_TILE, dp, KEY_TILE); // dP = dO·Vᵀ
+                        }
+                        Some((bf16, _, dout_pairs, scratch)) => {
+                            let pt = &mut scratch.across_queries;
+                            bf16.pack_across(f32s(p_seen_by_v), rows, KEY_TILE, KEY_TILE, pt);
+                            let dout = dout_pairs.across(p, bh, q0);
+                            bf16.product(len, hd, query_pairs, pt, 1, KEY_TILE, dout, hd, f32s_mut(dv_tile), hd); // dv += (P∘Z)ᵀ·dO
+                            let dout = dout_pairs.along(p, bh, q0, rows);
+                            bf16.product(rows, KEY_TILE, hd_pairs, dout, hd_pairs, 1, &vt_pairs, KEY_TILE, f32s_mut(dp), KEY_TILE); // dP = dO·Vᵀ
+                        }
+                    }
                     if let Some(dropout) = &p.dropout {
                         drop_probabilities(p, dropout, bh, q0, first, rows, dp); // Z∘dP
                     }
@@ -1061,8 +1226,21 @@ multiversion! {
                         }
                     }
                     let dq_tile = &mut dq[(member * t + q0) * hd..][..rows * hd];
-                    gemm_acc(rows, hd, len, dp, KEY_TILE, 1, k_tile, hd, dq_tile, hd); // dq += dS·K
-                    gemm_acc(len, hd, rows, dp, 1, KEY_TILE, q, hd, dk_tile, hd); // dk += dSᵀ·Q
+                    match bf16 {
+                        None => {
+                            gemm_acc(rows, hd, len, dp, KEY_TILE, 1, k_tile, hd, dq_tile, hd); // dq += dS·K
+                            gemm_acc(len, hd, rows, dp, 1, KEY_TILE, q, hd, dk_tile, hd); // dk += dSᵀ·Q
+                        }
+                        Some((bf16, q_pairs, _, scratch)) => {
+                            let ds = f32s(dp);
+                            bf16.pack_rows(ds, rows, KEY_TILE, KEY_TILE, &mut scratch.along_keys);
+                            let key_pairs = len.div_ceil(2);
+                            bf16.product(rows, hd, key_pairs, &scratch.along_keys, KEY_TILE / 2, 1, &k_pairs, hd, f32s_mut(dq_tile), hd); // dq += dS·K
+                            bf16.pack_across(ds, rows, KEY_TILE, KEY_TILE, &mut scratch.across_queries);
+                            let q = q_pairs.across(p, bh, q0);
+                            bf16.product(len, hd, query_pairs, &scratch.across_queries, 1, KEY_TILE, q, hd, f32s_mut(dk_tile), hd); // dk += dSᵀ·Q
+                        }
+                    }
                 }
             }
         }
@@ -1072,6 +1250,9 @@ multiversion! {
     }
 }
 
+#[cfg(test)]
+mod bf16_tests;
+mod bf16_tiles;
 mod fused_qkv;
 #[cfg(test)]
 mod tests;

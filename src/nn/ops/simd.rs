@@ -55,6 +55,11 @@ pub trait Real:
     fn sigmoid(self) -> Self {
         Self::ONE / (Self::ONE + (-self).exp())
     }
+    /// The same values as `f32`, when `Self` is `f32`: how generic kernels reach code that
+    /// exists for `f32` only (the bf16 products of flash attention).
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// [`Real::as_f32`] for writing.
+    fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Real for f32 {
@@ -62,6 +67,13 @@ impl Real for f32 {
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
     const BLOCK: usize = 64;
+
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
+    }
+    fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]> {
+        Some(values)
+    }
 
     #[inline(always)]
     fn of(x: f64) -> Self {
@@ -94,6 +106,13 @@ impl Real for f64 {
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
     const BLOCK: usize = 32;
+
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 
     #[inline(always)]
     fn of(x: f64) -> Self {

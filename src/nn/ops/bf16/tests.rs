@@ -24,7 +24,7 @@ thread_local! {
 }
 
 /// Run `f` with this thread's bf16 products on `kernel`.
-fn on_kernel<R>(kernel: Bf16Kernel, f: impl FnOnce() -> R) -> R {
+pub(crate) fn on_kernel<R>(kernel: Bf16Kernel, f: impl FnOnce() -> R) -> R {
     let previous = FORCED.replace(Some(kernel));
     let out = f();
     FORCED.set(previous);

@@ -10,8 +10,9 @@
 //! separate autograd nodes, and candle's backward pass zero-fills and adds a gradient for every
 //! one of their inputs (the normed activations alone got three). Here one product fills `qkv`
 //! and one node turns it into the attention output; the split, the rotation and the head
-//! reordering happen in the single pass that copies the data into the kernel's layout anyway,
-//! and the backward recomputes them from `qkv` rather than keeping rotated copies alive.
+//! reordering happen in the single pass that copies the data into the kernel's layout anyway.
+//! The forward keeps its head-major `q`, `k`, `v` and output for the backward (the op owns
+//! that layout, so nothing else sees them), instead of splitting and rotating `qkv` again.
 
 use std::sync::{Arc, OnceLock};
 
@@ -68,7 +69,7 @@ pub fn flash_attention_qkv(
     let compute = compute_dtype("flash_attention", dtype)?;
     let contiguous = |t: &Tensor| t.to_dtype(compute)?.contiguous();
     let qkv = contiguous(qkv)?;
-    let op = FusedAttention { plan: Arc::new(plan), save_lse: qkv.track_op(), lse: OnceLock::new() };
+    let op = FusedAttention { plan: Arc::new(plan), save_for_backward: qkv.track_op(), saved: OnceLock::new() };
     let y = match rope {
         Some((cos, sin)) => qkv.apply_op3(&contiguous(cos)?, &contiguous(sin)?, op)?,
         None => qkv.apply_op1(op)?,
@@ -78,10 +79,24 @@ pub fn flash_attention_qkv(
 
 struct FusedAttention {
     plan: Arc<Plan>,
-    /// Only keep `L` when `qkv` wants a gradient.
-    save_lse: bool,
-    /// `(B, H, T)`, set by the forward.
-    lse: OnceLock<Tensor>,
+    /// Only keep [`Saved`] when `qkv` wants a gradient.
+    save_for_backward: bool,
+    /// Set by the forward.
+    saved: OnceLock<Saved>,
+}
+
+/// What the forward leaves for the backward, head-major as the kernels read it.
+struct Saved {
+    /// `(B, H, T)`: the log-sum-exp `L` of each query row.
+    lse: Tensor,
+    /// `(B, H, T, hd)`, rotated.
+    q: Tensor,
+    /// `(B, KV, T, hd)`, rotated.
+    k: Tensor,
+    /// `(B, KV, T, hd)`
+    v: Tensor,
+    /// `(B, H, T, hd)`: the output before its reordering to token-major.
+    out: Tensor,
 }
 
 /// `(q, k, v)` head-major (`(B, H, T, hd)`, `(B, KV, T, hd)` twice) from token-major `qkv`,
@@ -153,12 +168,20 @@ impl FusedAttention {
         let p = &self.plan;
         let (q, k, v) = split(p, qkv, tables);
         let (out, lse) = forward(p, &q, &k, &v);
-        if self.save_lse {
+        let tokens = reorder_heads(&out, p.b, p.t, p.h, p.hd, false);
+        if self.save_for_backward {
+            let (queries, keys) = ((p.b, p.h, p.t, p.hd), (p.b, p.kv, p.t, p.hd));
+            let saved = Saved {
+                lse: Tensor::from_vec(lse, (p.b, p.h, p.t), &Device::Cpu)?,
+                q: Tensor::from_vec(q, queries, &Device::Cpu)?,
+                k: Tensor::from_vec(k, keys, &Device::Cpu)?,
+                v: Tensor::from_vec(v, keys, &Device::Cpu)?,
+                out: Tensor::from_vec(out, queries, &Device::Cpu)?,
+            };
             // A fresh op runs its forward once; a second set would be a bug, not user input.
-            let _ = self.lse.set(Tensor::from_vec(lse, (p.b, p.h, p.t), &Device::Cpu)?);
+            let _ = self.saved.set(saved);
         }
-        let out = reorder_heads(&out, p.b, p.t, p.h, p.hd, false);
-        Ok((T::to_cpu_storage_owned(out), Shape::from((p.b, p.t, p.h * p.hd))))
+        Ok((T::to_cpu_storage_owned(tokens), Shape::from((p.b, p.t, p.h * p.hd))))
     }
 
     fn cpu_fwd_any(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
@@ -180,25 +203,25 @@ impl FusedAttention {
     }
 
     /// `d(qkv)` for the saved forward.
-    fn bwd_any(&self, qkv: &Tensor, tables: Option<(&Tensor, &Tensor)>, out: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let Some(lse) = self.lse.get() else {
+    fn bwd_any(&self, qkv: &Tensor, tables: Option<(&Tensor, &Tensor)>, grad: &Tensor) -> Result<Tensor> {
+        let Some(saved) = self.saved.get() else {
             bail!("flash_attention: backward without a saved forward (qkv required no gradient)")
         };
         fn run<T: Real>(p: &Plan, tensors: &[&Tensor]) -> Result<Tensor> {
-            let lse = tensors[3].to_dtype(T::DTYPE)?;
-            let mut inputs = vec![tensors[0], tensors[1], tensors[2], &lse];
-            inputs.extend(&tensors[4..]);
+            let lse = tensors[1].to_dtype(T::DTYPE)?;
+            let mut inputs = vec![tensors[0], &lse];
+            inputs.extend(&tensors[2..]);
             let dqkv = with_slices::<T, _>("flash_attention", &inputs, |s| {
-                let tables = (s.len() == 6).then(|| (s[4], s[5]));
-                let (q, k, v) = split(p, s[0], tables);
-                let queries = |x: &[T]| reorder_heads(x, p.b, p.t, p.h, p.hd, true);
-                let (dq, dk, dv) = backward(p, &q, &k, &v, &queries(s[1]), &queries(s[2]), s[3]);
+                let (grad, lse, q, k, v, out) = (s[0], s[1], s[2], s[3], s[4], s[5]);
+                let tables = (s.len() == 8).then(|| (s[6], s[7]));
+                let grad = reorder_heads(grad, p.b, p.t, p.h, p.hd, true);
+                let (dq, dk, dv) = backward(p, q, k, v, out, &grad, lse);
                 Ok(join(p, &dq, &dk, &dv, tables))
             })?;
             Tensor::from_vec(dqkv, qkv_shape(p), &Device::Cpu)
         }
         let grad = grad.to_dtype(qkv.dtype())?;
-        let mut tensors = vec![qkv, out, &grad, lse];
+        let mut tensors = vec![&grad, &saved.lse, &saved.q, &saved.k, &saved.v, &saved.out];
         if let Some((cos, sin)) = tables {
             tensors.extend([cos, sin]);
         }
@@ -223,8 +246,8 @@ impl CustomOp1 for FusedAttention {
         self.cpu_fwd_any(&[(qkv, layout)])
     }
 
-    fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        self.bwd_any(qkv, None, out, grad).map(Some)
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.bwd_any(qkv, None, grad).map(Some)
     }
 }
 
@@ -251,9 +274,9 @@ impl CustomOp3 for FusedAttention {
         qkv: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        out: &Tensor,
+        _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.bwd_any(qkv, Some((cos, sin)), out, grad)?), None, None))
+        Ok((Some(self.bwd_any(qkv, Some((cos, sin)), grad)?), None, None))
     }
 }
