@@ -260,6 +260,7 @@ mod pairs {
 
     use super::super::gemm::{avx512, Kernel, KernelShape, MatRef, Tile};
     use super::round_bits;
+    use crate::nn::ops::simd::mask16;
 
     /// The tile: 8 rows × 48 columns, as the `f32` kernel's (24 accumulator registers, 3 for
     /// the row of B, broadcasts of A straight from memory).
@@ -446,15 +447,6 @@ mod pairs {
                     _mm256_storeu_si256(self.ptr(l0 + 8, p) as *mut __m256i, _mm512_extracti64x4_epi64::<1>(lanes));
                 }
             }
-        }
-    }
-
-    /// Lanes `0..n` of a 16-lane mask.
-    fn mask16(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << n) - 1
         }
     }
 

@@ -177,6 +177,18 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// Lanes `0..n` of a 16-lane AVX-512 mask (all 16 from `n = 16` on): the edge of a row that
+/// does not fill a register.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn mask16(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// Which instruction set [`multiversion!`] compiles kernels for on this machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {

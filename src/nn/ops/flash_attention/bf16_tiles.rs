@@ -239,15 +239,7 @@ impl TileScratch {
 mod vdp {
     use std::arch::x86_64::*;
 
-    /// Lanes `0..n` of a 16-lane mask.
-    #[inline(always)]
-    fn mask16(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << n) - 1
-        }
-    }
+    use crate::nn::ops::simd::mask16;
 
     /// # Safety
     /// AVX512-BF16; `src` holds `rows × cols` at row stride `ld`, `dst` `rows × cols.div_ceil(2)`.
