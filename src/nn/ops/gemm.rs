@@ -448,11 +448,17 @@ multiversion! {
     }
 }
 
+/// Rows of `W` per task when one row is multiplied by `Wᵀ` (`k` values each): about 64 Ki
+/// weights, enough to outweigh handing the task to the pool.
+pub(super) fn one_row_task_rows(k: usize) -> usize {
+    (1 << 16) / k.max(1) + 1
+}
+
 /// `C[1 × n] (+)= a[1 × k] · Wᵀ`, split over the rows of `W` in parallel.
 fn row_times_transposed<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], accumulate: bool) {
     let (k, n) = (a.cols, b.cols);
     let x = &a.data[..k];
-    let rows_per_task = (1 << 16) / k.max(1) + 1;
+    let rows_per_task = one_row_task_rows(k);
     parallel::for_each_chunk(&mut c[..n], rows_per_task, |t, out| {
         let j0 = t * rows_per_task;
         dot_rows::<T>(x, &b.data[j0 * b.col_stride..], b.col_stride, out, accumulate);

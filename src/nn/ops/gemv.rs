@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
 use super::bf16::{self, Precision};
-use super::gemm::{dot_rows, SendPtr};
+use super::gemm::{dot_rows, one_row_task_rows, SendPtr};
 use super::{blas, parallel, route};
 
 /// `[x·Wᵢᵀ]` `(…, outᵢ)` for `x` `(…, in)` holding one row and `ws` `(outᵢ, in)`, as one parallel
@@ -43,8 +43,8 @@ pub fn linear_each(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
         matrices.push(&data[start..end]);
     }
     let width: usize = matrices.iter().map(|w| w.len() / cols.max(1)).sum();
-    // (matrix, its rows, where they go in the output), the GEMM's one-row split of 64 Ki values.
-    let rows_per_task = (1 << 16) / cols.max(1) + 1;
+    // (matrix, its rows, where they go in the output), split as the GEMM splits one row.
+    let rows_per_task = one_row_task_rows(cols);
     let mut tasks = Vec::new();
     let mut offset = 0;
     for (m, w) in matrices.iter().enumerate() {
