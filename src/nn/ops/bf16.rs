@@ -222,7 +222,13 @@ pub fn describe() -> String {
 /// bf16's largest finite value become ±∞, as in `vcvtne2ps2bf16`.
 #[inline(always)]
 pub fn round(x: f32) -> f32 {
-    f32::from_bits(u32::from(round_bits(x)) << 16)
+    widen(round_bits(x))
+}
+
+/// The `f32` value of a bf16's bits (exact: a bf16 is the top half of an `f32`).
+#[inline(always)]
+pub fn widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// The bf16 nearest `x` (ties to even), as its bits.

@@ -29,7 +29,7 @@
 
 use std::ops::Range;
 
-use crate::nn::ops::bf16::{self, Bf16Kernel};
+use crate::nn::ops::bf16::{self, widen, Bf16Kernel};
 
 use super::format::QMatrix;
 
@@ -47,11 +47,6 @@ pub fn bytes_of(values: &[f32]) -> Vec<u8> {
 /// The `f32` values of bf16 bytes (exact: bf16 is the top half of an `f32`).
 pub fn values_of(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(2).map(|b| widen(u16::from_le_bytes([b[0], b[1]]))).collect()
-}
-
-#[inline(always)]
-fn widen(bits: u16) -> f32 {
-    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// `out[i] = Σ_j w[rows.start + i, j]·x_j` for a run of rows of a [`QFormat::BF16`] matrix and
