@@ -10,24 +10,28 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 
-/// The distinct shard files named by an index's `weight_map`, in first-seen order.
-fn shard_files(index_path: &Path) -> Result<Vec<String>> {
+/// An index's `weight_map`: each tensor's shard file, by name.
+fn read_weight_map(index_path: &Path) -> Result<HashMap<String, String>> {
     let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
     let index: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::checkpoint(index_path, format!("not valid JSON: {e}")))?;
     let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
         Error::checkpoint(index_path, "field `weight_map`: expected an object of tensor name → shard file")
     })?;
-    let mut files: Vec<String> = Vec::new();
-    for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::checkpoint(index_path, format!("weight_map[`{tensor}`]: expected a file name")))?;
-        if !files.iter().any(|f| f == file) {
-            files.push(file.to_string());
-        }
-    }
-    Ok(files)
+    map.iter()
+        .map(|(tensor, file)| match file.as_str() {
+            Some(file) => Ok((tensor.clone(), file.to_string())),
+            None => Err(Error::checkpoint(index_path, format!("weight_map[`{tensor}`]: expected a file name"))),
+        })
+        .collect()
+}
+
+/// The distinct shard files of a weight map, sorted (the order the shards are read in).
+fn shard_files(weight_map: &HashMap<String, String>) -> Vec<String> {
+    let mut files: Vec<String> = weight_map.values().cloned().collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// All tensors of a model directory as f32: `model.safetensors`, or the shards listed in
@@ -74,21 +78,44 @@ impl SafetensorsDir {
     /// and its dtype is one lmforge reads.
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index_path.exists() {
-            shard_files(&index_path)?.into_iter().map(|f| dir.join(f)).collect()
-        } else if dir.join("model.safetensors").exists() {
-            vec![dir.join("model.safetensors")]
-        } else {
-            return Err(Error::checkpoint(
-                dir,
-                "no weights found: expected model.safetensors or model.safetensors.index.json with its shards",
-            ));
+        let weight_map = if index_path.exists() { Some(read_weight_map(&index_path)?) } else { None };
+        let files: Vec<PathBuf> = match &weight_map {
+            Some(map) => shard_files(map).into_iter().map(|f| dir.join(f)).collect(),
+            None if dir.join("model.safetensors").exists() => vec![dir.join("model.safetensors")],
+            None => {
+                return Err(Error::checkpoint(
+                    dir,
+                    "no weights found: expected model.safetensors or model.safetensors.index.json with its shards",
+                ))
+            }
         };
         let mut found = SafetensorsDir { shards: Vec::new(), index: HashMap::new() };
         for path in files {
             found.add_shard(path)?;
         }
+        if let Some(map) = weight_map {
+            found.check_against_index(&map, &index_path)?;
+        }
         Ok(found)
+    }
+
+    /// Every tensor the index lists lies in the shard it names. (A shard swapped for another
+    /// download's, or a tensor listed in the wrong file, would otherwise surface later as a
+    /// missing or misshapen weight, far from its cause.)
+    fn check_against_index(&self, weight_map: &HashMap<String, String>, index_path: &Path) -> Result<()> {
+        let mut listed: Vec<(&String, &String)> = weight_map.iter().collect();
+        listed.sort();
+        for (tensor, file) in listed {
+            let found_in = self.index.get(tensor).map(|entry| &self.shards[entry.shard].path);
+            if found_in.is_none_or(|path| !path.ends_with(file)) {
+                let where_ = found_in.map_or("in none of the shards".to_string(), |p| format!("in {}", p.display()));
+                return Err(Error::checkpoint(
+                    index_path,
+                    format!("weight_map[`{tensor}`] names shard {file}, but the tensor is {where_}\nHINT: the index and its shards come from different downloads; fetch them again together"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn add_shard(&mut self, path: PathBuf) -> Result<()> {
@@ -116,6 +143,13 @@ impl SafetensorsDir {
                     ))
                 }
             };
+            if let Some(earlier) = self.index.get(&name) {
+                let earlier = &self.shards[earlier.shard].path;
+                return Err(Error::checkpoint(
+                    &path,
+                    format!("tensor `{name}` is also in {}: each tensor must lie in one shard", earlier.display()),
+                ));
+            }
             let entry = Entry { shard, dtype, shape: info.shape.clone(), bytes: info.data_offsets };
             self.index.insert(name, entry);
         }
@@ -218,6 +252,45 @@ mod tests {
             assert_eq!(all[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), values, "{name}");
         }
         assert_eq!(all["x"].dims(), [2, 3]);
+    }
+
+    /// Two shards of one model: `x` in the first, `y` in the second (and whatever `extra`
+    /// adds to the second), with an index that maps each tensor to the shard in `weight_map`.
+    fn two_shards(name: &str, extra: &[&str], weight_map: &str) -> TempDir {
+        let dir = TempDir::new(name);
+        let t = || Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let second: HashMap<String, Tensor> =
+            std::iter::once("y").chain(extra.iter().copied()).map(|n| (n.to_string(), t())).collect();
+        candle_core::safetensors::save(&HashMap::from([("x".to_string(), t())]), dir.path("a.safetensors")).unwrap();
+        candle_core::safetensors::save(&second, dir.path("b.safetensors")).unwrap();
+        dir.write("model.safetensors.index.json", format!(r#"{{"weight_map": {weight_map}}}"#));
+        dir
+    }
+
+    /// A tensor in two shards is refused, naming both files: which copy wins is not ours to guess.
+    #[test]
+    fn a_tensor_in_two_shards_is_refused_naming_both() {
+        let dir = two_shards("twice", &["x"], r#"{"x": "a.safetensors", "y": "b.safetensors"}"#);
+        let err = SafetensorsDir::open(&dir.0).err().unwrap().to_string();
+        assert!(err.contains("tensor `x` is also in") && err.contains("a.safetensors"), "{err}");
+        assert!(err.contains("b.safetensors"), "{err}");
+    }
+
+    /// An index that names the wrong shard for a tensor, or a tensor no shard holds, is refused
+    /// naming the index, the tensor and where it is.
+    #[test]
+    fn an_index_that_disagrees_with_its_shards_is_refused() {
+        let dir = two_shards("moved", &[], r#"{"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors"}"#);
+        let err = SafetensorsDir::open(&dir.0).err().unwrap().to_string();
+        assert!(
+            err.contains("model.safetensors.index.json") && err.contains("weight_map[`y`] names shard a.safetensors"),
+            "{err}"
+        );
+        assert!(err.contains("b.safetensors") && err.contains("HINT:"), "{err}");
+
+        let dir = two_shards("missing", &[], r#"{"x": "a.safetensors", "y": "b.safetensors", "z": "b.safetensors"}"#);
+        let err = SafetensorsDir::open(&dir.0).err().unwrap().to_string();
+        assert!(err.contains("weight_map[`z`]") && err.contains("in none of the shards"), "{err}");
     }
 
     /// A shard cut short is refused when its header is read, naming the file.
