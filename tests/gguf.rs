@@ -9,6 +9,7 @@
 //! - bad input: architectures GGUF `llama` cannot hold, damaged files, all as errors that say
 //!   what is wrong, without a backtrace.
 
+mod command;
 mod fetched;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::gguf::{export_gguf, gguf_problems, to_gguf_name, tokenizer_metadata, ExportOptions, Quant};
 use lmforge::io::{load_model, LoadedModel};
 
+use command::reference_python;
 use fetched::smollm2;
 
 fn fixture(name: &str) -> PathBuf {
@@ -210,23 +212,9 @@ fn smollm2_tokenizer_is_written_back_as_llama_cpp_wrote_it() {
 
 // --- out: transformers reads it ----------------------------------------------------------------
 
-/// `$LMFORGE_PYTHON`, an interpreter with torch, transformers and gguf; absent: skip with a
-/// notice, or fail when `LMFORGE_REQUIRE_PYTHON=1`.
-fn python(test: &str) -> Option<PathBuf> {
-    if let Some(python) = std::env::var_os("LMFORGE_PYTHON").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(python));
-    }
-    assert!(
-        std::env::var("LMFORGE_REQUIRE_PYTHON").as_deref() != Ok("1"),
-        "{test}: LMFORGE_REQUIRE_PYTHON=1 but LMFORGE_PYTHON is unset (PYTHON=$(scripts/setup_python.sh))"
-    );
-    eprintln!("{test}: skipped, LMFORGE_PYTHON is unset (set it to the python of scripts/setup_python.sh)");
-    None
-}
-
 #[test]
 fn gguf_exports_load_in_transformers_with_the_same_logits() {
-    let Some(python) = python("gguf_exports_load_in_transformers_with_the_same_logits") else { return };
+    let Some(python) = reference_python("gguf_exports_load_in_transformers_with_the_same_logits") else { return };
     let out = tempfile::tempdir().unwrap();
     let ids = [5u32, 17, 91, 3, 44, 2, 60, 7, 8, 9];
     // (name, model, prompt ids, options): GQA with a tied head (the quickstart's shape), MHA

@@ -16,7 +16,7 @@ use lmforge::config::{apply_overrides, presets, ModelConfig};
 use lmforge::model::{init_weights, Model};
 use lmforge::train::TrainRng;
 
-use command::{fails, lmforge, ok_stderr};
+use command::{fails, lmforge, ok_stderr, reference_python};
 use fetched::smollm2;
 use small_run::{corpus, metrics};
 
@@ -360,18 +360,10 @@ fn smollm2_upcycled_keeps_its_logits() {
 
 /// A trained mixture exports as Hugging Face Mixtral, and `transformers` loads it with the same
 /// logits (scripts/check_export.py). Needs a Python with torch and transformers in
-/// `LMFORGE_PYTHON` (`scripts/setup_python.sh` prints one); skipped without, unless
-/// `LMFORGE_REQUIRE_PYTHON` is set.
+/// `LMFORGE_PYTHON` ([`reference_python`]).
 #[test]
 fn trained_mixture_exports_to_mixtral_with_the_same_logits() {
-    let Some(python) = std::env::var_os("LMFORGE_PYTHON") else {
-        assert!(
-            std::env::var_os("LMFORGE_REQUIRE_PYTHON").is_none(),
-            "LMFORGE_REQUIRE_PYTHON is set but LMFORGE_PYTHON is not; set it to the output of scripts/setup_python.sh"
-        );
-        eprintln!("skipped: set LMFORGE_PYTHON to a Python with torch and transformers (scripts/setup_python.sh)");
-        return;
-    };
+    let Some(python) = reference_python("trained_mixture_exports_to_mixtral_with_the_same_logits") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let path = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     // Tied embeddings and an upcycled start (SmolLM2's shape), then a few steps so the experts

@@ -2,12 +2,16 @@
 //! `scripts/make_fixtures.py`): logits within 1e-4 and identical greedy continuations, which run
 //! through the KV cache.
 
+mod command;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use lmforge::generate::{generate, GenerateOptions, Sampler, Sampling};
 use lmforge::io::hf::export_hf_dir;
 use lmforge::io::load_model;
+
+use command::reference_python;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -35,9 +39,13 @@ fn expected(dir: &Path) -> Expected {
 }
 
 fn check_family(name: &str) {
-    let dir = fixture(name);
-    let want = expected(&dir);
-    let loaded = load_model(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    check_checkpoint(name, &fixture(name), &expected(&fixture(name)));
+}
+
+/// The checkpoint in `dir` against transformers' logits and greedy continuation `want`, then
+/// exported and reloaded.
+fn check_checkpoint(name: &str, dir: &Path, want: &Expected) {
+    let loaded = load_model(dir, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
     let model = loaded.build().unwrap_or_else(|e| panic!("{name}: {e}"));
 
     let ids = Tensor::new(want.input_ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -118,6 +126,32 @@ fn mistral_sliding_window_and_yarn_match_transformers() {
 #[test]
 fn mixtral_top3_of_5_with_window_matches_transformers() {
     check_family("mixtral");
+}
+
+/// Mixtral 8x7B and Llama 2 7B come in shards: the Mixtral fixture as transformers'
+/// `save_pretrained(max_shard_size=…)` cuts it (an index and several files, tensors split
+/// where transformers splits them) reads to the same logits.
+#[test]
+fn mixtral_sharded_by_transformers_matches_transformers() {
+    let test = "mixtral_sharded_by_transformers_matches_transformers";
+    let Some(python) = reference_python(test) else { return };
+    let sharded = tempfile::tempdir().unwrap();
+    let reshard = "import sys, torch, transformers\n\
+        model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n\
+        model.save_pretrained(sys.argv[2], max_shard_size='64KB')";
+    let out = std::process::Command::new(python)
+        .args(["-c", reshard])
+        .arg(fixture("mixtral"))
+        .arg(sharded.path())
+        .output()
+        .expect("run the reference python");
+    assert!(out.status.success(), "{test}: resharding failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let shards = std::fs::read_dir(sharded.path())
+        .unwrap()
+        .filter(|f| f.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors"))
+        .count();
+    assert!(shards >= 3 && sharded.path().join("model.safetensors.index.json").exists(), "{test}: {shards} shards");
+    check_checkpoint(test, sharded.path(), &expected(&fixture("mixtral")));
 }
 
 #[test]

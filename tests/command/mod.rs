@@ -4,6 +4,7 @@
 // Each test file is its own crate and uses only part of this module.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// The binary under test, to add arguments and environment to.
@@ -45,4 +46,19 @@ pub fn fails(args: &[&str]) -> String {
     );
     assert!(!stderr.contains("panicked"), "lmforge {args:?} panicked:\n{stderr}");
     stderr
+}
+
+/// `$LMFORGE_PYTHON`, the reference interpreter (torch, transformers, gguf: the venv of
+/// `scripts/setup_python.sh`) for the tests that check lmforge against them; absent, `test` is
+/// skipped with a notice, or fails when `LMFORGE_REQUIRE_PYTHON=1` (as CI sets it).
+pub fn reference_python(test: &str) -> Option<PathBuf> {
+    if let Some(python) = std::env::var_os("LMFORGE_PYTHON").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(python));
+    }
+    assert!(
+        std::env::var("LMFORGE_REQUIRE_PYTHON").as_deref() != Ok("1"),
+        "{test}: LMFORGE_REQUIRE_PYTHON=1 but LMFORGE_PYTHON is unset (PYTHON=$(scripts/setup_python.sh))"
+    );
+    eprintln!("{test}: skipped, LMFORGE_PYTHON is unset (set it to the python of scripts/setup_python.sh)");
+    None
 }
