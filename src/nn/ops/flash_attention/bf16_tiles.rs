@@ -247,6 +247,7 @@ mod vdp {
     pub unsafe fn pack_rows(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [u32]) {
         let pairs = cols.div_ceil(2);
         for i in 0..rows {
+            super::super::prefetch_row(src, i + super::super::PREFETCH_ROWS, ld, cols);
             for c0 in (0..cols).step_by(32) {
                 let (lo, hi) = (mask16(cols - c0), mask16(cols.saturating_sub(c0 + 16)));
                 // SAFETY: lanes past `cols` are masked off (never read or written); the row
@@ -277,6 +278,9 @@ mod vdp {
             1, 16, 0,
         );
         for p in 0..rows.div_ceil(2) {
+            for row in [2 * p, 2 * p + 1] {
+                super::super::prefetch_row(src, row + super::super::PREFETCH_ROWS, ld, cols);
+            }
             for c0 in (0..cols).step_by(16) {
                 let lanes = mask16(cols - c0);
                 // SAFETY: lanes past `cols` are masked off; rows 2p and 2p + 1 (when < rows)
