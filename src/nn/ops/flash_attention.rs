@@ -779,8 +779,11 @@ fn forward<T: Real>(p: &Plan, q: HeadRows<'_, T>, k: HeadRows<'_, T>, v: HeadRow
 }
 
 /// `dst[d·KEY_TILE + j] = scale · src[j·ld + d]` for `keys` keys of `hd` values, zero beyond.
+#[inline(always)]
 fn transpose_tile<T: Real>(src: &[T], keys: usize, ld: usize, hd: usize, scale: T, dst: &mut [T]) {
-    dst.fill(T::ZERO);
+    if keys < KEY_TILE {
+        dst.fill(T::ZERO); // a full tile writes every element below
+    }
     for j in 0..keys {
         prefetch_row(src, j + PREFETCH_ROWS, ld, hd);
         for (d, &x) in src[j * ld..][..hd].iter().enumerate() {
@@ -824,15 +827,15 @@ multiversion! {
             let len = p.keys_in_tile(b, key_tile);
             let tile = g * p.key_tiles() + key_tile; // (batch, KV head, key tile)
             let scores = &mut s[..rows * KEY_TILE];
-            scores.fill(T::ZERO);
             match p.bf16 {
                 None => {
+                    scores.fill(T::ZERO);
                     let kt = &inputs.kt[tile * hd * KEY_TILE..][..hd * KEY_TILE];
                     gemm_acc(rows, KEY_TILE, hd, q, ldq, 1, kt, KEY_TILE, scores, KEY_TILE); // S = Q·(scale·K)ᵀ
                 }
                 Some(bf16) => {
                     let kt = &inputs.kt_pairs[tile * hd_pairs * KEY_TILE..][..hd_pairs * KEY_TILE];
-                    bf16.product(rows, KEY_TILE, hd_pairs, &q_pairs, hd_pairs, 1, kt, KEY_TILE, f32s_mut(scores), KEY_TILE)
+                    bf16.product_into(rows, KEY_TILE, hd_pairs, &q_pairs, hd_pairs, 1, kt, KEY_TILE, f32s_mut(scores), KEY_TILE)
                 }
             }
             mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
@@ -1229,12 +1232,14 @@ multiversion! {
                         _ => None,
                     };
                     let scores = &mut s[..rows * KEY_TILE];
-                    scores.fill(T::ZERO);
                     match &bf16 {
-                        None => gemm_acc(rows, KEY_TILE, hd, q, ldq, 1, &kt, KEY_TILE, scores, KEY_TILE), // S = Q·(scale·K)ᵀ
+                        None => {
+                            scores.fill(T::ZERO);
+                            gemm_acc(rows, KEY_TILE, hd, q, ldq, 1, &kt, KEY_TILE, scores, KEY_TILE) // S = Q·(scale·K)ᵀ
+                        }
                         Some((bf16, q_pairs, ..)) => {
                             let q = q_pairs.along(p, bh, q0, rows);
-                            bf16.product(rows, KEY_TILE, hd_pairs, q, hd_pairs, 1, &kt_pairs, KEY_TILE, f32s_mut(scores), KEY_TILE)
+                            bf16.product_into(rows, KEY_TILE, hd_pairs, q, hd_pairs, 1, &kt_pairs, KEY_TILE, f32s_mut(scores), KEY_TILE)
                         }
                     }
                     mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
@@ -1260,10 +1265,10 @@ multiversion! {
                         }
                     };
                     let dp = &mut dp[..rows * KEY_TILE];
-                    dp.fill(T::ZERO);
                     let query_pairs = rows.div_ceil(2);
                     match &mut bf16 {
                         None => {
+                            dp.fill(T::ZERO);
                             gemm_acc(len, hd, rows, p_seen_by_v, 1, KEY_TILE, dout, ldo, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
                             gemm_acc(rows, KEY_TILE, hd, dout, ldo, 1, &vt, KEY_TILE, dp, KEY_TILE); // dP = dO·Vᵀ
                         }
@@ -1273,7 +1278,7 @@ multiversion! {
                             let dout = dout_pairs.across(p, bh, q0);
                             bf16.product(len, hd, query_pairs, pt, 1, KEY_TILE, dout, hd, f32s_mut(dv_tile), hd); // dv += (P∘Z)ᵀ·dO
                             let dout = dout_pairs.along(p, bh, q0, rows);
-                            bf16.product(rows, KEY_TILE, hd_pairs, dout, hd_pairs, 1, &vt_pairs, KEY_TILE, f32s_mut(dp), KEY_TILE); // dP = dO·Vᵀ
+                            bf16.product_into(rows, KEY_TILE, hd_pairs, dout, hd_pairs, 1, &vt_pairs, KEY_TILE, f32s_mut(dp), KEY_TILE); // dP = dO·Vᵀ
                         }
                     }
                     if let Some(dropout) = &p.dropout {
