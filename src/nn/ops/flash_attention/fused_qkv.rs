@@ -132,7 +132,7 @@ fn views<'a, T>(p: &Plan, qkv: &'a [T], rotated: Option<(&'a [T], &'a [T])>) -> 
     }
 }
 
-/// The inverse of [`split`] for gradients: `d(qkv)` token-major from head-major `dq`, `dk`, `dv`,
+/// The inverse of [`views`] for gradients: `d(qkv)` token-major from head-major `dq`, `dk`, `dv`,
 /// the q and k parts rotated back (`Rᵀ`) when tables are given. One task per token.
 fn join<T: Real>(p: &Plan, dq: &[T], dk: &[T], dv: &[T], tables: Option<(&[T], &[T])>) -> Vec<T> {
     let (t, hd) = (p.t, p.hd);
