@@ -230,8 +230,9 @@ fn apply_kernel(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan, token_major: boo
 ///
 /// Why: splitting heads with reshape + transpose + copy puts three nodes per input (and two on
 /// the output) into the autograd graph, and candle's backward pass zero-fills and adds a
-/// gradient for every node. Here the op reorders the data itself (one copy each way, inside
-/// the op) and autograd sees a single node.
+/// gradient for every node. Here the kernels read the heads in place ([`HeadRows`]), only the
+/// head-major results are reordered (one copy each, inside the op), and autograd sees a single
+/// node.
 pub fn flash_attention_tokens(
     q: &Tensor,
     k: &Tensor,
@@ -264,7 +265,8 @@ pub fn flash_attention_tokens(
 }
 
 /// `(B, T, N, hd)` → `(B, N, T, hd)` when `to_heads`, the reverse otherwise, for contiguous
-/// data: the reordering the token-major entry point does inside the op. Each task writes one
+/// data: the reordering of the kernels' head-major results (output, gradients) that the
+/// token-major entry points do inside the op. Each task writes one
 /// contiguous chunk of the output (a head's `T` rows, or a token's `N` heads).
 fn reorder_heads<T: Real>(x: &[T], b: usize, t: usize, n: usize, hd: usize, to_heads: bool) -> Vec<T> {
     // SAFETY: each task copies whole rows into its chunk, and the chunks cover `out`.
@@ -518,14 +520,12 @@ impl CustomOp3 for FlashAttention {
             let (out, lse) = if op.token_major {
                 let slice = |storage, layout| storage_slice::<T>("flash_attention", storage, layout);
                 let (k, v) = (slice(k, lk)?, slice(v, lv)?);
-                let q = reorder_heads(q, p.b, p.t, p.h, p.hd, true);
-                let k = reorder_heads(k, p.b, p.s, p.kv, p.hd, true);
-                let v = reorder_heads(v, p.b, p.s, p.kv, p.hd, true);
-                let (out, lse) = forward(p, &q, &k, &v);
+                let [q, k, v] = token_major_views(p, [q, k, v]);
+                let (out, lse) = forward(p, q, k, v);
                 (reorder_heads(&out, p.b, p.t, p.h, p.hd, false), lse)
             } else {
-                let (k, v) = (HeadRows::of(p, k, lk)?, HeadRows::of(p, v, lv)?);
-                forward_strided(p, q, k, v)
+                let q = HeadRows::head_major(q, p.h, p.t, p.hd);
+                forward(p, q, HeadRows::of(p, k, lk)?, HeadRows::of(p, v, lv)?)
             };
             if op.save_lse {
                 let lse = Tensor::from_vec(lse, (p.b, p.h, p.t), &Device::Cpu)?;
@@ -563,12 +563,14 @@ impl CustomOp3 for FlashAttention {
             let lse = t[5].to_dtype(T::DTYPE)?;
             let (dq, dk, dv) = with_slices::<T, _>("flash_attention", &[t[0], t[1], t[2], t[3], t[4], &lse], |s| {
                 if !token_major {
-                    return Ok(backward(p, s[0], s[1], s[2], s[3], s[4], s[5]));
+                    let queries = |x| HeadRows::head_major(x, p.h, p.t, p.hd);
+                    let keys = |x| HeadRows::head_major(x, p.kv, p.s, p.hd);
+                    let [q, k, v, out, dout] = [queries(s[0]), keys(s[1]), keys(s[2]), queries(s[3]), queries(s[4])];
+                    return Ok(backward(p, q, k, v, out, dout, s[5]));
                 }
-                let queries = |x: &[T]| reorder_heads(x, p.b, p.t, p.h, p.hd, true);
-                let keys = |x: &[T]| reorder_heads(x, p.b, p.s, p.kv, p.hd, true);
-                let (dq, dk, dv) =
-                    backward(p, &queries(s[0]), &keys(s[1]), &keys(s[2]), &queries(s[3]), &queries(s[4]), s[5]);
+                let [q, k, v] = token_major_views(p, [s[0], s[1], s[2]]);
+                let [out, dout] = [s[3], s[4]].map(|x| HeadRows::token_major(x, p.t, p.h * p.hd, 0, p.h, p.hd));
+                let (dq, dk, dv) = backward(p, q, k, v, out, dout, s[5]);
                 Ok((
                     reorder_heads(&dq, p.b, p.t, p.h, p.hd, false),
                     reorder_heads(&dk, p.b, p.s, p.kv, p.hd, false),
@@ -596,25 +598,71 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
-/// Keys or values `(B, KV, S, hd)` whose `S × hd` rows of each (batch, KV head) are
-/// contiguous, with any stride between heads and between batch rows: a contiguous tensor, or
-/// a KV cache's view of the filled prefix of its `(B, KV, capacity, hd)` buffer.
+/// Rows a strided reader asks the cache for ahead of the one it reads ([`prefetch_row`]).
+const PREFETCH_ROWS: usize = 4;
+
+/// Ask the cache for row `row` (`hd` values at `row·ld`) of `src`, a few rows before it is
+/// read. Why: a head's rows in token-major data lie whole token rows apart, often a page or
+/// more, where the hardware prefetcher does not follow; the backward reads them from memory
+/// (the forward wrote them long before), one latency per row without this.
+#[inline(always)]
+fn prefetch_row<T>(src: &[T], row: usize, ld: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let first = src.as_ptr().wrapping_add(row * ld);
+        let line = 64 / std::mem::size_of::<T>().max(1);
+        // SAFETY: SSE is part of x86_64; a prefetch reads nothing and never faults, even past
+        // the slice's end.
+        unsafe {
+            for i in (0..hd).step_by(line) {
+                _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(i) as *const i8);
+            }
+            _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(hd.saturating_sub(1)) as *const i8);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, row, ld, hd);
+}
+
+/// Token-major `q` `(B, T, H·hd)`, `k` and `v` `(B, S, KV·hd)` read by head.
+fn token_major_views<'a, T>(p: &Plan, [q, k, v]: [&'a [T]; 3]) -> [HeadRows<'a, T>; 3] {
+    let keys = |x| HeadRows::token_major(x, p.s, p.kv * p.hd, 0, p.kv, p.hd);
+    [HeadRows::token_major(q, p.t, p.h * p.hd, 0, p.h, p.hd), keys(k), keys(v)]
+}
+
+/// Rows of `hd` values, one per (batch, head, position), read in place through their strides:
+/// contiguous head-major `(B, N, R, hd)` data, a KV cache's view of the filled prefix of its
+/// `(B, KV, capacity, hd)` buffer, or the heads of token-major `(B, R, width)` data (a
+/// projection's output, head `n` in columns `n·hd..` of each token's row).
+///
+/// Why: every kernel reads its operands through this, so token-major inputs (the q/k/v
+/// projections, the fused `qkv`, the output gradient) are not copied into a head-major layout
+/// first, and the backward reads the forward's inputs and output where they already are.
 #[derive(Clone, Copy)]
 struct HeadRows<'a, T> {
     /// The storage from the first element on.
     data: &'a [T],
     batch_stride: usize,
     head_stride: usize,
-    kv: usize,
-    /// `S·hd`: the elements of one head.
-    head_len: usize,
+    /// Elements from one position's row to the next.
+    row_stride: usize,
+    /// Heads per batch row.
+    heads: usize,
+    hd: usize,
 }
 
 impl<'a, T> HeadRows<'a, T> {
-    /// Contiguous `(B, KV, S, hd)` data.
-    fn contiguous(p: &Plan, data: &'a [T]) -> Self {
-        let head_len = p.s * p.hd;
-        HeadRows { data, batch_stride: p.kv * head_len, head_stride: head_len, kv: p.kv, head_len }
+    /// Contiguous `(B, heads, rows, hd)` data.
+    fn head_major(data: &'a [T], heads: usize, rows: usize, hd: usize) -> Self {
+        HeadRows { data, batch_stride: heads * rows * hd, head_stride: rows * hd, row_stride: hd, heads, hd }
+    }
+
+    /// `heads` heads of `hd` columns each, from column `first·hd` of each row of contiguous
+    /// `(B, rows, width)` data.
+    fn token_major(data: &'a [T], rows: usize, width: usize, first: usize, heads: usize, hd: usize) -> Self {
+        let data = data.get(first * hd..).unwrap_or_default();
+        HeadRows { data, batch_stride: rows * width, head_stride: hd, row_stride: width, heads, hd }
     }
 
     /// The data of `storage` in `layout` (checked by [`head_strides`]).
@@ -626,13 +674,17 @@ impl<'a, T> HeadRows<'a, T> {
             bail!("flash_attention: internal error, keys/values are not contiguous within each head")
         };
         let data = &T::cpu_storage_as_slice(storage)?[layout.start_offset()..];
-        Ok(HeadRows { data, batch_stride, head_stride, kv: p.kv, head_len: p.s * p.hd })
+        Ok(HeadRows { data, batch_stride, head_stride, row_stride: p.hd, heads: p.kv, hd: p.hd })
     }
 
-    /// `(S, hd)` of (batch, KV head) `g = b·KV + kv_head`.
-    fn head(&self, g: usize) -> &'a [T] {
-        let start = (g / self.kv) * self.batch_stride + (g % self.kv) * self.head_stride;
-        &self.data[start..][..self.head_len]
+    /// Rows `first..first + count` of (batch, head) `g = b·heads + head`: row `i` is
+    /// `[i·row_stride..][..hd]` of the slice.
+    fn rows(&self, g: usize, first: usize, count: usize) -> &'a [T] {
+        if count == 0 {
+            return &[];
+        }
+        let start = (g / self.heads) * self.batch_stride + (g % self.heads) * self.head_stride;
+        &self.data[start + first * self.row_stride..][..(count - 1) * self.row_stride + self.hd]
     }
 }
 
@@ -649,7 +701,7 @@ fn head_strides(layout: &Layout) -> Option<(usize, usize)> {
 struct Fwd<'a, T> {
     plan: &'a Plan,
     /// `(B, H, T, hd)`
-    q: &'a [T],
+    q: HeadRows<'a, T>,
     /// `scale·k`, transposed per key tile and zero-padded: `(B, KV, tiles, hd, KEY_TILE)`
     /// (empty with bf16 products).
     kt: &'a [T],
@@ -661,13 +713,9 @@ struct Fwd<'a, T> {
     v_pairs: &'a [u32],
 }
 
-/// Returns `O` `(B, H, T, hd)` and `L` `(B, H, T)` for contiguous `q`, `k`, `v`.
-fn forward<T: Real>(p: &Plan, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
-    forward_strided(p, q, HeadRows::contiguous(p, k), HeadRows::contiguous(p, v))
-}
-
-/// [`forward`] with keys and values read through their head strides.
-fn forward_strided<T: Real>(p: &Plan, q: &[T], k: HeadRows<'_, T>, v: HeadRows<'_, T>) -> (Vec<T>, Vec<T>) {
+/// Returns `O` `(B, H, T, hd)` and `L` `(B, H, T)` for `q` `(B, H, T, hd)` and `k`, `v`
+/// `(B, KV, S, hd)`.
+fn forward<T: Real>(p: &Plan, q: HeadRows<'_, T>, k: HeadRows<'_, T>, v: HeadRows<'_, T>) -> (Vec<T>, Vec<T>) {
     let (t, hd) = (p.t, p.hd);
     // SAFETY (both): `forward_query_tile` zeroes its rows of `out` first and writes each
     // row's `lse`; the tiles cover both.
@@ -681,10 +729,10 @@ fn forward_strided<T: Real>(p: &Plan, q: &[T], k: HeadRows<'_, T>, v: HeadRows<'
     let tile_elems = hd * KEY_TILE;
     let tiles = p.b * p.kv * p.key_tiles();
     let scale = T::of(p.scale);
-    // Tile `i` of all (batch, KV head, key tile): its `(keys, hd)` rows.
-    fn key_tile<'a, T>(p: &Plan, x: HeadRows<'a, T>, i: usize) -> &'a [T] {
+    // Tile `i` of all (batch, KV head, key tile): its rows (at `x.row_stride`) and their number.
+    fn key_tile<'a, T>(p: &Plan, x: HeadRows<'a, T>, i: usize) -> (&'a [T], usize) {
         let (g, tile) = (i / p.key_tiles(), i % p.key_tiles());
-        &x.head(g)[tile * KEY_TILE * p.hd..][..p.tile_len[tile] * p.hd]
+        (x.rows(g, tile * KEY_TILE, p.tile_len[tile]), p.tile_len[tile])
     }
     let (mut kt, mut kt_pairs, mut v_pairs) = (Vec::new(), Vec::new(), Vec::new());
     match p.bf16 {
@@ -693,7 +741,8 @@ fn forward_strided<T: Real>(p: &Plan, q: &[T], k: HeadRows<'_, T>, v: HeadRows<'
             kt = unsafe { output_buffer(tiles * tile_elems) };
             if !kt.is_empty() {
                 parallel::for_each_chunk(&mut kt, tile_elems, |i, dst| {
-                    transpose_tile(key_tile(p, k, i), hd, scale, dst)
+                    let (rows, keys) = key_tile(p, k, i);
+                    transpose_tile(rows, keys, k.row_stride, hd, scale, dst)
                 });
             }
         }
@@ -702,13 +751,14 @@ fn forward_strided<T: Real>(p: &Plan, q: &[T], k: HeadRows<'_, T>, v: HeadRows<'
             kt_pairs = vec![0; tiles * pair_elems];
             parallel::for_each_chunk(&mut kt_pairs, pair_elems, |i, dst| {
                 let mut kt = vec![T::ZERO; tile_elems];
-                transpose_tile(key_tile(p, k, i), hd, scale, &mut kt);
+                let (rows, keys) = key_tile(p, k, i);
+                transpose_tile(rows, keys, k.row_stride, hd, scale, &mut kt);
                 bf16.pack_across(f32s(&kt), hd, KEY_TILE, KEY_TILE, dst);
             });
             v_pairs = vec![0; tiles * tile_elems / 2];
             parallel::for_each_chunk(&mut v_pairs, tile_elems / 2, |i, dst| {
-                let v = key_tile(p, v, i);
-                bf16.pack_across(f32s(v), v.len() / hd, hd, hd, dst);
+                let (rows, keys) = key_tile(p, v, i);
+                bf16.pack_across(f32s(rows), keys, hd, v.row_stride, dst);
             });
         }
     }
@@ -728,11 +778,15 @@ fn forward_strided<T: Real>(p: &Plan, q: &[T], k: HeadRows<'_, T>, v: HeadRows<'
     (out, lse)
 }
 
-/// `dst[d·KEY_TILE + j] = scale · src[j·hd + d]` for the `src.len() / hd` keys, zero beyond.
-fn transpose_tile<T: Real>(src: &[T], hd: usize, scale: T, dst: &mut [T]) {
-    dst.fill(T::ZERO);
-    for (j, row) in src.chunks_exact(hd).enumerate() {
-        for (d, &x) in row.iter().enumerate() {
+/// `dst[d·KEY_TILE + j] = scale · src[j·ld + d]` for `keys` keys of `hd` values, zero beyond.
+#[inline(always)]
+fn transpose_tile<T: Real>(src: &[T], keys: usize, ld: usize, hd: usize, scale: T, dst: &mut [T]) {
+    if keys < KEY_TILE {
+        dst.fill(T::ZERO); // a full tile writes every element below
+    }
+    for j in 0..keys {
+        prefetch_row(src, j + PREFETCH_ROWS, ld, hd);
+        for (d, &x) in src[j * ld..][..hd].iter().enumerate() {
             dst[d * KEY_TILE + j] = scale * x;
         }
     }
@@ -747,13 +801,12 @@ multiversion! {
         let (b, h) = (bh / p.h, bh % p.h);
         let g = b * p.kv + h / p.group(); // (batch, KV head) this head reads
         let q0 = tile * QUERY_TILE;
-        let q = &inputs.q[(bh * p.t + q0) * hd..][..rows * hd]; // (rows, hd)
-        let v = inputs.v.head(g); // (S, hd)
+        let (q, ldq) = (inputs.q.rows(bh, q0, rows), inputs.q.row_stride); // (rows, hd)
         // With bf16 products: q paired along hd (rows, hd/2), and the probabilities' pairs.
         let (hd_pairs, mut q_pairs, mut scratch) = (hd.div_ceil(2), Vec::new(), None);
         if let Some(bf16) = p.bf16 {
             q_pairs = vec![0; rows * hd_pairs];
-            bf16.pack_rows(f32s(q), rows, hd, hd, &mut q_pairs);
+            bf16.pack_rows(f32s(q), rows, hd, ldq, &mut q_pairs);
             scratch = Some(TileScratch::new());
         }
         let q_lo = p.query_start + q0 as i64;
@@ -774,15 +827,15 @@ multiversion! {
             let len = p.keys_in_tile(b, key_tile);
             let tile = g * p.key_tiles() + key_tile; // (batch, KV head, key tile)
             let scores = &mut s[..rows * KEY_TILE];
-            scores.fill(T::ZERO);
             match p.bf16 {
                 None => {
+                    scores.fill(T::ZERO);
                     let kt = &inputs.kt[tile * hd * KEY_TILE..][..hd * KEY_TILE];
-                    gemm_acc(rows, KEY_TILE, hd, q, hd, 1, kt, KEY_TILE, scores, KEY_TILE); // S = Q·(scale·K)ᵀ
+                    gemm_acc(rows, KEY_TILE, hd, q, ldq, 1, kt, KEY_TILE, scores, KEY_TILE); // S = Q·(scale·K)ᵀ
                 }
                 Some(bf16) => {
                     let kt = &inputs.kt_pairs[tile * hd_pairs * KEY_TILE..][..hd_pairs * KEY_TILE];
-                    bf16.product(rows, KEY_TILE, hd_pairs, &q_pairs, hd_pairs, 1, kt, KEY_TILE, f32s_mut(scores), KEY_TILE)
+                    bf16.product_into(rows, KEY_TILE, hd_pairs, &q_pairs, hd_pairs, 1, kt, KEY_TILE, f32s_mut(scores), KEY_TILE)
                 }
             }
             mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
@@ -826,8 +879,8 @@ multiversion! {
                     bf16.product(rows, hd, pairs, p_pairs, KEY_TILE / 2, 1, v_tile, hd, f32s_mut(out), hd); // o += P·V
                 }
                 _ => {
-                    let v_tile = &v[key_tile * KEY_TILE * hd..][..len * hd];
-                    gemm_acc(rows, hd, len, &s, KEY_TILE, 1, v_tile, hd, out, hd); // o += P·V
+                    let v_tile = inputs.v.rows(g, key_tile * KEY_TILE, len); // (len, hd)
+                    gemm_acc(rows, hd, len, &s, KEY_TILE, 1, v_tile, inputs.v.row_stride, out, hd); // o += P·V
                 }
             }
         }
@@ -949,13 +1002,13 @@ fn row_sum<T: Real>(row: &[T; KEY_TILE]) -> T {
 struct Bwd<'a, T> {
     plan: &'a Plan,
     /// `(B, H, T, hd)`
-    q: &'a [T],
+    q: HeadRows<'a, T>,
     /// `(B, KV, S, hd)`
-    k: &'a [T],
+    k: HeadRows<'a, T>,
     /// `(B, KV, S, hd)`
-    v: &'a [T],
+    v: HeadRows<'a, T>,
     /// `(B, H, T, hd)`
-    dout: &'a [T],
+    dout: HeadRows<'a, T>,
     /// `(B, H, T)`: `L_i` from the forward.
     lse: &'a [T],
     /// `(B, H, T)`: `D_i = dO_i · O_i`.
@@ -976,19 +1029,19 @@ struct QueryPairs {
 }
 
 impl QueryPairs {
-    fn new<T: Real>(p: &Plan, bf16: Bf16Tiles, x: &[T]) -> Self {
+    fn new<T: Real>(p: &Plan, bf16: Bf16Tiles, x: HeadRows<'_, T>) -> Self {
         let (t, hd) = (p.t, p.hd);
         let hd_pairs = hd.div_ceil(2);
         let mut along = vec![0; p.b * p.h * t * hd_pairs];
         parallel::for_each_chunk(&mut along, t * hd_pairs, |bh, dst| {
-            bf16.pack_rows(f32s(&x[bh * t * hd..][..t * hd]), t, hd, hd, dst)
+            bf16.pack_rows(f32s(x.rows(bh, 0, t)), t, hd, x.row_stride, dst)
         });
         let tile_elems = QUERY_TILE / 2 * hd;
         let mut across = vec![0; p.b * p.h * p.query_tiles() * tile_elems];
         parallel::for_each_chunk(&mut across, tile_elems, |i, dst| {
             let (bh, q0) = (i / p.query_tiles(), i % p.query_tiles() * QUERY_TILE);
             let rows = (t - q0).min(QUERY_TILE);
-            bf16.pack_across(f32s(&x[(bh * t + q0) * hd..][..rows * hd]), rows, hd, hd, dst)
+            bf16.pack_across(f32s(x.rows(bh, q0, rows)), rows, hd, x.row_stride, dst)
         });
         QueryPairs { along, across }
     }
@@ -1007,21 +1060,25 @@ impl QueryPairs {
 }
 
 /// Returns `(dq, dk, dv)`.
+///
+/// `q`, `out`, `dout`: `(B, H, T, hd)`; `k`, `v`: `(B, KV, S, hd)`, each read in place; `dq`,
+/// `dk`, `dv` come out head-major and contiguous.
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Real>(
     p: &Plan,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &[T],
-    dout: &[T],
+    q: HeadRows<'_, T>,
+    k: HeadRows<'_, T>,
+    v: HeadRows<'_, T>,
+    out: HeadRows<'_, T>,
+    dout: HeadRows<'_, T>,
     lse: &[T],
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (t, s, hd, group) = (p.t, p.s, p.hd, p.group());
     // SAFETY (all three): zeroed below by the task that owns each part, before it accumulates
     // (in parallel, and while the part is about to be in its cache).
-    let mut dq = unsafe { output_buffer(q.len()) };
-    let mut dk = unsafe { output_buffer(k.len()) };
-    let mut dv = unsafe { output_buffer(v.len()) };
+    let mut dq = unsafe { output_buffer(p.b * p.h * t * hd) };
+    let mut dk = unsafe { output_buffer(p.b * p.kv * s * hd) };
+    let mut dv = unsafe { output_buffer(p.b * p.kv * s * hd) };
     if dq.is_empty() || dk.is_empty() {
         // No queries or no keys (T, S or head_dim 0): nothing flows anywhere.
         for part in [&mut dq, &mut dk, &mut dv] {
@@ -1032,10 +1089,15 @@ fn backward<T: Real>(
     // D = rowsum(dO ∘ O), one value per query row.
     let rows = parallel::rows_per_task(hd);
     // SAFETY: each task writes its rows whole.
-    let mut d = unsafe { output_buffer(out.len() / hd) };
+    let mut d = unsafe { output_buffer(p.b * p.h * t) };
     parallel::for_each_chunk(&mut d, rows, |i, d| {
-        let first = i * rows * hd;
-        for ((d, o), g) in d.iter_mut().zip(out[first..].chunks_exact(hd)).zip(dout[first..].chunks_exact(hd)) {
+        for (row, d) in (i * rows..).zip(d.iter_mut()) {
+            let ahead = row + PREFETCH_ROWS;
+            if ahead % t >= PREFETCH_ROWS {
+                prefetch_row(out.rows(ahead / t, 0, 1), ahead % t, out.row_stride, hd);
+                prefetch_row(dout.rows(ahead / t, 0, 1), ahead % t, dout.row_stride, hd);
+            }
+            let (o, g) = (out.rows(row / t, row % t, 1), dout.rows(row / t, row % t, 1));
             *d = o.iter().zip(g).fold(T::ZERO, |acc, (&o, &g)| acc + o * g);
         }
     });
@@ -1108,8 +1170,8 @@ multiversion! {
         let (hd, t) = (p.hd, p.t);
         let b = g / p.kv;
         let kv_head = g % p.kv;
-        let k = &inputs.k[g * p.s * hd..][..p.s * hd];
-        let v = &inputs.v[g * p.s * hd..][..p.s * hd];
+        let (ldq, ldk, ldv, ldo) =
+            (inputs.q.row_stride, inputs.k.row_stride, inputs.v.row_stride, inputs.dout.row_stride);
         let tiles = dk.len().div_ceil(KEY_TILE * hd);
 
         let mut kt = vec![T::ZERO; hd * KEY_TILE]; // scale·Kᵀ of the tile
@@ -1134,14 +1196,14 @@ multiversion! {
             if len == 0 {
                 continue; // padding only: no query sees these keys
             }
-            let k_tile = &k[key_tile * KEY_TILE * hd..][..len * hd]; // (len, hd)
-            let v_tile = &v[key_tile * KEY_TILE * hd..][..len * hd];
-            transpose_tile(k_tile, hd, scale, &mut kt);
-            transpose_tile(v_tile, hd, T::ONE, &mut vt);
+            let k_tile = inputs.k.rows(g, key_tile * KEY_TILE, len); // (len, hd)
+            let v_tile = inputs.v.rows(g, key_tile * KEY_TILE, len);
+            transpose_tile(k_tile, len, ldk, hd, scale, &mut kt);
+            transpose_tile(v_tile, len, ldv, hd, T::ONE, &mut vt);
             if let Some(bf16) = p.bf16 {
                 bf16.pack_across(f32s(&kt), hd, KEY_TILE, KEY_TILE, &mut kt_pairs);
                 bf16.pack_across(f32s(&vt), hd, KEY_TILE, KEY_TILE, &mut vt_pairs);
-                bf16.pack_across(f32s(k_tile), len, hd, hd, &mut k_pairs);
+                bf16.pack_across(f32s(k_tile), len, hd, ldk, &mut k_pairs);
             }
             let local = (key_tile - first_tile) * KEY_TILE * hd;
             let dk_tile = &mut dk[local..][..len * hd];
@@ -1158,8 +1220,8 @@ multiversion! {
                     if mask == TileMask::Hidden {
                         continue;
                     }
-                    let q = &inputs.q[(bh * t + q0) * hd..][..rows * hd];
-                    let dout = &inputs.dout[(bh * t + q0) * hd..][..rows * hd];
+                    let q = inputs.q.rows(bh, q0, rows); // (rows, hd)
+                    let dout = inputs.dout.rows(bh, q0, rows);
                     let lse = &inputs.lse[bh * t + q0..][..rows];
                     let d = &inputs.d[bh * t + q0..][..rows];
                     // With bf16 products: the pair operands of these rows, and the tile's scratch.
@@ -1170,12 +1232,14 @@ multiversion! {
                         _ => None,
                     };
                     let scores = &mut s[..rows * KEY_TILE];
-                    scores.fill(T::ZERO);
                     match &bf16 {
-                        None => gemm_acc(rows, KEY_TILE, hd, q, hd, 1, &kt, KEY_TILE, scores, KEY_TILE), // S = Q·(scale·K)ᵀ
+                        None => {
+                            scores.fill(T::ZERO);
+                            gemm_acc(rows, KEY_TILE, hd, q, ldq, 1, &kt, KEY_TILE, scores, KEY_TILE) // S = Q·(scale·K)ᵀ
+                        }
                         Some((bf16, q_pairs, ..)) => {
                             let q = q_pairs.along(p, bh, q0, rows);
-                            bf16.product(rows, KEY_TILE, hd_pairs, q, hd_pairs, 1, &kt_pairs, KEY_TILE, f32s_mut(scores), KEY_TILE)
+                            bf16.product_into(rows, KEY_TILE, hd_pairs, q, hd_pairs, 1, &kt_pairs, KEY_TILE, f32s_mut(scores), KEY_TILE)
                         }
                     }
                     mask_scores(p, rows, q_lo, key_tile, len, mask, slope, &mut s);
@@ -1201,12 +1265,12 @@ multiversion! {
                         }
                     };
                     let dp = &mut dp[..rows * KEY_TILE];
-                    dp.fill(T::ZERO);
                     let query_pairs = rows.div_ceil(2);
                     match &mut bf16 {
                         None => {
-                            gemm_acc(len, hd, rows, p_seen_by_v, 1, KEY_TILE, dout, hd, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
-                            gemm_acc(rows, KEY_TILE, hd, dout, hd, 1, &vt, KEY_TILE, dp, KEY_TILE); // dP = dO·Vᵀ
+                            dp.fill(T::ZERO);
+                            gemm_acc(len, hd, rows, p_seen_by_v, 1, KEY_TILE, dout, ldo, dv_tile, hd); // dv += (P∘Z)ᵀ·dO
+                            gemm_acc(rows, KEY_TILE, hd, dout, ldo, 1, &vt, KEY_TILE, dp, KEY_TILE); // dP = dO·Vᵀ
                         }
                         Some((bf16, _, dout_pairs, scratch)) => {
                             let pt = &mut scratch.across_queries;
@@ -1214,7 +1278,7 @@ multiversion! {
                             let dout = dout_pairs.across(p, bh, q0);
                             bf16.product(len, hd, query_pairs, pt, 1, KEY_TILE, dout, hd, f32s_mut(dv_tile), hd); // dv += (P∘Z)ᵀ·dO
                             let dout = dout_pairs.along(p, bh, q0, rows);
-                            bf16.product(rows, KEY_TILE, hd_pairs, dout, hd_pairs, 1, &vt_pairs, KEY_TILE, f32s_mut(dp), KEY_TILE); // dP = dO·Vᵀ
+                            bf16.product_into(rows, KEY_TILE, hd_pairs, dout, hd_pairs, 1, &vt_pairs, KEY_TILE, f32s_mut(dp), KEY_TILE); // dP = dO·Vᵀ
                         }
                     }
                     if let Some(dropout) = &p.dropout {
@@ -1228,8 +1292,8 @@ multiversion! {
                     let dq_tile = &mut dq[(member * t + q0) * hd..][..rows * hd];
                     match bf16 {
                         None => {
-                            gemm_acc(rows, hd, len, dp, KEY_TILE, 1, k_tile, hd, dq_tile, hd); // dq += dS·K
-                            gemm_acc(len, hd, rows, dp, 1, KEY_TILE, q, hd, dk_tile, hd); // dk += dSᵀ·Q
+                            gemm_acc(rows, hd, len, dp, KEY_TILE, 1, k_tile, ldk, dq_tile, hd); // dq += dS·K
+                            gemm_acc(len, hd, rows, dp, 1, KEY_TILE, q, ldq, dk_tile, hd); // dk += dSᵀ·Q
                         }
                         Some((bf16, q_pairs, _, scratch)) => {
                             let ds = f32s(dp);

@@ -132,7 +132,52 @@ impl Bf16Tiles {
         c: &mut [f32],
         ldc: usize,
     ) {
-        if m == 0 || n == 0 || pairs == 0 {
+        self.run::<true>(m, n, pairs, a, a_row, a_col, b, ldb, c, ldc)
+    }
+
+    /// `C[m×n] = A·B`: [`product`](Self::product) into a `C` that is not read (the score
+    /// tiles), so nobody zero-fills it first. The same bits as `+=` into zeros.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn product_into(
+        self,
+        m: usize,
+        n: usize,
+        pairs: usize,
+        a: &[u32],
+        a_row: usize,
+        a_col: usize,
+        b: &[u32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        self.run::<false>(m, n, pairs, a, a_row, a_col, b, ldb, c, ldc)
+    }
+
+    /// `C += A·B` when `ACCUMULATE`, `C = A·B` otherwise.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn run<const ACCUMULATE: bool>(
+        self,
+        m: usize,
+        n: usize,
+        pairs: usize,
+        a: &[u32],
+        a_row: usize,
+        a_col: usize,
+        b: &[u32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        if pairs == 0 {
+            if !ACCUMULATE {
+                c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+            }
             return;
         }
         assert!(a.len() > (m - 1) * a_row + (pairs - 1) * a_col, "bf16 tile product: A too short");
@@ -143,10 +188,10 @@ impl Bf16Tiles {
             // SAFETY: the CPU has AVX512-BF16 (this kernel is only chosen then); every index
             // the kernel reads or writes is below the lengths checked above.
             return unsafe {
-                vdp::product(m, n, pairs, a.as_ptr(), a_row, a_col, b.as_ptr(), ldb, c.as_mut_ptr(), ldc)
+                vdp::product::<ACCUMULATE>(m, n, pairs, a.as_ptr(), a_row, a_col, b.as_ptr(), ldb, c.as_mut_ptr(), ldc)
             };
         }
-        portable_product(m, n, pairs, a, a_row, a_col, b, ldb, c, ldc)
+        portable_product::<ACCUMULATE>(m, n, pairs, a, a_row, a_col, b, ldb, c, ldc)
     }
 }
 
@@ -154,7 +199,7 @@ impl Bf16Tiles {
 /// SIMD features (it is inlined into the multiversioned attention kernels).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn portable_product(
+fn portable_product<const ACCUMULATE: bool>(
     m: usize,
     n: usize,
     pairs: usize,
@@ -168,7 +213,7 @@ fn portable_product(
 ) {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn block<const R: usize, const W: usize>(
+    fn block<const ACCUMULATE: bool, const R: usize, const W: usize>(
         i: usize,
         j: usize,
         pairs: usize,
@@ -181,8 +226,10 @@ fn portable_product(
         ldc: usize,
     ) {
         let mut acc = [[0f32; W]; R];
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            acc_r.copy_from_slice(&c[(i + r) * ldc + j..][..W]);
+        if ACCUMULATE {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                acc_r.copy_from_slice(&c[(i + r) * ldc + j..][..W]);
+            }
         }
         for p in 0..pairs {
             let row: &[u32; W] = b[p * ldb + j..][..W].try_into().expect("W pairs");
@@ -206,10 +253,10 @@ fn portable_product(
         let mut i = 0;
         while i < m {
             match (m - i >= 4, wide) {
-                (true, true) => block::<4, 16>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
-                (false, true) => block::<1, 16>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
-                (true, false) => block::<4, 1>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
-                (false, false) => block::<1, 1>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
+                (true, true) => block::<ACCUMULATE, 4, 16>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
+                (false, true) => block::<ACCUMULATE, 1, 16>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
+                (true, false) => block::<ACCUMULATE, 4, 1>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
+                (false, false) => block::<ACCUMULATE, 1, 1>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc),
             }
             i += if m - i >= 4 { 4 } else { 1 };
         }
@@ -247,6 +294,7 @@ mod vdp {
     pub unsafe fn pack_rows(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [u32]) {
         let pairs = cols.div_ceil(2);
         for i in 0..rows {
+            super::super::prefetch_row(src, i + super::super::PREFETCH_ROWS, ld, cols);
             for c0 in (0..cols).step_by(32) {
                 let (lo, hi) = (mask16(cols - c0), mask16(cols.saturating_sub(c0 + 16)));
                 // SAFETY: lanes past `cols` are masked off (never read or written); the row
@@ -277,6 +325,9 @@ mod vdp {
             1, 16, 0,
         );
         for p in 0..rows.div_ceil(2) {
+            for row in [2 * p, 2 * p + 1] {
+                super::super::prefetch_row(src, row + super::super::PREFETCH_ROWS, ld, cols);
+            }
             for c0 in (0..cols).step_by(16) {
                 let lanes = mask16(cols - c0);
                 // SAFETY: lanes past `cols` are masked off; rows 2p and 2p + 1 (when < rows)
@@ -304,7 +355,7 @@ mod vdp {
     /// `i < m`, `p < pairs`, `j < n` is valid.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn product(
+    pub unsafe fn product<const ACCUMULATE: bool>(
         m: usize,
         n: usize,
         pairs: usize,
@@ -323,9 +374,9 @@ mod vdp {
             // SAFETY (all): blocks inside m × n, as this function's contract says.
             j += unsafe {
                 match vectors {
-                    4 => columns::<4>(m, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last),
-                    2 | 3 => columns::<2>(m, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last),
-                    _ => columns::<1>(m, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last),
+                    4 => columns::<ACCUMULATE, 4>(m, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last),
+                    2 | 3 => columns::<ACCUMULATE, 2>(m, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last),
+                    _ => columns::<ACCUMULATE, 1>(m, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last),
                 }
             };
         }
@@ -339,7 +390,7 @@ mod vdp {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn columns<const V: usize>(
+    unsafe fn columns<const ACCUMULATE: bool, const V: usize>(
         m: usize,
         j: usize,
         pairs: usize,
@@ -356,30 +407,31 @@ mod vdp {
         // SAFETY: rows below m, columns as the caller's contract says.
         unsafe {
             while i + 6 <= m {
-                micro::<6, V>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last);
+                micro::<ACCUMULATE, 6, V>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last);
                 i += 6;
             }
             // A 64-row tile ends in 4 rows: one block rather than four single rows.
             while i + 4 <= m {
-                micro::<4, V>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last);
+                micro::<ACCUMULATE, 4, V>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last);
                 i += 4;
             }
             while i < m {
-                micro::<1, V>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last);
+                micro::<ACCUMULATE, 1, V>(i, j, pairs, a, a_row, a_col, b, ldb, c, ldc, last);
                 i += 1;
             }
         }
         16 * V
     }
 
-    /// `C[i.., j..]` (`R` rows × `V` vectors of 16 columns, the last masked by `last`) `+= A·B`.
+    /// `C[i.., j..]` (`R` rows × `V` vectors of 16 columns, the last masked by `last`) `+= A·B`
+    /// (`= A·B` without `ACCUMULATE`).
     ///
     /// # Safety
     /// As [`product`], for this block.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn micro<const R: usize, const V: usize>(
+    unsafe fn micro<const ACCUMULATE: bool, const R: usize, const V: usize>(
         i: usize,
         j: usize,
         pairs: usize,
@@ -397,9 +449,11 @@ mod vdp {
         // lanes are neither read nor written.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); V]; R];
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                for (v, acc_rv) in acc_r.iter_mut().enumerate() {
-                    *acc_rv = _mm512_maskz_loadu_ps(mask(v), c.add((i + r) * ldc + j + 16 * v));
+            if ACCUMULATE {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                        *acc_rv = _mm512_maskz_loadu_ps(mask(v), c.add((i + r) * ldc + j + 16 * v));
+                    }
                 }
             }
             for p in 0..pairs {
@@ -503,6 +557,20 @@ mod tests {
                     }
                     results.push((kernel, name, c));
                 }
+            }
+            // `C = A·B` into a C full of garbage gives the bits of `C += A·B` into zeros.
+            for kernel in kernels_to_test() {
+                let tiles = Bf16Tiles { kernel };
+                let (mut a_pairs, mut b_pairs) = (vec![0; m * kp], vec![0; kp * n]);
+                tiles.pack_rows(&a, m, k, k, &mut a_pairs);
+                tiles.pack_across(&b, k, n, n, &mut b_pairs);
+                let (mut added, mut written) = (vec![0.0; m * n], vec![f32::NAN; m * n]);
+                tiles.product(m, n, kp, &a_pairs, kp, 1, &b_pairs, n, &mut added, ldc);
+                tiles.product_into(m, n, kp, &a_pairs, kp, 1, &b_pairs, n, &mut written, ldc);
+                assert!(
+                    added.iter().zip(&written).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{kernel:?} ({m},{n},{k}): product_into differs from product into zeros"
+                );
             }
             for (kernel, name, c) in &results[1..] {
                 assert!(

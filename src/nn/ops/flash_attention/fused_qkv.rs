@@ -2,26 +2,24 @@
 //!
 //! ```text
 //! forward                                          | backward (upstream dY)
-//! q, k, v = split(qkv);  q, k = R·q, R·k  (RoPE)   | dq', dk', dv = flash backward(q', k', v, dY)
+//! q, k, v = split(qkv);  q', k' = R·q, R·k  (RoPE) | dq', dk', dv = flash backward(q', k', v, dY)
 //! y = flash(q', k', v)  (token-major)              | d(qkv) = join(Rᵀ·dq', Rᵀ·dk', dv)
 //! ```
 //!
 //! Why: the training step otherwise has three projections, two RoPE ops and the attention as
 //! separate autograd nodes, and candle's backward pass zero-fills and adds a gradient for every
 //! one of their inputs (the normed activations alone got three). Here one product fills `qkv`
-//! and one node turns it into the attention output; the split, the rotation and the head
-//! reordering happen in the single pass that copies the data into the kernel's layout anyway.
-//! The forward keeps its head-major `q`, `k`, `v` and output for the backward (the op owns
-//! that layout, so nothing else sees them), instead of splitting and rotating `qkv` again: a
-//! copy pass less per layer and step, paid in memory, `(H + 2·KV)·hd + H·hd` more floats kept
-//! per token and layer until the backward (the same again as `qkv` and the output the graph
-//! holds anyway).
+//! and one node turns it into the attention output. The kernels read `q`, `k` and `v` by head
+//! straight from `qkv`'s token rows (the split copies nothing), and the backward reads them
+//! there again, with the output gradient and the op's own output (for `D`) where they lie.
+//! Only with RoPE is anything copied: the rotated `q` and `k`, head-major, made in the one pass
+//! that rotates them and kept for the backward (`(H + KV)·hd` floats per token and layer).
 
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use super::{backward, forward, reorder_heads, AttentionMask, Plan};
+use super::{backward, forward, reorder_heads, AttentionMask, HeadRows, Plan};
 use crate::nn::ops::rope::{check_tables, rotate_rows};
 use crate::nn::ops::simd::Real;
 use crate::nn::ops::{compute_dtype, output_buffer, parallel, storage_slice, with_slices};
@@ -88,55 +86,53 @@ struct FusedAttention {
     saved: OnceLock<Saved>,
 }
 
-/// What the forward leaves for the backward, head-major as the kernels read it.
+/// What the forward leaves for the backward (which reads `qkv` and the output themselves).
 struct Saved {
     /// `(B, H, T)`: the log-sum-exp `L` of each query row.
     lse: Tensor,
-    /// `(B, H, T, hd)`, rotated.
-    q: Tensor,
-    /// `(B, KV, T, hd)`, rotated.
-    k: Tensor,
-    /// `(B, KV, T, hd)`
-    v: Tensor,
-    /// `(B, H, T, hd)`: the output before its reordering to token-major.
-    out: Tensor,
+    /// With RoPE: the rotated `q` `(B, H, T, hd)` and `k` `(B, KV, T, hd)`.
+    rotated: Option<(Tensor, Tensor)>,
 }
 
-/// `(q, k, v)` head-major (`(B, H, T, hd)`, `(B, KV, T, hd)` twice) from token-major `qkv`,
-/// q and k rotated by the `(T, rot)` tables when given. One task per (batch, head) of any kind
-/// writes that head's `T` rows.
-fn split<T: Real>(p: &Plan, qkv: &[T], tables: Option<(&[T], &[T])>) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// The rotated `(q, k)` head-major (`(B, H, T, hd)`, `(B, KV, T, hd)`) from token-major `qkv`
+/// and the `(T, rot)` tables. One task per (batch, head) writes that head's `T` rows.
+fn rotate<T: Real>(p: &Plan, qkv: &[T], (cos, sin): (&[T], &[T])) -> (Vec<T>, Vec<T>) {
     let (t, hd) = (p.t, p.hd);
     let all_heads = p.h + 2 * p.kv;
-    let rot = tables.map_or(0, |(cos, _)| cos.len() / t.max(1));
-    let (q_len, kv_len) = (p.b * p.h * t * hd, p.b * p.kv * t * hd);
+    let rot = cos.len() / t.max(1);
+    let q_len = p.b * p.h * t * hd;
     // SAFETY: the tasks write every head's rows whole, and together cover the buffer.
-    let mut heads: Vec<T> = unsafe { output_buffer(q_len + 2 * kv_len) };
+    let mut heads: Vec<T> = unsafe { output_buffer(q_len + p.b * p.kv * t * hd) };
     parallel::for_each_chunk(&mut heads, t * hd, |i, dst| {
-        // Chunk `i` is a head of batch `b` in q, k or v; `column` is its slot in a token's row.
-        let (b, column, rotated) = if i < p.b * p.h {
-            (i / p.h, i % p.h, true)
+        // Chunk `i` is a head of batch `b` in q or k; `column` is its slot in a token's row.
+        let (b, column) = if i < p.b * p.h {
+            (i / p.h, i % p.h)
         } else {
             let j = i - p.b * p.h;
-            let (part, j) = (j / (p.b * p.kv), j % (p.b * p.kv));
-            (j / p.kv, p.h + part * p.kv + j % p.kv, part == 0)
+            (j / p.kv, p.h + j % p.kv)
         };
         for (ti, row) in dst.chunks_exact_mut(hd).enumerate() {
             let src = &qkv[((b * t + ti) * all_heads + column) * hd..][..hd];
-            match tables {
-                Some((cos, sin)) if rotated => {
-                    rotate_rows(false, hd, 1, src, &cos[ti * rot..][..rot], &sin[ti * rot..][..rot], row)
-                }
-                _ => row.copy_from_slice(src),
-            }
+            rotate_rows(false, hd, 1, src, &cos[ti * rot..][..rot], &sin[ti * rot..][..rot], row)
         }
     });
-    let v = heads.split_off(q_len + kv_len);
     let k = heads.split_off(q_len);
-    (heads, k, v)
+    (heads, k)
 }
 
-/// The inverse of [`split`] for gradients: `d(qkv)` token-major from head-major `dq`, `dk`, `dv`,
+/// `q` `(B, H, T, hd)`, `k` and `v` `(B, KV, T, hd)` as the kernels read them: `v`, and `q`
+/// and `k` without `rotated` ones, by head from `qkv`'s token rows.
+fn views<'a, T>(p: &Plan, qkv: &'a [T], rotated: Option<(&'a [T], &'a [T])>) -> [HeadRows<'a, T>; 3] {
+    let width = (p.h + 2 * p.kv) * p.hd;
+    let part = |first, heads| HeadRows::token_major(qkv, p.t, width, first, heads, p.hd);
+    let v = part(p.h + p.kv, p.kv);
+    match rotated {
+        Some((q, k)) => [HeadRows::head_major(q, p.h, p.t, p.hd), HeadRows::head_major(k, p.kv, p.t, p.hd), v],
+        None => [part(0, p.h), part(p.h, p.kv), v],
+    }
+}
+
+/// The inverse of [`views`] for gradients: `d(qkv)` token-major from head-major `dq`, `dk`, `dv`,
 /// the q and k parts rotated back (`Rᵀ`) when tables are given. One task per token.
 fn join<T: Real>(p: &Plan, dq: &[T], dk: &[T], dv: &[T], tables: Option<(&[T], &[T])>) -> Vec<T> {
     let (t, hd) = (p.t, p.hd);
@@ -169,17 +165,17 @@ fn join<T: Real>(p: &Plan, dq: &[T], dk: &[T], dv: &[T], tables: Option<(&[T], &
 impl FusedAttention {
     fn fwd<T: Real>(&self, qkv: &[T], tables: Option<(&[T], &[T])>) -> Result<(CpuStorage, Shape)> {
         let p = &self.plan;
-        let (q, k, v) = split(p, qkv, tables);
-        let (out, lse) = forward(p, &q, &k, &v);
+        let rotated = tables.map(|tables| rotate(p, qkv, tables));
+        let [q, k, v] = views(p, qkv, rotated.as_ref().map(|(q, k)| (&q[..], &k[..])));
+        let (out, lse) = forward(p, q, k, v);
         let tokens = reorder_heads(&out, p.b, p.t, p.h, p.hd, false);
         if self.save_for_backward {
-            let (queries, keys) = ((p.b, p.h, p.t, p.hd), (p.b, p.kv, p.t, p.hd));
+            let heads = |x: Vec<T>, n: usize| Tensor::from_vec(x, (p.b, n, p.t, p.hd), &Device::Cpu);
             let saved = Saved {
                 lse: Tensor::from_vec(lse, (p.b, p.h, p.t), &Device::Cpu)?,
-                q: Tensor::from_vec(q, queries, &Device::Cpu)?,
-                k: Tensor::from_vec(k, keys, &Device::Cpu)?,
-                v: Tensor::from_vec(v, keys, &Device::Cpu)?,
-                out: Tensor::from_vec(out, queries, &Device::Cpu)?,
+                rotated: rotated
+                    .map(|(q, k)| Ok::<_, candle_core::Error>((heads(q, p.h)?, heads(k, p.kv)?)))
+                    .transpose()?,
             };
             // A fresh op runs its forward once; a second set would be a bug, not user input.
             let _ = self.saved.set(saved);
@@ -205,8 +201,8 @@ impl FusedAttention {
         }
     }
 
-    /// `d(qkv)` for the saved forward.
-    fn bwd_any(&self, qkv: &Tensor, tables: Option<(&Tensor, &Tensor)>, grad: &Tensor) -> Result<Tensor> {
+    /// `d(qkv)` for the saved forward, whose output was `out` `(B, T, H·hd)`.
+    fn bwd_any(&self, qkv: &Tensor, tables: Option<(&Tensor, &Tensor)>, out: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let Some(saved) = self.saved.get() else {
             bail!("flash_attention: backward without a saved forward (qkv required no gradient)")
         };
@@ -215,18 +211,26 @@ impl FusedAttention {
             let mut inputs = vec![tensors[0], &lse];
             inputs.extend(&tensors[2..]);
             let dqkv = with_slices::<T, _>("flash_attention", &inputs, |s| {
-                let (grad, lse, q, k, v, out) = (s[0], s[1], s[2], s[3], s[4], s[5]);
-                let tables = (s.len() == 8).then(|| (s[6], s[7]));
-                let grad = reorder_heads(grad, p.b, p.t, p.h, p.hd, true);
-                let (dq, dk, dv) = backward(p, q, k, v, out, &grad, lse);
+                let (grad, lse, qkv, out) = (s[0], s[1], s[2], s[3]);
+                // Then the rotated q and k, and the tables, with RoPE.
+                let (rotated, tables) = match s.len() {
+                    8 => (Some((s[4], s[5])), Some((s[6], s[7]))),
+                    _ => (None, None),
+                };
+                let [q, k, v] = views(p, qkv, rotated);
+                let [out, dout] = [out, grad].map(|x| HeadRows::token_major(x, p.t, p.h * p.hd, 0, p.h, p.hd));
+                let (dq, dk, dv) = backward(p, q, k, v, out, dout, lse);
                 Ok(join(p, &dq, &dk, &dv, tables))
             })?;
             Tensor::from_vec(dqkv, qkv_shape(p), &Device::Cpu)
         }
         let grad = grad.to_dtype(qkv.dtype())?;
-        let mut tensors = vec![&grad, &saved.lse, &saved.q, &saved.k, &saved.v, &saved.out];
-        if let Some((cos, sin)) = tables {
-            tensors.extend([cos, sin]);
+        let out = out.to_dtype(qkv.dtype())?;
+        let mut tensors = vec![&grad, &saved.lse, qkv, &out];
+        match (&saved.rotated, tables) {
+            (Some((q, k)), Some((cos, sin))) => tensors.extend([q, k, cos, sin]),
+            (None, None) => {}
+            _ => bail!("flash_attention: internal error, the backward's rotary tables differ from the forward's"),
         }
         match qkv.dtype() {
             DType::F32 => run::<f32>(&self.plan, &tensors),
@@ -249,8 +253,8 @@ impl CustomOp1 for FusedAttention {
         self.cpu_fwd_any(&[(qkv, layout)])
     }
 
-    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        self.bwd_any(qkv, None, grad).map(Some)
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.bwd_any(qkv, None, out, grad).map(Some)
     }
 }
 
@@ -277,9 +281,9 @@ impl CustomOp3 for FusedAttention {
         qkv: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        _out: &Tensor,
+        out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.bwd_any(qkv, Some((cos, sin)), grad)?), None, None))
+        Ok((Some(self.bwd_any(qkv, Some((cos, sin)), out, grad)?), None, None))
     }
 }
