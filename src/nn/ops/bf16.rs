@@ -313,7 +313,7 @@ mod pairs {
             pack_pairs::<NR>(&b.data[first..], b.col_stride, b.row_stride, nc, kc, out);
         }
 
-        unsafe fn tile(&self, tile: Tile, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
+        unsafe fn tile(&self, tile: Tile<f32>, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
             assert!(rows > 0 && cols > 0 && a.len() >= self.depth(tile.kc) * MR && b.len() >= self.depth(tile.kc) * NR);
             // SAFETY: the CPU has AVX512-BF16 (this kernel is only chosen then), the panels
             // were checked above, and `c` is as this function's contract says.
@@ -329,7 +329,7 @@ mod pairs {
     /// The CPU must support AVX-512F/BW and AVX512-BF16; `a` holds `depth·8` values, `b`
     /// `depth·48`, `c` as [`Kernel::tile`] says.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn kernel(tile: Tile, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
+    unsafe fn kernel(tile: Tile<f32>, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
         let pairs = tile.kc.div_ceil(2);
         let (mut ap, mut bp) = (a.as_ptr() as *const i32, b.as_ptr() as *const i32);
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
