@@ -1,4 +1,5 @@
-//! Dense matrix product `C = A·B` (or `C += A·B`) for the linear layers, forward and backward.
+//! Dense matrix product `C = A·B` (or `C += A·B`, or `C = bias + A·B`: [`Start`]) for the
+//! linear layers, forward and backward.
 //!
 //! Why our own: candle's CPU matmul (the `gemm` crate) compiles its AVX-512 kernels only behind
 //! a nightly-only feature, so on stable Rust it runs a 256-bit kernel and reaches about half of
