@@ -952,11 +952,14 @@ pub(super) mod avx512 {
             // Lanes kept of each transposed vector: all 16, or the first `lines` (8 for an A panel, MR = 8).
             let keep: __mmask16 = if lines == 16 { 0xFFFF } else { (1u16 << lines) - 1 };
             for p0 in (0..full_steps).step_by(16) {
-                let mut block = [_mm512_setzero_ps(); 16];
-                for (l, row) in block.iter_mut().enumerate().take(lines) {
-                    // SAFETY: line l0 + l, steps p0..p0 + 16 ≤ kc, inside `src` (asserted).
-                    *row = unsafe { _mm512_loadu_ps(src.as_ptr().add((l0 + l) * line_stride + p0)) };
-                }
+                // SAFETY: line l0 + l, steps p0..p0 + 16 ≤ kc, inside `src` (asserted).
+                let load = |l: usize| unsafe { _mm512_loadu_ps(src.as_ptr().add((l0 + l) * line_stride + p0)) };
+                // A full block unrolled, so it stays in registers (as in the bf16 packing).
+                let block: [__m512; 16] = if lines == 16 {
+                    std::array::from_fn(load)
+                } else {
+                    std::array::from_fn(|l| if l < lines { load(l) } else { _mm512_setzero_ps() })
+                };
                 let columns = transpose16(block);
                 for (c, column) in columns.iter().enumerate() {
                     // SAFETY: step p0 + c < kc, lanes l0..l0 + lines ≤ width: inside `out`.
