@@ -313,7 +313,7 @@ mod pairs {
             pack_pairs::<NR>(&b.data[first..], b.col_stride, b.row_stride, nc, kc, out);
         }
 
-        unsafe fn tile(&self, tile: Tile, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
+        unsafe fn tile(&self, tile: Tile<f32>, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
             assert!(rows > 0 && cols > 0 && a.len() >= self.depth(tile.kc) * MR && b.len() >= self.depth(tile.kc) * NR);
             // SAFETY: the CPU has AVX512-BF16 (this kernel is only chosen then), the panels
             // were checked above, and `c` is as this function's contract says.
@@ -329,7 +329,7 @@ mod pairs {
     /// The CPU must support AVX-512F/BW and AVX512-BF16; `a` holds `depth·8` values, `b`
     /// `depth·48`, `c` as [`Kernel::tile`] says.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn kernel(tile: Tile, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
+    unsafe fn kernel(tile: Tile<f32>, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
         let pairs = tile.kc.div_ceil(2);
         let (mut ap, mut bp) = (a.as_ptr() as *const i32, b.as_ptr() as *const i32);
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
@@ -477,17 +477,20 @@ mod pairs {
             for q0 in (0..pairs).step_by(16) {
                 let s0 = 2 * q0;
                 let (lo, hi) = (mask16(kc - s0), mask16(kc.saturating_sub(s0 + 16)));
-                let mut block = [_mm512_setzero_ps(); 16];
-                for (l, row) in block.iter_mut().enumerate().take(real_lines) {
-                    // SAFETY: steps s0.. of line l0 + l; lanes past kc are masked off (a
-                    // masked-off lane is never read), so only `src`'s own values are read.
-                    unsafe {
-                        let line = src.as_ptr().add((l0 + l) * line_stride + s0);
-                        let x0 = _mm512_maskz_loadu_ps(lo, line);
-                        let x1 = _mm512_maskz_loadu_ps(hi, line.wrapping_add(16));
-                        *row = std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(x1, x0));
-                    }
-                }
+                // SAFETY: steps s0.. of line l0 + l; lanes past kc are masked off (a masked-off
+                // lane is never read), so only `src`'s own values are read.
+                let convert = |l: usize| unsafe {
+                    let line = src.as_ptr().add((l0 + l) * line_stride + s0);
+                    let x0 = _mm512_maskz_loadu_ps(lo, line);
+                    let x1 = _mm512_maskz_loadu_ps(hi, line.wrapping_add(16));
+                    std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(x1, x0))
+                };
+                // All 16 lines (the usual case) unrolled, so the block stays in registers.
+                let block: [__m512; 16] = if real_lines == 16 {
+                    std::array::from_fn(convert)
+                } else {
+                    std::array::from_fn(|l| if l < real_lines { convert(l) } else { _mm512_setzero_ps() })
+                };
                 let columns = avx512::transpose16(block);
                 for (c, column) in columns.iter().enumerate().take(pairs - q0) {
                     // SAFETY: pair q0 + c < pairs, l0 < padded.

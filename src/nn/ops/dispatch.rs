@@ -27,7 +27,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::bf16::{self, Precision};
-use super::gemm::{gemm_in, MatRef};
+use super::gemm::{gemm_from, gemm_in, MatRef, Start};
 use super::pointwise::Epilogue;
 use super::simd::Real;
 use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice, with_slices};
@@ -464,18 +464,16 @@ impl Grouped {
                 .collect::<Result<Vec<_>>>()?;
             let (x, w, b) = (slices[0], slices[1], slices.get(2).copied());
             let d = &op.dispatch;
-            // SAFETY: each task fills its rows with the bias or has `gemm` write them whole.
+            // SAFETY: each task has `gemm_from` write its rows whole (from zero or the bias).
             let mut pre = unsafe { output_buffer(d.slots() * fan_out) };
             let tasks = d.row_tasks();
             let parts = tasks.iter().map(|t| t.rows.start * fan_out..t.rows.end * fan_out).collect();
             parallel::for_each_part(parallel::Split::parts(&mut pre, parts), |i, out| {
                 let RowTask { group: g, rows } = tasks[i].clone();
-                if let Some(b) = b {
-                    out.chunks_exact_mut(fan_out).for_each(|r| r.copy_from_slice(&b[g * fan_out..][..fan_out]));
-                }
+                let start = b.map_or(Start::Zero, |b| Start::Row(&b[g * fan_out..][..fan_out]));
                 let x_rows = MatRef::row_major(&x[rows.start * fan_in..], rows.len(), fan_in);
                 let w_g = MatRef::row_major(&w[g * fan_out * fan_in..], fan_out, fan_in);
-                gemm_in(op.precision, x_rows, w_g.t(), out, fan_out, b.is_some());
+                gemm_from(op.precision, x_rows, w_g.t(), out, fan_out, start);
             });
             let Some(epilogue) = op.epilogue else {
                 return Ok(T::to_cpu_storage_owned(pre));

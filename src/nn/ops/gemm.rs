@@ -1,4 +1,5 @@
-//! Dense matrix product `C = A·B` (or `C += A·B`) for the linear layers, forward and backward.
+//! Dense matrix product `C = A·B` (or `C += A·B`, or `C = bias + A·B`: [`Start`]) for the
+//! linear layers, forward and backward.
 //!
 //! Why our own: candle's CPU matmul (the `gemm` crate) compiles its AVX-512 kernels only behind
 //! a nightly-only feature, so on stable Rust it runs a 256-bit kernel and reaches about half of
@@ -100,20 +101,32 @@ pub fn gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumu
 /// With [`Precision::Bf16`] for `f32`, if `LMFORGE_BF16_KERNEL` names a kernel this CPU
 /// cannot run: callers check [`bf16::kernel`] first, as [`Precision::enter`] does.
 pub fn gemm_in<T: Real>(precision: Precision, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+    gemm_from(precision, a, b, c, ldc, Start::accumulating(accumulate))
+}
+
+/// [`gemm_in`] with `C` starting as `start` says: `C = row + A·B` for a linear layer's bias
+/// ([`Start::Row`], `B.cols` values), added by the kernels' tile stores.
+pub fn gemm_from<T: Real>(precision: Precision, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, start: Start<T>) {
     check_shapes(a, b, c, ldc);
+    if let Start::Row(row) = start {
+        assert_eq!(row.len(), b.cols, "gemm: a start row of {} values for {} columns", row.len(), b.cols);
+    }
     let is_f32 = T::DTYPE == candle_core::DType::F32;
     if is_f32 && precision == Precision::Bf16 {
         let kernel = bf16::kernel().unwrap_or_else(|e| panic!("{e}"));
         let (a32, b32) = (a.with_data(as_f32(a.data)), b.with_data(as_f32(b.data)));
-        return bf16_product(kernel, a32, b32, as_f32_mut(c), ldc, accumulate);
+        return bf16_product(kernel, a32, b32, as_f32_mut(c), ldc, start.as_f32());
     }
-    if let Some(blas) = super::blas::loaded().filter(|_| is_f32) {
+    if let Some(blas) = super::blas::loaded().filter(|_| is_f32 && a.rows * a.cols * b.cols > 0) {
         let (a32, b32) = (a.with_data(as_f32(a.data)), b.with_data(as_f32(b.data)));
-        if a.rows * a.cols * b.cols > 0 && blas.sgemm(a32, b32, as_f32_mut(c), ldc, accumulate) {
+        // The BLAS adds to C: the start row is written first.
+        let start = fill_start_rows(start, a.rows, c, ldc);
+        if blas.sgemm(a32, b32, as_f32_mut(c), ldc, matches!(start, Start::C)) {
             return;
         }
+        return builtin_gemm_checked(a, b, c, ldc, start);
     }
-    builtin_gemm_checked(a, b, c, ldc, accumulate)
+    builtin_gemm_checked(a, b, c, ldc, start)
 }
 
 /// `C (+)= bf16(A)·bf16(B)` with `f32` accumulation on `kernel` (shapes already checked).
@@ -123,15 +136,26 @@ pub(super) fn bf16_product(
     b: MatRef<f32>,
     c: &mut [f32],
     ldc: usize,
-    accumulate: bool,
+    start: Start<f32>,
 ) {
     match kernel {
-        Bf16Kernel::F32 => blocked(Native::<f32>::new(true), a, b, c, ldc, accumulate),
+        Bf16Kernel::F32 => blocked(Native::<f32>::new(true), a, b, c, ldc, start),
         #[cfg(target_arch = "x86_64")]
-        Bf16Kernel::Avx512Bf16 => blocked(bf16::Pairs, a, b, c, ldc, accumulate),
+        Bf16Kernel::Avx512Bf16 => blocked(bf16::Pairs, a, b, c, ldc, start),
         #[cfg(not(target_arch = "x86_64"))]
         Bf16Kernel::Avx512Bf16 => unreachable!("only chosen on x86-64"),
     }
+}
+
+/// For a path that can only overwrite or add to `C`: a [`Start::Row`] is copied into the
+/// first `rows` rows of `C`, which then start as [`Start::C`]; other starts are returned as
+/// they are.
+fn fill_start_rows<'a, T: Real>(start: Start<'a, T>, rows: usize, c: &mut [T], ldc: usize) -> Start<'a, T> {
+    let Start::Row(row) = start else { return start };
+    for c_row in c.chunks_mut(ldc).take(rows) {
+        c_row[..row.len()].copy_from_slice(row);
+    }
+    Start::C
 }
 
 /// Products of fewer FLOPs run on one thread: below ~4 MFLOP one takes well under a
@@ -159,30 +183,30 @@ fn check_shapes<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &[T], ldc: usize) {
 /// [`gemm`] on lmforge's own kernel, whether or not a BLAS is loaded (benchmarks compare the two).
 pub fn builtin_gemm<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
     check_shapes(a, b, c, ldc);
-    builtin_gemm_checked(a, b, c, ldc, accumulate)
+    builtin_gemm_checked(a, b, c, ldc, Start::accumulating(accumulate))
 }
 
 /// [`builtin_gemm`] once [`check_shapes`] has passed.
-fn builtin_gemm_checked<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+fn builtin_gemm_checked<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, start: Start<T>) {
     if a.rows == 1 && b.row_stride == 1 && a.col_stride == 1 && a.cols > 0 && b.cols > 0 {
         // One row times a transposed weight (decoding a token): dot products straight from
         // the weight's rows; packing would copy the whole weight for one use.
-        return row_times_transposed(a, b, c, accumulate);
+        let start = fill_start_rows(start, 1, c, ldc);
+        return row_times_transposed(a, b, c, matches!(start, Start::C));
     }
-    blocked(Native::<T>::new(false), a, b, c, ldc, accumulate)
+    blocked(Native::<T>::new(false), a, b, c, ldc, start)
 }
 
 /// The blocked product on `kernel`, which packs the operands its own way.
-fn blocked<T: Real, K: Kernel<T>>(kernel: K, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, accumulate: bool) {
+fn blocked<T: Real, K: Kernel<T>>(kernel: K, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, start: Start<T>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        if !accumulate {
-            for row in c.chunks_mut(ldc).take(m) {
-                row[..n].fill(T::ZERO);
-            }
+        match fill_start_rows(start, m, c, ldc) {
+            Start::Zero => c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(T::ZERO)),
+            Start::C | Start::Row(_) => {}
         }
         return;
     }
@@ -205,7 +229,7 @@ fn blocked<T: Real, K: Kernel<T>>(kernel: K, a: MatRef<T>, b: MatRef<T>, c: &mut
     let shared_width = if by_rows { s.nc.min(n).next_multiple_of(s.nr) } else { m.next_multiple_of(s.mr) };
     let packed_bytes = std::mem::size_of::<K::Packed>() * kernel.depth(s.kc);
     let depth_limit = s.kc * ((8 << 20) / (shared_width * packed_bytes)).max(1);
-    let plan = Plan { a, b, ldc, accumulate, s, by_rows, shared_width, kernel };
+    let plan = Plan { a, b, ldc, start, s, by_rows, shared_width, kernel };
     let c_ptr = SendPtr(c.as_mut_ptr());
     SHARED_PACK.with_borrow_mut(|shared| {
         for jc in (0..n).step_by(s.nc) {
@@ -265,7 +289,7 @@ pub(super) trait Kernel<T: Real>: Copy + Sync {
     /// # Safety
     /// `a` and `b` hold a full panel each, and `c` points at a `rows × cols` tile (row
     /// stride `tile.ldc`) that this thread alone accesses.
-    unsafe fn tile(&self, tile: Tile, a: &[Self::Packed], b: &[Self::Packed], c: *mut T, rows: usize, cols: usize);
+    unsafe fn tile(&self, tile: Tile<T>, a: &[Self::Packed], b: &[Self::Packed], c: *mut T, rows: usize, cols: usize);
 }
 
 /// One call's product and how it is cut: units of rows of A against a shared packed B
@@ -275,7 +299,7 @@ struct Plan<'a, T, K> {
     a: MatRef<'a, T>,
     b: MatRef<'a, T>,
     ldc: usize,
-    accumulate: bool,
+    start: Start<'a, T>,
     s: KernelShape,
     by_rows: bool,
     /// Lines of the packed shared operand (its columns or rows, padded).
@@ -359,7 +383,14 @@ impl<T: Real, K: Kernel<T>> Plan<'_, T, K> {
     ) {
         let (s, m) = (self.s, self.a.rows);
         for (q, pc, kc) in self.blocks(span) {
-            let tile = Tile { kc, ldc: self.ldc, accumulate: self.accumulate || pc > 0 };
+            // The first block along k stores onto what C starts as; the others add to C.
+            let start = match self.start {
+                _ if pc > 0 => TileStart::C,
+                Start::Zero => TileStart::Zero,
+                Start::C => TileStart::C,
+                Start::Row(row) => TileStart::Row(row[span.jc..].as_ptr()),
+            };
+            let tile = Tile { kc, ldc: self.ldc, start };
             let depth = self.kernel.depth(kc);
             let packed = &shared[self.shared_block(q)..][..depth * self.shared_width];
             // SAFETY (both arms): the block of C is these units' rows (or columns), inside C.
@@ -372,6 +403,7 @@ impl<T: Real, K: Kernel<T>> Plan<'_, T, K> {
                 let (j0, cols) = (first * s.nr, ((last - first) * s.nr).min(span.nc - first * s.nr));
                 let bp = scratch::<K::Packed>(own, cols.next_multiple_of(s.nr) * depth);
                 self.kernel.pack_b(self.b, pc, kc, span.jc + j0, cols, bp);
+                let tile = tile.shifted(j0);
                 unsafe { macro_block(self.kernel, tile, packed, m, bp, cols, c.add(span.jc + j0)) };
             }
         }
@@ -388,7 +420,7 @@ impl<T: Real, K: Kernel<T>> Plan<'_, T, K> {
 /// is accessed by this thread alone.
 unsafe fn macro_block<T: Real, K: Kernel<T>>(
     kernel: K,
-    tile: Tile,
+    tile: Tile<T>,
     ap: &[K::Packed],
     rows: usize,
     bp: &[K::Packed],
@@ -400,7 +432,7 @@ unsafe fn macro_block<T: Real, K: Kernel<T>>(
         let (a_panel, b_panel) = (&ap[ir * depth..(ir + s.mr) * depth], &bp[jr * depth..(jr + s.nr) * depth]);
         let (r, w) = (s.mr.min(rows - ir), s.nr.min(cols - jr));
         // SAFETY: a tile inside the block (the caller's contract).
-        unsafe { kernel.tile(tile, a_panel, b_panel, c.add(ir * tile.ldc + jr), r, w) };
+        unsafe { kernel.tile(tile.shifted(jr), a_panel, b_panel, c.add(ir * tile.ldc + jr), r, w) };
     };
     if s.a_panel_in_l1 {
         for ir in (0..rows).step_by(s.mr) {
@@ -538,14 +570,14 @@ impl<T: Real> Kernel<T> for Native<T> {
     }
 
     #[inline(always)]
-    unsafe fn tile(&self, tile: Tile, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
+    unsafe fn tile(&self, tile: Tile<T>, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
         assert!(rows > 0 && cols > 0);
         if avx512_f32::<T>() {
             #[cfg(target_arch = "x86_64")]
             {
                 // SAFETY: the CPU has AVX-512 (checked by `isa`), the panels hold `kc·MR` /
                 // `kc·NR` values (sliced by the caller), `c` as this function's contract says.
-                unsafe { avx512::kernel(tile, as_f32(a), as_f32(b), c as *mut f32, rows, cols) };
+                unsafe { avx512::kernel(tile.cast(), as_f32(a), as_f32(b), c as *mut f32, rows, cols) };
                 return;
             }
         }
@@ -566,13 +598,81 @@ thread_local! {
     static SHARED_PACK: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
 }
 
+/// What `C` holds before a product is added to it.
+#[derive(Clone, Copy, Debug)]
+pub enum Start<'a, T> {
+    /// Nothing: `C = A·B` (`C` may be uninitialised memory of the right length).
+    Zero,
+    /// Its values: `C += A·B`.
+    C,
+    /// This row, in every row of `C`: `C = 1·row + A·B` (a linear layer's bias). The first
+    /// block along `k` stores `row + its sum` where it would store its sum, so `C` is neither
+    /// filled nor read first (one pass over `C` less than a fill then `C += A·B`, with the
+    /// same bits: the same two values are added).
+    Row(&'a [T]),
+}
+
+impl<'a, T: Real> Start<'a, T> {
+    /// The same start over `f32` values (for a `T` that is `f32`).
+    fn as_f32(self) -> Start<'a, f32> {
+        match self {
+            Start::Zero => Start::Zero,
+            Start::C => Start::C,
+            Start::Row(row) => Start::Row(as_f32(row)),
+        }
+    }
+}
+
+impl<T> Start<'_, T> {
+    /// [`Start::C`] when `accumulate`, else [`Start::Zero`].
+    pub fn accumulating(accumulate: bool) -> Self {
+        if accumulate {
+            Start::C
+        } else {
+            Start::Zero
+        }
+    }
+}
+
 /// What every micro-kernel call of one block shares.
 #[derive(Clone, Copy)]
-pub(super) struct Tile {
+pub(super) struct Tile<T> {
     pub kc: usize,
     pub ldc: usize,
-    /// Add to `C` rather than overwrite it.
-    pub accumulate: bool,
+    /// What the tile's store adds its sums to.
+    pub start: TileStart<T>,
+}
+
+/// [`Start`] for one tile: what its store adds the accumulators to.
+#[derive(Clone, Copy)]
+pub(super) enum TileStart<T> {
+    /// Nothing: the sums are stored.
+    Zero,
+    /// The tile of `C` itself.
+    C,
+    /// This row (at the tile's first column), for every row of the tile.
+    Row(*const T),
+}
+
+impl<T> Tile<T> {
+    /// The same tile moved `cols` columns right (its start row moves with it).
+    fn shifted(self, cols: usize) -> Self {
+        let start = match self.start {
+            TileStart::Row(row) => TileStart::Row(row.wrapping_add(cols)),
+            other => other,
+        };
+        Tile { start, ..self }
+    }
+
+    /// The same tile over `U` values (the `f32` kernels called for a `T` that is `f32`).
+    pub(super) fn cast<U>(self) -> Tile<U> {
+        let start = match self.start {
+            TileStart::Zero => TileStart::Zero,
+            TileStart::C => TileStart::C,
+            TileStart::Row(row) => TileStart::Row(row as *const U),
+        };
+        Tile { kc: self.kc, ldc: self.ldc, start }
+    }
 }
 
 /// Copy `A[i0..i0+mc, p0..p0+kc]` into panels of `mr` rows: panel `r`, step `p` holds
@@ -686,18 +786,30 @@ multiversion! {
 
 /// # Safety
 /// As [`micro_kernel`].
-unsafe fn portable_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
+unsafe fn portable_kernel<T: Real>(tile: Tile<T>, a: &[T], b: &[T], c: *mut T, rows: usize, cols: usize) {
     let mut acc = [T::ZERO; PORTABLE_MR * PORTABLE_NR];
     portable_product::<T>(tile.kc, a, b, &mut acc);
     for (r, acc_r) in acc.chunks_exact(PORTABLE_NR).enumerate().take(rows) {
         // SAFETY: row r of the tile, `cols` values, ours alone (the caller's contract).
         let dst = unsafe { std::slice::from_raw_parts_mut(c.add(r * tile.ldc), cols) };
-        if tile.accumulate {
-            for (d, &x) in dst.iter_mut().zip(acc_r) {
-                *d += x;
-            }
-        } else {
-            dst.copy_from_slice(&acc_r[..cols]);
+        // SAFETY: the start row holds the tile's `cols` columns (the caller's contract).
+        unsafe { store_row(tile.start, dst, &acc_r[..cols]) }
+    }
+}
+
+/// One row of a tile's sums `src` into `dst`, added to what [`TileStart`] says. (`start + sum`
+/// in that order, as the fused stores add: the bits are the same either way.)
+///
+/// # Safety
+/// A [`TileStart::Row`] points at `dst.len()` values.
+unsafe fn store_row<T: Real>(start: TileStart<T>, dst: &mut [T], src: &[T]) {
+    match start {
+        TileStart::Zero => dst.copy_from_slice(src),
+        TileStart::C => dst.iter_mut().zip(src).for_each(|(d, &x)| *d += x),
+        TileStart::Row(row) => {
+            // SAFETY: as this function's contract says.
+            let row = unsafe { std::slice::from_raw_parts(row, dst.len()) };
+            dst.iter_mut().zip(src).zip(row).for_each(|((d, &x), &r)| *d = r + x);
         }
     }
 }
@@ -706,7 +818,7 @@ unsafe fn portable_kernel<T: Real>(tile: Tile, a: &[T], b: &[T], c: *mut T, rows
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{Tile, TileStart};
 
     pub const MR: usize = 8;
     pub const NR: usize = 48;
@@ -733,7 +845,7 @@ pub(super) mod avx512 {
     /// The CPU must support AVX-512F; `a` holds `kc·8` values, `b` `kc·48`, and `c` points
     /// at a `rows × cols` tile (row stride `ldc`) that this thread alone accesses.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(tile: Tile, a: &[f32], b: &[f32], c: *mut f32, rows: usize, cols: usize) {
+    pub unsafe fn kernel(tile: Tile<f32>, a: &[f32], b: &[f32], c: *mut f32, rows: usize, cols: usize) {
         let kc = tile.kc;
         debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
@@ -774,7 +886,7 @@ pub(super) mod avx512 {
     /// The CPU must support AVX-512F; `c` points at a `rows × cols` tile (row stride `ldc`)
     /// that this thread alone accesses.
     #[inline(always)]
-    pub unsafe fn store(tile: Tile, acc: &[[__m512; VECTORS]; MR], c: *mut f32, rows: usize, cols: usize) {
+    pub unsafe fn store(tile: Tile<f32>, acc: &[[__m512; VECTORS]; MR], c: *mut f32, rows: usize, cols: usize) {
         if rows == MR && cols == NR {
             for (r, acc_r) in acc.iter().enumerate() {
                 for (v, &sum) in acc_r.iter().enumerate() {
@@ -782,7 +894,11 @@ pub(super) mod avx512 {
                     // has AVX-512F (the caller's contract).
                     unsafe {
                         let dst = c.add(r * tile.ldc + 16 * v);
-                        let sum = if tile.accumulate { _mm512_add_ps(sum, _mm512_loadu_ps(dst)) } else { sum };
+                        let sum = match tile.start {
+                            TileStart::Zero => sum,
+                            TileStart::C => _mm512_add_ps(sum, _mm512_loadu_ps(dst)),
+                            TileStart::Row(row) => _mm512_add_ps(sum, _mm512_loadu_ps(row.add(16 * v))),
+                        };
                         _mm512_storeu_ps(dst, sum);
                     }
                 }
@@ -801,7 +917,7 @@ pub(super) mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[cold]
     #[inline(never)]
-    unsafe fn store_ragged(tile: Tile, acc: [[__m512; VECTORS]; MR], c: *mut f32, rows: usize, cols: usize) {
+    unsafe fn store_ragged(tile: Tile<f32>, acc: [[__m512; VECTORS]; MR], c: *mut f32, rows: usize, cols: usize) {
         let mut spill = [0f32; MR * NR];
         for (r, acc_r) in acc.iter().enumerate() {
             for (v, &sum) in acc_r.iter().enumerate() {
@@ -813,13 +929,8 @@ pub(super) mod avx512 {
             // SAFETY: row r of the tile (the caller's contract).
             let dst = unsafe { std::slice::from_raw_parts_mut(c.add(r * tile.ldc), cols) };
             let src = &spill[r * NR..r * NR + cols];
-            if tile.accumulate {
-                for (d, &x) in dst.iter_mut().zip(src) {
-                    *d += x;
-                }
-            } else {
-                dst.copy_from_slice(src);
-            }
+            // SAFETY: the start row holds the tile's `cols` columns (the caller's contract).
+            unsafe { super::store_row(tile.start, dst, src) }
         }
     }
 
@@ -841,11 +952,14 @@ pub(super) mod avx512 {
             // Lanes kept of each transposed vector: all 16, or the first `lines` (8 for an A panel, MR = 8).
             let keep: __mmask16 = if lines == 16 { 0xFFFF } else { (1u16 << lines) - 1 };
             for p0 in (0..full_steps).step_by(16) {
-                let mut block = [_mm512_setzero_ps(); 16];
-                for (l, row) in block.iter_mut().enumerate().take(lines) {
-                    // SAFETY: line l0 + l, steps p0..p0 + 16 ≤ kc, inside `src` (asserted).
-                    *row = unsafe { _mm512_loadu_ps(src.as_ptr().add((l0 + l) * line_stride + p0)) };
-                }
+                // SAFETY: line l0 + l, steps p0..p0 + 16 ≤ kc, inside `src` (asserted).
+                let load = |l: usize| unsafe { _mm512_loadu_ps(src.as_ptr().add((l0 + l) * line_stride + p0)) };
+                // A full block unrolled, so it stays in registers (as in the bf16 packing).
+                let block: [__m512; 16] = if lines == 16 {
+                    std::array::from_fn(load)
+                } else {
+                    std::array::from_fn(|l| if l < lines { load(l) } else { _mm512_setzero_ps() })
+                };
                 let columns = transpose16(block);
                 for (c, column) in columns.iter().enumerate() {
                     // SAFETY: step p0 + c < kc, lanes l0..l0 + lines ≤ width: inside `out`.
@@ -1004,6 +1118,43 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// `C = row + A·B` ([`Start::Row`], the bias added by the tile stores) has the bits of `C`
+    /// filled with the row and then `C += A·B`, on every kernel (`f64`'s portable tile,
+    /// `f32`'s, and each bf16 kernel), through ragged tiles, several KC blocks, both ways of
+    /// sharing the work, the one-row path, and no depth at all; `ldc > n` leaves the gap alone.
+    #[test]
+    fn a_start_row_gives_the_bits_of_a_filled_c_plus_the_product() {
+        fn check<T: Real>(
+            what: &str,
+            m: usize,
+            n: usize,
+            k: usize,
+            product: impl Fn(MatRef<T>, MatRef<T>, &mut [T], Start<T>),
+        ) {
+            let ldc = n + 3;
+            let to_t = |v: Vec<f64>| v.into_iter().map(|x| T::of(x)).collect::<Vec<T>>();
+            let (a_data, w_data, row) = (to_t(values(m * k, 1)), to_t(values(n * k, 2)), to_t(values(n, 7)));
+            let a = MatRef::row_major(&a_data, m, k);
+            let b = MatRef::row_major(&w_data, n, k).t();
+            let mut want = vec![T::of(9.0); m * ldc];
+            want.chunks_mut(ldc).for_each(|r| r[..n].copy_from_slice(&row));
+            product(a, b, &mut want, Start::C);
+            let mut got = vec![T::of(9.0); m * ldc];
+            product(a, b, &mut got, Start::Row(&row));
+            let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{what} ({m},{n},{k})");
+        }
+        let sizes = [(1, 1, 1), (13, 53, 1100), (200, 100, 520), (20, 700, 300), (1, 300, 70), (9, 50, 0)];
+        for (m, n, k) in sizes {
+            check::<f64>("f64", m, n, k, |a, b, c, start| gemm_from(Precision::F32, a, b, c, n + 3, start));
+            check::<f32>("f32", m, n, k, |a, b, c, start| gemm_from(Precision::F32, a, b, c, n + 3, start));
+            for kernel in bf16::tests::kernels_to_test() {
+                let what = format!("{kernel:?}");
+                check::<f32>(&what, m, n, k, |a, b, c, start| bf16_product(kernel, a, b, c, n + 3, start));
             }
         }
     }

@@ -11,7 +11,7 @@
 //! broadcast add, and in the backward two matmuls with transposed copies plus a reduction for
 //! the bias, each a separate pass over memory, and all on candle's 256-bit matmul kernel. Here
 //! the three products read their operands in place through strides (the packing step of the
-//! kernel absorbs the transposes) and the bias is folded into the output before the product.
+//! kernel absorbs the transposes) and the bias is added as the product's tiles are stored.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -19,7 +19,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout,
 use std::sync::OnceLock;
 
 use super::bf16::{self, Precision};
-use super::gemm::{gemm_in, MatRef};
+use super::gemm::{gemm_from, gemm_in, MatRef, Start};
 use super::pointwise::Epilogue;
 use super::simd::Real;
 use super::{compute_dtype, output_buffer, parallel, same_dtype, storage_slice, with_slices};
@@ -273,16 +273,14 @@ fn forward<T: Real>(
     fan_in: usize,
     fan_out: usize,
 ) -> Vec<T> {
-    // SAFETY: filled with the bias rows below, or written whole by `gemm` (not accumulating).
+    // SAFETY: written whole by `gemm_from`, which starts it as zero or the bias rows.
     let mut y = unsafe { output_buffer(rows * fan_out) };
-    if let Some(b) = b {
-        parallel::for_each_chunk(&mut y, fan_out * 64, |_, block| {
-            block.chunks_exact_mut(fan_out).for_each(|r| r.copy_from_slice(b))
-        });
-    }
     let x = MatRef::row_major(x, rows, fan_in);
     let w_t = MatRef::row_major(w, fan_out, fan_in).t();
-    gemm_in(precision, x, w_t, &mut y, fan_out, b.is_some());
+    // The bias is added by the product's first store into each tile, not copied into every
+    // row beforehand (one pass over Y less).
+    let start = b.map_or(Start::Zero, Start::Row);
+    gemm_from(precision, x, w_t, &mut y, fan_out, start);
     y
 }
 

@@ -8,7 +8,7 @@ use std::cell::Cell;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::*;
-use crate::nn::ops::gemm::{bf16_product, MatRef};
+use crate::nn::ops::gemm::{bf16_product, MatRef, Start};
 use crate::nn::ops::linear::{composed_linear, linear, linear_then};
 use crate::nn::ops::testing::{assert_close, rand_vec};
 use crate::nn::ops::Epilogue;
@@ -167,7 +167,7 @@ fn each_kernel_matches_the_exact_product_within_the_bf16_bounds() {
                 for accumulate in [false, true] {
                     let c0: Vec<f32> = rand_vec(m * n, 3).iter().map(|&x| x as f32).collect();
                     let mut got = c0.clone();
-                    bf16_product(kernel, a, b, &mut got, n, accumulate);
+                    bf16_product(kernel, a, b, &mut got, n, Start::accumulating(accumulate));
                     for idx in 0..m * n {
                         let start = if accumulate { c0[idx] as f64 } else { 0.0 };
                         let g = got[idx] as f64;
@@ -202,7 +202,7 @@ fn strided_views_are_packed_exactly() {
     let (rounded, magnitude) = reference(a, b, round);
     for kernel in kernels_to_test() {
         let mut got = vec![0f32; m * n];
-        bf16_product(kernel, a, b, &mut got, n, false);
+        bf16_product(kernel, a, b, &mut got, n, Start::Zero);
         for idx in 0..m * n {
             let bound = (k as f64 + 1.0) * U32 * magnitude[idx];
             assert!(
@@ -231,7 +231,7 @@ fn the_kernels_agree() {
         .iter()
         .map(|&kernel| {
             let mut c = vec![0f32; m * n];
-            bf16_product(kernel, a, b, &mut c, n, false);
+            bf16_product(kernel, a, b, &mut c, n, Start::Zero);
             c
         })
         .collect();
