@@ -2,7 +2,8 @@
 # The GPU proof of lmforge's `cuda` build, in one run on a machine with an NVIDIA GPU (the
 # device tool: `run(command="bash scripts/gpu/prove.sh", carry=["gpu-bundle"], timeout_s=540)`
 # after `bash scripts/gpu/bundle.sh` here). Prints, and writes to $OUT (or ./prove-out):
-#   (a) what the machine holds: GPU, driver, libcuda, cuBLAS/cuRAND, nvcc, Rust, Python;
+#   (a) what the machine holds: GPU, driver, libcuda, cuBLAS/cuRAND, nvcc, Rust, Python, and
+#       whether the host CPU has AMX;
 #   (b) the tests on the GPU: every op against its CPU kernel (values and gradients), AdamW, a
 #       run that resumes bit-identically on the GPU, a GPU run resumed on the CPU
 #       (LMFORGE_REQUIRE_CUDA=1: a GPU that cannot be used fails them);
@@ -26,6 +27,10 @@ DEVICE=${DEVICE:-cuda}
 section() { echo; echo "=== $* ($(date -u +%T))"; }
 
 section "(a) the machine"
+# The host CPU too: an AMX one (Sapphire Rapids and later) is where lmforge's missing AMX-BF16
+# and AMX-INT8 kernels (issue 15) could be tested.
+amx=$(grep -m1 -o -w 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')
+echo "host CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) threads; AMX: ${amx:-none}"
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv 2>&1 || echo "no nvidia-smi"
 ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libcublas|libcurand|libcudart' || echo "ldconfig lists no CUDA libraries"
 # Python's NVIDIA wheels (PyTorch's) hold cuBLAS and cuRAND where no system toolkit does.
