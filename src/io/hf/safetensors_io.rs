@@ -94,7 +94,7 @@ impl SafetensorsDir {
             found.add_shard(path)?;
         }
         if let Some(map) = weight_map {
-            found.check_against_index(&map, &index_path)?;
+            found.check_against_index(&map, dir, &index_path)?;
         }
         Ok(found)
     }
@@ -102,12 +102,13 @@ impl SafetensorsDir {
     /// Every tensor the index lists lies in the shard it names. (A shard swapped for another
     /// download's, or a tensor listed in the wrong file, would otherwise surface later as a
     /// missing or misshapen weight, far from its cause.)
-    fn check_against_index(&self, weight_map: &HashMap<String, String>, index_path: &Path) -> Result<()> {
+    fn check_against_index(&self, weight_map: &HashMap<String, String>, dir: &Path, index_path: &Path) -> Result<()> {
         let mut listed: Vec<(&String, &String)> = weight_map.iter().collect();
         listed.sort();
         for (tensor, file) in listed {
             let found_in = self.index.get(tensor).map(|entry| &self.shards[entry.shard].path);
-            if found_in.is_none_or(|path| !path.ends_with(file)) {
+            // (The shard paths were made by this same join, so equal names compare equal.)
+            if found_in.is_none_or(|path| *path != dir.join(file)) {
                 let where_ = found_in.map_or("in none of the shards".to_string(), |p| format!("in {}", p.display()));
                 return Err(Error::checkpoint(
                     index_path,
@@ -280,6 +281,10 @@ mod tests {
     /// naming the index, the tensor and where it is.
     #[test]
     fn an_index_that_disagrees_with_its_shards_is_refused() {
+        // (A shard named with a leading `./` is the same file: accepted.)
+        let dir = two_shards("dotted", &[], r#"{"x": "a.safetensors", "y": "./b.safetensors"}"#);
+        assert_eq!(SafetensorsDir::open(&dir.0).unwrap().names(), ["x", "y"]);
+
         let dir = two_shards("moved", &[], r#"{"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors"}"#);
         let err = SafetensorsDir::open(&dir.0).err().unwrap().to_string();
         assert!(

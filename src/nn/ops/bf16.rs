@@ -321,13 +321,13 @@ mod pairs {
         }
     }
 
-    /// `C[rows × cols] (+)= Ap · Bp` over `kc.div_ceil(2)` pair steps: per step three rows of
+    /// `C[rows × cols] = tile.start + Ap · Bp` over `kc.div_ceil(2)` pair steps: per step three rows of
     /// 16 pairs of B, and for each of the 8 rows one broadcast pair of A into three
     /// `vdpbf16ps` (11 loads for 24 instructions of 32 multiply-adds).
     ///
     /// # Safety
     /// The CPU must support AVX-512F/BW and AVX512-BF16; `a` holds `depth·8` values, `b`
-    /// `depth·48`, `c` as [`Kernel::tile`] says.
+    /// `depth·48`, `c` and `tile.start` as [`Kernel::tile`] says.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn kernel(tile: Tile<f32>, a: &[u16], b: &[u16], c: *mut f32, rows: usize, cols: usize) {
         let pairs = tile.kc.div_ceil(2);

@@ -569,7 +569,7 @@ impl CustomOp3 for FlashAttention {
                     return Ok(backward(p, q, k, v, out, dout, s[5]));
                 }
                 let [q, k, v] = token_major_views(p, [s[0], s[1], s[2]]);
-                let [out, dout] = [s[3], s[4]].map(|x| HeadRows::token_major(x, p.t, p.h * p.hd, 0, p.h, p.hd));
+                let [out, dout] = [s[3], s[4]].map(|x| HeadRows::queries_token_major(p, x));
                 let (dq, dk, dv) = backward(p, q, k, v, out, dout, s[5]);
                 Ok((
                     reorder_heads(&dq, p.b, p.t, p.h, p.hd, false),
@@ -628,7 +628,7 @@ fn prefetch_row<T>(src: &[T], row: usize, ld: usize, hd: usize) {
 /// Token-major `q` `(B, T, H·hd)`, `k` and `v` `(B, S, KV·hd)` read by head.
 fn token_major_views<'a, T>(p: &Plan, [q, k, v]: [&'a [T]; 3]) -> [HeadRows<'a, T>; 3] {
     let keys = |x| HeadRows::token_major(x, p.s, p.kv * p.hd, 0, p.kv, p.hd);
-    [HeadRows::token_major(q, p.t, p.h * p.hd, 0, p.h, p.hd), keys(k), keys(v)]
+    [HeadRows::queries_token_major(p, q), keys(k), keys(v)]
 }
 
 /// Rows of `hd` values, one per (batch, head, position), read in place through their strides:
@@ -661,8 +661,14 @@ impl<'a, T> HeadRows<'a, T> {
     /// `heads` heads of `hd` columns each, from column `first·hd` of each row of contiguous
     /// `(B, rows, width)` data.
     fn token_major(data: &'a [T], rows: usize, width: usize, first: usize, heads: usize, hd: usize) -> Self {
+        // (Past the end only for a batch of no rows, whose rows are never asked for.)
         let data = data.get(first * hd..).unwrap_or_default();
         HeadRows { data, batch_stride: rows * width, head_stride: hd, row_stride: width, heads, hd }
+    }
+
+    /// Token-major `(B, T, H·hd)` queries (or outputs, or their gradients) of `p`, by head.
+    fn queries_token_major(p: &Plan, data: &'a [T]) -> Self {
+        Self::token_major(data, p.t, p.h * p.hd, 0, p.h, p.hd)
     }
 
     /// The data of `storage` in `layout` (checked by [`head_strides`]).
@@ -700,12 +706,12 @@ fn head_strides(layout: &Layout) -> Option<(usize, usize)> {
 /// Read-only inputs of the forward kernels.
 struct Fwd<'a, T> {
     plan: &'a Plan,
-    /// `(B, H, T, hd)`
+    /// `(B, H, T, hd)` by head, read where it lies (head- or token-major).
     q: HeadRows<'a, T>,
     /// `scale·k`, transposed per key tile and zero-padded: `(B, KV, tiles, hd, KEY_TILE)`
     /// (empty with bf16 products).
     kt: &'a [T],
-    /// `(B, KV, S, hd)`
+    /// `(B, KV, S, hd)` by head, read where it lies.
     v: HeadRows<'a, T>,
     /// With bf16 products: `scale·kᵀ` paired along `hd`, `(B, KV, tiles, hd/2, KEY_TILE)`,
     /// and `v` paired along keys, `(B, KV, tiles, KEY_TILE/2, hd)`; empty otherwise.
@@ -1001,13 +1007,11 @@ fn row_sum<T: Real>(row: &[T; KEY_TILE]) -> T {
 /// Read-only inputs of the backward kernels.
 struct Bwd<'a, T> {
     plan: &'a Plan,
-    /// `(B, H, T, hd)`
+    /// `q`, `dout` `(B, H, T, hd)` and `k`, `v` `(B, KV, S, hd)`, by head, each read where it
+    /// lies (head- or token-major: [`HeadRows`]).
     q: HeadRows<'a, T>,
-    /// `(B, KV, S, hd)`
     k: HeadRows<'a, T>,
-    /// `(B, KV, S, hd)`
     v: HeadRows<'a, T>,
-    /// `(B, H, T, hd)`
     dout: HeadRows<'a, T>,
     /// `(B, H, T)`: `L_i` from the forward.
     lse: &'a [T],

@@ -108,9 +108,7 @@ pub fn gemm_in<T: Real>(precision: Precision, a: MatRef<T>, b: MatRef<T>, c: &mu
 /// ([`Start::Row`], `B.cols` values), added by the kernels' tile stores.
 pub fn gemm_from<T: Real>(precision: Precision, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, start: Start<T>) {
     check_shapes(a, b, c, ldc);
-    if let Start::Row(row) = start {
-        assert_eq!(row.len(), b.cols, "gemm: a start row of {} values for {} columns", row.len(), b.cols);
-    }
+    check_start(start, b.cols);
     let is_f32 = T::DTYPE == candle_core::DType::F32;
     if is_f32 && precision == Precision::Bf16 {
         let kernel = bf16::kernel().unwrap_or_else(|e| panic!("{e}"));
@@ -129,7 +127,7 @@ pub fn gemm_from<T: Real>(precision: Precision, a: MatRef<T>, b: MatRef<T>, c: &
     builtin_gemm_checked(a, b, c, ldc, start)
 }
 
-/// `C (+)= bf16(A)·bf16(B)` with `f32` accumulation on `kernel` (shapes already checked).
+/// `C = start + bf16(A)·bf16(B)` with `f32` accumulation on `kernel` (shapes already checked).
 pub(super) fn bf16_product(
     kernel: Bf16Kernel,
     a: MatRef<f32>,
@@ -144,6 +142,13 @@ pub(super) fn bf16_product(
         Bf16Kernel::Avx512Bf16 => blocked(bf16::Pairs, a, b, c, ldc, start),
         #[cfg(not(target_arch = "x86_64"))]
         Bf16Kernel::Avx512Bf16 => unreachable!("only chosen on x86-64"),
+    }
+}
+
+/// A [`Start::Row`] holds one value per column of C: the tile stores read it unchecked.
+fn check_start<T>(start: Start<T>, cols: usize) {
+    if let Start::Row(row) = start {
+        assert_eq!(row.len(), cols, "gemm: a start row of {} values for {cols} columns", row.len());
     }
 }
 
@@ -200,6 +205,8 @@ fn builtin_gemm_checked<T: Real>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: u
 /// The blocked product on `kernel`, which packs the operands its own way.
 fn blocked<T: Real, K: Kernel<T>>(kernel: K, a: MatRef<T>, b: MatRef<T>, c: &mut [T], ldc: usize, start: Start<T>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    // (Checked again here: `bf16_product` reaches this without `gemm_from`.)
+    check_start(start, n);
     if m == 0 || n == 0 {
         return;
     }
@@ -284,11 +291,12 @@ pub(super) trait Kernel<T: Real>: Copy + Sync {
     /// Pack `B[p0..p0+kc, j0..j0+nc]` into panels of `nr` columns, `depth(kc)·nr` values
     /// apart, zero past column `nc`.
     fn pack_b(&self, b: MatRef<T>, p0: usize, kc: usize, j0: usize, nc: usize, out: &mut [Self::Packed]);
-    /// `C[rows × cols] (+)= Ap · Bp` for one panel of each.
+    /// `C[rows × cols] = tile.start + Ap · Bp` for one panel of each.
     ///
     /// # Safety
-    /// `a` and `b` hold a full panel each, and `c` points at a `rows × cols` tile (row
-    /// stride `tile.ldc`) that this thread alone accesses.
+    /// `a` and `b` hold a full panel each, `c` points at a `rows × cols` tile (row stride
+    /// `tile.ldc`) that this thread alone accesses, and a [`TileStart::Row`] points at the
+    /// tile's `cols` values.
     unsafe fn tile(&self, tile: Tile<T>, a: &[Self::Packed], b: &[Self::Packed], c: *mut T, rows: usize, cols: usize);
 }
 
@@ -367,7 +375,7 @@ impl<T: Real, K: Kernel<T>> Plan<'_, T, K> {
     }
 
     /// Units `first..last` of the span, over every KC block: pack this thread's own part
-    /// into `own`, multiply it with the shared packed operand, add into C.
+    /// into `own`, multiply it with the shared packed operand, store onto what C starts as.
     ///
     /// # Safety
     /// `c` is C's first element (`(m − 1)·ldc + n` values), and no other thread works on these
@@ -410,7 +418,7 @@ impl<T: Real, K: Kernel<T>> Plan<'_, T, K> {
     }
 }
 
-/// `C[rows × cols] (+)= Ã · B̃` for packed operands: every `MR` panel of `Ã` against every
+/// `C[rows × cols] = tile.start + Ã · B̃` for packed operands: every `MR` panel of `Ã` against every
 /// `NR` panel of `B̃`. One operand's micro-panel stays in L1 across the inner loop while the
 /// other's stream past it: `Ã`'s for the AVX-512 kernels (they prefetch the B panels they
 /// stream), `B̃`'s for the portable one.
@@ -827,7 +835,7 @@ pub(super) mod avx512 {
     /// How many steps ahead the kernel prefetches its B panel (8 steps: 1.5 KiB).
     const PREFETCH_STEPS: usize = 8;
 
-    /// `C[rows × cols] (+)= Ap[8 × kc] · Bp[kc × 48]`, the 8×48 tile in 24 registers.
+    /// `C[rows × cols] = tile.start + Ap[8 × kc] · Bp[kc × 48]`, the 8×48 tile in 24 registers.
     ///
     /// Per step: three loads of B, eight broadcasts of A straight into their FMAs — 11 loads
     /// for 24 FMAs (a 12×32 tile needs 14). [`super::macro_block`] keeps this A panel
@@ -842,8 +850,9 @@ pub(super) mod avx512 {
     /// 189–201. With C hot in L1 both tiles run at ~172, the core's peak.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F; `a` holds `kc·8` values, `b` `kc·48`, and `c` points
-    /// at a `rows × cols` tile (row stride `ldc`) that this thread alone accesses.
+    /// The CPU must support AVX-512F; `a` holds `kc·8` values, `b` `kc·48`, `c` points at a
+    /// `rows × cols` tile (row stride `ldc`) that this thread alone accesses, and a
+    /// [`TileStart::Row`] points at the tile's `cols` values.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(tile: Tile<f32>, a: &[f32], b: &[f32], c: *mut f32, rows: usize, cols: usize) {
         let kc = tile.kc;
@@ -884,7 +893,7 @@ pub(super) mod avx512 {
     ///
     /// # Safety
     /// The CPU must support AVX-512F; `c` points at a `rows × cols` tile (row stride `ldc`)
-    /// that this thread alone accesses.
+    /// that this thread alone accesses; a [`TileStart::Row`] points at the tile's `cols` values.
     #[inline(always)]
     pub unsafe fn store(tile: Tile<f32>, acc: &[[__m512; VECTORS]; MR], c: *mut f32, rows: usize, cols: usize) {
         if rows == MR && cols == NR {
@@ -1148,7 +1157,17 @@ mod tests {
             let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{what} ({m},{n},{k})");
         }
-        let sizes = [(1, 1, 1), (13, 53, 1100), (200, 100, 520), (20, 700, 300), (1, 300, 70), (9, 50, 0)];
+        // (3, 3200, 40) and (200, 1700, 40) pass NC: column units and row units in blocks at jc > 0.
+        let sizes = [
+            (1, 1, 1),
+            (13, 53, 1100),
+            (200, 100, 520),
+            (20, 700, 300),
+            (1, 300, 70),
+            (9, 50, 0),
+            (3, 3200, 40),
+            (200, 1700, 40),
+        ];
         for (m, n, k) in sizes {
             check::<f64>("f64", m, n, k, |a, b, c, start| gemm_from(Precision::F32, a, b, c, n + 3, start));
             check::<f32>("f32", m, n, k, |a, b, c, start| gemm_from(Precision::F32, a, b, c, n + 3, start));

@@ -347,7 +347,7 @@ mod vdp {
         }
     }
 
-    /// `C[m×n] += A·B`: blocks of 6 rows × 64 columns (24 accumulators, 4 registers for the
+    /// `C[m×n] += A·B` (`= A·B` without `ACCUMULATE`): blocks of 6 rows × 64 columns (24 accumulators, 4 registers for the
     /// row of B), then narrower, the last 16 columns masked.
     ///
     /// # Safety

@@ -132,8 +132,9 @@ fn views<'a, T>(p: &Plan, qkv: &'a [T], rotated: Option<(&'a [T], &'a [T])>) -> 
     }
 }
 
-/// The inverse of [`views`] for gradients: `d(qkv)` token-major from head-major `dq`, `dk`, `dv`,
-/// the q and k parts rotated back (`Rᵀ`) when tables are given. One task per token.
+/// The inverse of the split [`views`] reads, for gradients: `d(qkv)` token-major from
+/// head-major `dq`, `dk`, `dv`, the q and k parts rotated back (`Rᵀ`) when tables are given.
+/// One task per token.
 fn join<T: Real>(p: &Plan, dq: &[T], dk: &[T], dv: &[T], tables: Option<(&[T], &[T])>) -> Vec<T> {
     let (t, hd) = (p.t, p.hd);
     let all_heads = p.h + 2 * p.kv;
@@ -218,7 +219,7 @@ impl FusedAttention {
                     _ => (None, None),
                 };
                 let [q, k, v] = views(p, qkv, rotated);
-                let [out, dout] = [out, grad].map(|x| HeadRows::token_major(x, p.t, p.h * p.hd, 0, p.h, p.hd));
+                let [out, dout] = [out, grad].map(|x| HeadRows::queries_token_major(p, x));
                 let (dq, dk, dv) = backward(p, q, k, v, out, dout, lse);
                 Ok(join(p, &dq, &dk, &dv, tables))
             })?;
