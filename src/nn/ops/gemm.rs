@@ -827,6 +827,7 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Tile, TileStart};
+    use crate::nn::ops::simd::mask16;
 
     pub const MR: usize = 8;
     pub const NR: usize = 48;
@@ -959,7 +960,7 @@ pub(super) mod avx512 {
         for l0 in (0..width).step_by(16) {
             let lines = 16.min(width - l0);
             // Lanes kept of each transposed vector: all 16, or the first `lines` (8 for an A panel, MR = 8).
-            let keep: __mmask16 = if lines == 16 { 0xFFFF } else { (1u16 << lines) - 1 };
+            let keep = mask16(lines);
             for p0 in (0..full_steps).step_by(16) {
                 // SAFETY: line l0 + l, steps p0..p0 + 16 ≤ kc, inside `src` (asserted).
                 let load = |l: usize| unsafe { _mm512_loadu_ps(src.as_ptr().add((l0 + l) * line_stride + p0)) };
