@@ -32,10 +32,11 @@ pub fn contradictions(
     // (field, its line, how many more tensors disagree with it)
     let mut found: Vec<(&str, String, usize)> = Vec::new();
     for entry in table {
-        let Some(tensor) = lookup(file, &entry.hf, optional_prefix) else {
+        let Some(actual) = super::stored_name(file, &entry.hf, optional_prefix).and_then(|name| file.dims(&name))
+        else {
             continue; // reported as missing later
         };
-        let (expected, actual) = (entry.expected_shape(specs), tensor);
+        let expected = entry.expected_shape(specs);
         if expected.len() != actual.len() {
             continue; // not a matter of one field; reported as a shape mismatch later
         }
@@ -77,9 +78,4 @@ impl Witness {
         let have = actual[self.axis];
         format!("{stated} implies {implied} in `{tensor}`, which has {have} (shape {actual:?})")
     }
-}
-
-/// `name`, also under the family's optional prefix (see `take_tensor`).
-fn lookup<'f>(file: &'f SafetensorsDir, name: &str, optional_prefix: Option<&str>) -> Option<&'f [usize]> {
-    file.dims(name).or_else(|| optional_prefix.and_then(|p| file.dims(name.strip_prefix(p)?)))
 }
