@@ -601,16 +601,16 @@ impl CustomOp3 for FlashAttention {
 /// Rows a strided reader asks the cache for ahead of the one it reads ([`prefetch_row`]).
 const PREFETCH_ROWS: usize = 4;
 
-/// Ask the cache for row `row` (`hd` values at `row·ld`) of `src`, a few rows before it is
-/// read. Why: a head's rows in token-major data lie whole token rows apart, often a page or
+/// Ask the cache for the row of `hd` values at `src[offset..]` (which may lie past `src`'s end:
+/// then nothing useful is fetched, and nothing faults), a few rows before it is read. Why: a head's rows in token-major data lie whole token rows apart, often a page or
 /// more, where the hardware prefetcher does not follow; the backward reads them from memory
 /// (the forward wrote them long before), one latency per row without this.
 #[inline(always)]
-fn prefetch_row<T>(src: &[T], row: usize, ld: usize, hd: usize) {
+fn prefetch_row<T>(src: &[T], offset: usize, hd: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let first = src.as_ptr().wrapping_add(row * ld);
+        let first = src.as_ptr().wrapping_add(offset);
         let line = 64 / std::mem::size_of::<T>().max(1);
         // SAFETY: SSE is part of x86_64; a prefetch reads nothing and never faults, even past
         // the slice's end.
@@ -622,7 +622,7 @@ fn prefetch_row<T>(src: &[T], row: usize, ld: usize, hd: usize) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (src, row, ld, hd);
+    let _ = (src, offset, hd);
 }
 
 /// Token-major `q` `(B, T, H·hd)`, `k` and `v` `(B, S, KV·hd)` read by head.
@@ -689,8 +689,18 @@ impl<'a, T> HeadRows<'a, T> {
         if count == 0 {
             return &[];
         }
-        let start = (g / self.heads) * self.batch_stride + (g % self.heads) * self.head_stride;
-        &self.data[start + first * self.row_stride..][..(count - 1) * self.row_stride + self.hd]
+        &self.data[self.offset(g, first)..][..(count - 1) * self.row_stride + self.hd]
+    }
+
+    /// Ask the cache for row `row` of (batch, head) `g` ([`prefetch_row`]); past the last head
+    /// that is memory beyond the data, harmlessly.
+    fn prefetch(&self, g: usize, row: usize) {
+        prefetch_row(self.data, self.offset(g, row), self.hd)
+    }
+
+    /// Where row `row` of (batch, head) `g` starts in the data.
+    fn offset(&self, g: usize, row: usize) -> usize {
+        (g / self.heads) * self.batch_stride + (g % self.heads) * self.head_stride + row * self.row_stride
     }
 }
 
@@ -791,7 +801,7 @@ fn transpose_tile<T: Real>(src: &[T], keys: usize, ld: usize, hd: usize, scale: 
         dst.fill(T::ZERO); // a full tile writes every element below
     }
     for j in 0..keys {
-        prefetch_row(src, j + PREFETCH_ROWS, ld, hd);
+        prefetch_row(src, (j + PREFETCH_ROWS) * ld, hd);
         for (d, &x) in src[j * ld..][..hd].iter().enumerate() {
             dst[d * KEY_TILE + j] = scale * x;
         }
@@ -1097,10 +1107,8 @@ fn backward<T: Real>(
     parallel::for_each_chunk(&mut d, rows, |i, d| {
         for (row, d) in (i * rows..).zip(d.iter_mut()) {
             let ahead = row + PREFETCH_ROWS;
-            if ahead % t >= PREFETCH_ROWS {
-                prefetch_row(out.rows(ahead / t, 0, 1), ahead % t, out.row_stride, hd);
-                prefetch_row(dout.rows(ahead / t, 0, 1), ahead % t, dout.row_stride, hd);
-            }
+            out.prefetch(ahead / t, ahead % t);
+            dout.prefetch(ahead / t, ahead % t);
             let (o, g) = (out.rows(row / t, row % t, 1), dout.rows(row / t, row % t, 1));
             *d = o.iter().zip(g).fold(T::ZERO, |acc, (&o, &g)| acc + o * g);
         }

@@ -294,7 +294,7 @@ mod vdp {
     pub unsafe fn pack_rows(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [u32]) {
         let pairs = cols.div_ceil(2);
         for i in 0..rows {
-            super::super::prefetch_row(src, i + super::super::PREFETCH_ROWS, ld, cols);
+            super::super::prefetch_row(src, (i + super::super::PREFETCH_ROWS) * ld, cols);
             for c0 in (0..cols).step_by(32) {
                 let (lo, hi) = (mask16(cols - c0), mask16(cols.saturating_sub(c0 + 16)));
                 // SAFETY: lanes past `cols` are masked off (never read or written); the row
@@ -326,7 +326,7 @@ mod vdp {
         );
         for p in 0..rows.div_ceil(2) {
             for row in [2 * p, 2 * p + 1] {
-                super::super::prefetch_row(src, row + super::super::PREFETCH_ROWS, ld, cols);
+                super::super::prefetch_row(src, (row + super::super::PREFETCH_ROWS) * ld, cols);
             }
             for c0 in (0..cols).step_by(16) {
                 let lanes = mask16(cols - c0);
@@ -347,8 +347,8 @@ mod vdp {
         }
     }
 
-    /// `C[m×n] += A·B` (`= A·B` without `ACCUMULATE`): blocks of 6 rows × 64 columns (24 accumulators, 4 registers for the
-    /// row of B), then narrower, the last 16 columns masked.
+    /// `C[m×n] += A·B` (`= A·B` without `ACCUMULATE`): blocks of 6 rows × 64 columns (24
+    /// accumulators, 4 registers for the row of B), then narrower, the last 16 columns masked.
     ///
     /// # Safety
     /// AVX512-BF16; every `a[i·a_row + p·a_col]`, `b[p·ldb + j]`, `c[i·ldc + j]` for
